@@ -3,12 +3,23 @@
 Arithmetic follows torch's native ``fake_quantize_per_*_affine`` kernels: ``q = clamp(round(x *
 (1/s)) + z, N_min, N_max)`` with round half to even, then ``x_hat = (q - z) * s``. The gradient is
 passed straight through where ``round(x/s) + z`` lies inside ``[N_min, N_max]`` and is zero outside.
+Like those kernels, float16 / bfloat16 inputs are computed in float32 and the result is cast back
+(computing in the narrow dtype would round ``x/s`` and the codes themselves, e.g. bfloat16 cannot
+hold every integer above 256).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+
+_NARROW_FLOATS = (torch.float16, torch.bfloat16)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """float32 for half-precision inputs (as torch's native kernels), else x's own dtype."""
+    return torch.float32 if x.dtype in _NARROW_FLOATS else x.dtype
 
 
 def _broadcast(p: Tensor, x: Tensor, axis: int | None) -> Tensor:
@@ -23,27 +34,30 @@ def _broadcast(p: Tensor, x: Tensor, axis: int | None) -> Tensor:
 def quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
              axis: int | None = None) -> Tensor:
     """Integer codes of ``x`` (returned in x's float dtype, integral-valued)."""
-    s = _broadcast(scale, x, axis).to(x.dtype)
-    z = _broadcast(zero_point, x, axis).to(x.dtype)
-    return torch.clamp(torch.round(x * torch.reciprocal(s)) + z, qmin, qmax)
+    dt = _compute_dtype(x)
+    s = _broadcast(scale, x, axis).to(dt)
+    z = _broadcast(zero_point, x, axis).to(dt)
+    return torch.clamp(torch.round(x.to(dt) * torch.reciprocal(s)) + z, qmin, qmax).to(x.dtype)
 
 
 def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int | None = None) -> Tensor:
     """Real values of integer codes ``q``."""
-    s = _broadcast(scale, q, axis).to(q.dtype)
-    z = _broadcast(zero_point, q, axis).to(q.dtype)
-    return (q - z) * s
+    dt = _compute_dtype(q)
+    s = _broadcast(scale, q, axis).to(dt)
+    z = _broadcast(zero_point, q, axis).to(dt)
+    return ((q.to(dt) - z) * s).to(q.dtype)
 
 
 class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, axis):  # type: ignore[override]
-        s = _broadcast(scale, x, axis).to(x.dtype)
-        z = _broadcast(zero_point, x, axis).to(x.dtype)
-        q = torch.round(x * torch.reciprocal(s)) + z
+        dt = _compute_dtype(x)
+        s = _broadcast(scale, x, axis).to(dt)
+        z = _broadcast(zero_point, x, axis).to(dt)
+        q = torch.round(x.to(dt) * torch.reciprocal(s)) + z
         mask = (q >= qmin) & (q <= qmax)
         ctx.save_for_backward(mask)
-        return (torch.clamp(q, qmin, qmax) - z) * s
+        return ((torch.clamp(q, qmin, qmax) - z) * s).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]

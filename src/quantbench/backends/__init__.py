@@ -1,0 +1,6 @@
+"""Inference backends as data."""
+
+from quantbench.backends.registry import backend_names, load_backend, read_spec
+from quantbench.backends.spec import BackendSpec, Placement
+
+__all__ = ["BackendSpec", "Placement", "backend_names", "load_backend", "read_spec"]

@@ -1,0 +1,56 @@
+"""Backends are read from ``specs/*.yaml``: adding a backend means adding one file."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from quantbench.backends.spec import BackendSpec
+from quantbench.errors import ConfigError, UnknownNameError
+
+SPEC_DIR = Path(__file__).with_name("specs")
+
+
+def read_spec(path: Path) -> BackendSpec:
+    """Read and validate one backend YAML file."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read backend spec {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"backend spec {path} must be a YAML mapping")
+    try:
+        return BackendSpec.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid backend spec {path}:\n{exc}") from exc
+
+
+@cache
+def _builtin() -> dict[str, BackendSpec]:
+    specs = {}
+    for path in sorted(SPEC_DIR.glob("*.yaml")):
+        spec = read_spec(path)
+        if spec.name != path.stem:
+            raise ConfigError(f"backend spec {path} declares name {spec.name!r}; it must match the file name")
+        specs[spec.name] = spec
+    return specs
+
+
+def backend_names() -> list[str]:
+    return sorted(_builtin())
+
+
+def load_backend(name_or_path: str) -> BackendSpec:
+    """A built-in backend by name, or a user spec from a ``.yaml`` path."""
+    if name_or_path.endswith((".yaml", ".yml")):
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise ConfigError(f"backend spec file {path} does not exist")
+        return read_spec(path)
+    try:
+        return _builtin()[name_or_path]
+    except KeyError:
+        raise UnknownNameError("backend", name_or_path, backend_names()) from None

@@ -1,0 +1,103 @@
+"""A backend is data: a validated spec read from one YAML file (seed 001 E and G, seed 004 Fig. 1)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from quantbench.quant.scheme import QScheme
+
+FirstLast = Literal["same", "fp"] | int
+
+
+class Placement(BaseModel):
+    """Where activation quantizers go.
+
+    ``inputs``: only the inputs of conv/linear layers are quantized (academic, ACL: the rest runs in
+    FP32). ``outputs``: every op's output is re-quantized (TensorRT, SNPE, TVM, FBGEMM, ONNX Runtime):
+    conv/linear (fused with a following BN and activation), adds, pooling and other compute ops; the
+    inputs of a concat share one quantizer.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mode: Literal["inputs", "outputs"]
+    add_output: bool = Field(True, description="residual: re-quantize the output of residual adds")
+    add_inputs: bool = Field(True, description="skip: re-quantize the branches entering an add "
+                                               "(seed 001 Fig. 16 graph 3; false = graph 2)")
+    pool: bool = Field(True, description="re-quantize pooling outputs")
+    concat_shared: bool = Field(True, description="concat inputs share one quantizer")
+    other_ops: bool = Field(True, description="re-quantize outputs of other compute ops (mul, standalone BN)")
+
+
+class BackendSpec(BaseModel):
+    """Everything that makes a simulation faithful to one inference backend."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    description: str
+    weight: QScheme
+    activation: QScheme
+    placement: Placement
+    fold_bn: bool
+    first_last: FirstLast = Field("same", description="'same', 'fp' (kept in float) or a bit-width")
+    deployable: bool = True
+    reference: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> BackendSpec:
+        if isinstance(self.first_last, int) and not 1 <= self.first_last <= 16:
+            raise ValueError(f"first_last bits must be in 1..16, got {self.first_last}")
+        if self.weight.signedness == "adaptive" and self.deployable:
+            raise ValueError("adaptive signedness is an academic setting: a deployable backend cannot use it")
+        if self.activation.per_channel and self.activation.ch_axis != 1:
+            raise ValueError("per-channel activations must use ch_axis 1 (NCHW channels)")
+        return self
+
+    def configure(
+        self,
+        w_bits: int | None = None,
+        a_bits: int | None = None,
+        first_last: FirstLast | None = None,
+        residual: Literal["quantized", "fp"] | None = None,
+        skip: Literal["quantized", "fp"] | None = None,
+    ) -> BackendSpec:
+        """A validated copy with the options every backend accepts applied."""
+        data = self.model_dump()
+        if w_bits is not None:
+            data["weight"]["bits"] = w_bits
+        if a_bits is not None:
+            data["activation"]["bits"] = a_bits
+        if first_last is not None:
+            data["first_last"] = first_last
+        if residual is not None:
+            data["placement"]["add_output"] = residual == "quantized"
+        if skip is not None:
+            data["placement"]["add_inputs"] = skip == "quantized"
+        return BackendSpec.model_validate(data)
+
+    def first_last_bits(self, default: int) -> int | None:
+        """Bits for the first/last layer (None: kept in floating point)."""
+        if self.first_last == "fp":
+            return None
+        if self.first_last == "same":
+            return default
+        return int(self.first_last)
+
+    def quantized_ops(self) -> str:
+        """Human-readable list of what is quantized, for tables and cards."""
+        p = self.placement
+        if p.mode == "inputs":
+            return "conv/linear inputs + weights"
+        ops = ["conv/linear"]
+        if p.add_output:
+            ops.append("add")
+        if p.pool:
+            ops.append("pool")
+        if p.concat_shared:
+            ops.append("concat(shared)")
+        if p.other_ops:
+            ops.append("other")
+        return ", ".join(ops)

@@ -1,0 +1,195 @@
+"""Insert activation quantizers where the backend spec says (seed 001 E and G, seed 004 Fig. 1).
+
+``inputs`` mode (academic, ACL): the input of every conv/linear is quantized, nothing else.
+``outputs`` mode (TensorRT, SNPE, TVM, FBGEMM, ONNX Runtime): the output of every compute op is
+re-quantized, fused with a following activation (and BN when it is not folded); the inputs of a
+concat share one quantizer, so the concat output is on that grid too; the model's final output
+(the logits) stays in float. In both modes a conv/linear whose input is not already quantized gets
+an input quantizer, one per producing tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+from torch import nn
+
+from quantbench.backends.spec import BackendSpec
+from quantbench.graph.ops import OpKind, is_tensor_node, op_kind, tensor_inputs
+from quantbench.quant.quantizer import Quantizer
+
+REQUANT_KINDS = (OpKind.WEIGHTED, OpKind.ADD, OpKind.POOL, OpKind.BN, OpKind.OTHER, OpKind.ACT)
+
+
+@dataclass
+class Site:
+    """One activation quantizer: what it quantizes and who consumes it."""
+
+    name: str
+    role: str  # "input" | "output" | "concat"
+    producers: list[str]
+    consumers: list[str] = field(default_factory=list)
+
+
+class _Placer:
+    def __init__(self, gm: fx.GraphModule, spec: BackendSpec,
+                 make_quantizer: Callable[[str, set[str]], Quantizer | None]) -> None:
+        self.gm = gm
+        self.graph = gm.graph
+        self.spec = spec
+        self.p = spec.placement
+        self.make_quantizer = make_quantizer
+        self.modules = dict(gm.named_modules())
+        self.kind = {n: op_kind(n, self.modules) for n in self.graph.nodes}
+        self.quantized: set[fx.Node] = set()
+        self.fused: set[fx.Node] = set()
+        self.sites: list[Site] = []
+
+    # -- graph helpers -------------------------------------------------------------------------
+    def _source(self, n: fx.Node) -> fx.Node:
+        """Walk back through value-preserving ops (reshape, pad, getitem...)."""
+        while self.kind.get(n) is OpKind.PASS:
+            ins = tensor_inputs(n)
+            if not ins:
+                break
+            n = ins[0]
+        return n
+
+    def _consumers(self, n: fx.Node) -> set[fx.Node]:
+        """Non-pass-through nodes reached from ``n`` through pass-through ops."""
+        out: set[fx.Node] = set()
+        stack = list(n.users)
+        while stack:
+            u = stack.pop()
+            if self.kind.get(u) is OpKind.PASS:
+                stack.extend(u.users)
+            else:
+                out.add(u)
+        return out
+
+    def _fuse_end(self, n: fx.Node) -> fx.Node:
+        """Last node of the group n -> [BN] -> [activation] (each the previous one's only user)."""
+        follow = (OpKind.BN, OpKind.ACT) if self.kind[n] is OpKind.WEIGHTED else (OpKind.ACT,)
+        while len(n.users) == 1:
+            u = next(iter(n.users))
+            k = self.kind.get(u)
+            if k not in follow:
+                break
+            self.fused.add(u)
+            n = u
+            follow = (OpKind.ACT,)
+        return n
+
+    def _insert(self, name: str, role: str, producer: fx.Node, users: list[fx.Node],
+                module: Quantizer) -> fx.Node:
+        qname = f"qb_act.{name}"
+        if not hasattr(self.gm, "qb_act"):
+            self.gm.add_module("qb_act", nn.Module())
+        self.gm.get_submodule("qb_act").add_module(name, module)
+        module.set_name(name)
+        with self.graph.inserting_after(producer):
+            qnode = self.graph.call_module(qname, (producer,))
+        for u in users:
+            u.replace_input_with(producer, qnode)
+        self.kind[qnode] = OpKind.NONE
+        self.quantized.add(qnode)
+        return qnode
+
+    # -- placement -----------------------------------------------------------------------------
+    def run(self) -> list[Site]:
+        for n in list(self.graph.nodes):
+            k = self.kind.get(n, OpKind.NONE)
+            if self.p.mode == "outputs":
+                if k is OpKind.CAT and self.p.concat_shared:
+                    self._place_concat(n)
+                elif k in REQUANT_KINDS and n not in self.fused and self._requantizes(k):
+                    self._place_output(n)
+            if k is OpKind.WEIGHTED or (k is OpKind.ADD and self.p.mode == "outputs" and self.p.add_inputs):
+                self._place_inputs(n)
+        self.graph.lint()
+        self.gm.recompile()
+        return self.sites
+
+    def _requantizes(self, k: OpKind) -> bool:
+        return {
+            OpKind.WEIGHTED: True,
+            OpKind.ADD: self.p.add_output,
+            OpKind.POOL: self.p.pool,
+            OpKind.BN: self.p.other_ops,
+            OpKind.OTHER: self.p.other_ops,
+            OpKind.ACT: self.p.other_ops,
+        }[k]
+
+    def _place_output(self, n: fx.Node) -> None:
+        end = self._fuse_end(n)
+        if not is_tensor_node(end):
+            return
+        users = list(end.users)
+        consumers = self._consumers(end)
+        if any(u.op == "output" for u in consumers):
+            return  # the logits stay in float
+        ckinds = {self.kind.get(c) for c in consumers}
+        if self.p.concat_shared and ckinds == {OpKind.CAT}:
+            return  # the concat's shared quantizer quantizes this tensor
+        if not self.p.add_inputs and ckinds == {OpKind.ADD}:
+            return  # skip policy: the branch enters the add in full precision
+        q = self.make_quantizer(f"{end.name}_post", {c.name for c in consumers})
+        if q is None:
+            return
+        self._insert(f"{end.name}_post", "output", end, users, q)
+        self.sites.append(Site(f"{end.name}_post", "output", [n.name], sorted(c.name for c in consumers)))
+
+    def _place_concat(self, n: fx.Node) -> None:
+        ins = tensor_inputs(n)
+        q = self.make_quantizer(f"{n.name}_in", {c.name for c in self._consumers(n)})
+        if q is None:
+            return
+        name = f"{n.name}_in"
+        first = True
+        for a in ins:
+            if first:
+                qnode = self._insert(name, "concat", a, [n], q)
+                first = False
+            else:
+                with self.graph.inserting_after(a):
+                    qnode = self.graph.call_module(f"qb_act.{name}", (a,))
+                n.replace_input_with(a, qnode)
+                self.kind[qnode] = OpKind.NONE
+                self.quantized.add(qnode)
+        self.quantized.add(n)
+        self.sites.append(Site(name, "concat", [a.name for a in ins], [n.name]))
+
+    def _place_inputs(self, n: fx.Node) -> None:
+        ins = tensor_inputs(n)
+        if self.kind[n] is OpKind.WEIGHTED:
+            ins = ins[:1]
+        for a in ins:
+            if self._source(a) in self.quantized:
+                continue
+            # one quantizer per producing tensor, shared by every consumer that needs one
+            needing = [u for u in a.users if self._needs_quantized_input(u)]
+            consumers = {u.name for u in needing}
+            q = self.make_quantizer(f"{a.name}_in", consumers)
+            if q is None:
+                continue
+            self._insert(f"{a.name}_in", "input", a, needing, q)
+            self.sites.append(Site(f"{a.name}_in", "input", [a.name], sorted(consumers)))
+
+    def _needs_quantized_input(self, u: fx.Node) -> bool:
+        k = self.kind.get(u)
+        if k is OpKind.WEIGHTED:
+            return True
+        return k is OpKind.ADD and self.p.mode == "outputs" and self.p.add_inputs
+
+
+def place_activation_quantizers(
+    gm: fx.GraphModule, spec: BackendSpec, make_quantizer: Callable[[str, set[str]], Quantizer | None]
+) -> list[Site]:
+    """Insert activation quantizers into ``gm`` in place; returns where they went.
+
+    ``make_quantizer(name, consumer_node_names)`` builds the quantizer for a site (or returns
+    None to leave that tensor in float, e.g. when every consumer is a layer kept in FP).
+    """
+    return _Placer(gm, spec, make_quantizer).run()
