@@ -82,6 +82,12 @@ class _Placer:
             follow = (OpKind.ACT,)
         return n
 
+    def _call(self, target: str, producer: fx.Node) -> fx.Node:
+        with self.graph.inserting_after(producer):
+            qnode = self.graph.call_module(target, (producer,))
+        qnode.meta = {k: v for k, v in producer.meta.items() if k == "tensor_meta"}
+        return qnode
+
     def _insert(self, name: str, role: str, producer: fx.Node, users: list[fx.Node],
                 module: Quantizer) -> fx.Node:
         qname = f"qb_act.{name}"
@@ -89,8 +95,7 @@ class _Placer:
             self.gm.add_module("qb_act", nn.Module())
         self.gm.get_submodule("qb_act").add_module(name, module)
         module.set_name(name)
-        with self.graph.inserting_after(producer):
-            qnode = self.graph.call_module(qname, (producer,))
+        qnode = self._call(qname, producer)
         for u in users:
             u.replace_input_with(producer, qnode)
         self.kind[qnode] = OpKind.NONE
@@ -153,8 +158,7 @@ class _Placer:
                 qnode = self._insert(name, "concat", a, [n], q)
                 first = False
             else:
-                with self.graph.inserting_after(a):
-                    qnode = self.graph.call_module(f"qb_act.{name}", (a,))
+                qnode = self._call(f"qb_act.{name}", a)
                 n.replace_input_with(a, qnode)
                 self.kind[qnode] = OpKind.NONE
                 self.quantized.add(qnode)

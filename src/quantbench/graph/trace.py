@@ -39,5 +39,5 @@ def _explain(model: nn.Module, exc: Exception) -> str:
         f"  failing call: {where}\n"
         "  fix: remove data-dependent Python control flow from that forward, or mark the module that "
         "contains it as a leaf (quantbench keeps leaves as opaque calls): "
-        "prepare(model, ..., leaf_modules=[ThatModuleClass]) or --leaf-module ThatModuleClass on the CLI"
+        "quantbench.graph.quantize.prepare(model, ..., leaf_modules=[ThatModuleClass])"
     )

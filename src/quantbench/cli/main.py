@@ -1,0 +1,153 @@
+"""``quantbench`` command line: ptq, demo and listings of backends, models and observers."""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from quantbench.backends import backend_names, load_backend
+from quantbench.cli.errors import friendly_errors
+from quantbench.cli.tables import backends_table, results_table
+from quantbench.config import PTQConfig
+from quantbench.utils.io import atomic_write_json
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Backend-faithful, fast and honestly comparable quantization of CNNs.")
+console = Console(width=None if sys.stdout.isatty() else 160)
+
+
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class PolicyOpt(str, Enum):
+    quantized = "quantized"
+    fp = "fp"
+
+
+def _first_last(value: str | None) -> str | int | None:
+    if value is None or value in ("same", "fp"):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise typer.BadParameter(f"--first-last takes 'same', 'fp' or a bit-width, got {value!r}") from None
+
+
+@app.command()
+@friendly_errors
+def ptq(
+    model: Annotated[str, typer.Option(help="model name (see `quantbench models`)")],
+    data: Annotated[str, typer.Option(help="dataset: cifar10:PATH, imagefolder:PATH or digits")],
+    weights: Annotated[str | None, typer.Option(help=".safetensors or torch checkpoint")] = None,
+    backend: Annotated[str, typer.Option(help="backend name or a spec .yaml")] = "academic",
+    w_bits: Annotated[int | None, typer.Option(help="weight bits (default: the backend's)")] = None,
+    a_bits: Annotated[int | None, typer.Option(help="activation bits (default: the backend's)")] = None,
+    w_observer: Annotated[str, typer.Option(help="weight calibrator")] = "minmax",
+    a_observer: Annotated[str, typer.Option(help="activation calibrator")] = "mse",
+    calib_size: Annotated[int, typer.Option(help="calibration images")] = 256,
+    bn_calib: Annotated[bool, typer.Option("--bn-calib", help="re-estimate BN statistics (seed 001 C.3)")] = False,
+    first_last: Annotated[str | None, typer.Option(help="first/last layer: same, fp or bits")] = None,
+    residual: Annotated[PolicyOpt | None, typer.Option(help="residual add output: quantized or fp")] = None,
+    skip: Annotated[PolicyOpt | None, typer.Option(help="branches entering an add: quantized or fp")] = None,
+    width_mult: Annotated[float, typer.Option(help="width multiplier")] = 1.0,
+    device: Annotated[Device, typer.Option(help="cpu or cuda")] = Device.cpu,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    max_test: Annotated[int | None, typer.Option(help="evaluate on the first N test images")] = None,
+    out: Annotated[Path | None, typer.Option(help="write the result as JSON here")] = None,
+    list_quantizers: Annotated[bool, typer.Option("--list-quantizers", help="print every quantizer")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+) -> None:
+    """Post-training quantization of one model for one backend; prints a table, writes JSON."""
+    from quantbench.ptq.pipeline import run_ptq
+
+    cfg = PTQConfig(
+        model=model, weights=weights, data=data, backend=backend, w_bits=w_bits, a_bits=a_bits,
+        w_observer=w_observer, a_observer=a_observer, calib_size=calib_size, bn_calib=bn_calib,
+        first_last=_first_last(first_last), residual=residual.value if residual else None,
+        skip=skip.value if skip else None, width_mult=width_mult, device=device.value, seed=seed,
+        max_test=max_test,
+    )
+    cfg.resolved_backend()  # validate overrides before any work
+    result = run_ptq(cfg, progress=not quiet, keep_quantizers=list_quantizers)
+    console.print(results_table([result]))
+    if list_quantizers:
+        _print_quantizers(result.extra.get("quantizers", []))
+    if out is not None:
+        payload = result.to_dict()
+        payload["config"] = cfg.model_dump()
+        atomic_write_json(out, payload)
+        console.print(f"wrote {out}")
+
+
+def _print_quantizers(rows: list[dict]) -> None:
+    t = Table(title="Quantizers")
+    for col in ("name", "role", "scheme", "observer", "range", "scale[0]", "zp[0]"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["name"], r["role"], r["scheme"], r["observer"], f"[{r['qmin']}, {r['qmax']}]",
+                  f"{r['scale'][0]:.4g}" if r["scale"] else "-", str(r["zero_point"][0]) if r["zero_point"] else "-")
+    console.print(t)
+
+
+@app.command()
+@friendly_errors
+def backends(as_json: Annotated[bool, typer.Option("--json", help="print the specs as JSON")] = False) -> None:
+    """The table of backend specs."""
+    specs = [load_backend(n) for n in backend_names()]
+    if as_json:
+        console.print_json(json.dumps([s.model_dump() for s in specs]))
+    else:
+        console.print(backends_table(specs))
+
+
+@app.command()
+def models() -> None:
+    """Registered models."""
+    from quantbench.models import MODELS, get_entry
+
+    t = Table(title="Models")
+    for col in ("name", "family", "input", "classes", "description"):
+        t.add_column(col)
+    for name in MODELS.names():
+        e = get_entry(name)
+        t.add_row(name, e.family, "x".join(map(str, e.input_size)), str(e.num_classes), e.description)
+    console.print(t)
+
+
+@app.command()
+def observers() -> None:
+    """Registered calibration algorithms."""
+    from quantbench.observers import OBSERVERS
+
+    t = Table(title="Observers (calibration algorithms)")
+    t.add_column("name")
+    t.add_column("description")
+    for name in OBSERVERS.names():
+        doc = (OBSERVERS.get(name).__doc__ or "").strip().splitlines()
+        t.add_row(name, doc[0] if doc else "")
+    console.print(t)
+
+
+@app.command()
+@friendly_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("quantbench-out"),
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+) -> None:
+    """Train the digits CNN (cached), PTQ it on every backend and calibrator at W8A8/W4A8/W4A4."""
+    from quantbench.cli.demo import run_demo
+
+    run_demo(out, progress=not quiet, console=console)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,86 @@
+"""Validated run configurations. Every field is checked before any work starts."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from quantbench.backends import load_backend
+from quantbench.backends.spec import BackendSpec
+from quantbench.errors import ConfigError
+from quantbench.models import get_entry
+from quantbench.observers import OBSERVERS
+
+Policy = Literal["quantized", "fp"]
+
+
+class PTQConfig(BaseModel):
+    """Everything a post-training quantization run needs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    weights: str | None = None
+    data: str = "digits"
+    backend: str = "academic"
+    w_bits: int | None = Field(None, ge=1, le=16, description="override the backend's weight bits")
+    a_bits: int | None = Field(None, ge=1, le=16, description="override the backend's activation bits")
+    w_observer: str = "minmax"
+    a_observer: str = "mse"
+    w_observer_options: dict[str, Any] = Field(default_factory=dict)
+    a_observer_options: dict[str, Any] = Field(default_factory=dict)
+    calib_size: int = Field(256, ge=1)
+    calib_batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(256, ge=1)
+    bn_calib: bool = False
+    bn_calib_size: int | None = Field(None, ge=1, description="images for BN re-calibration (default: calib_size)")
+    first_last: Literal["same", "fp"] | int | None = Field(None, description="None: the backend's default")
+    residual: Policy | None = None
+    skip: Policy | None = None
+    width_mult: float = Field(1.0, gt=0)
+    device: Literal["cpu", "cuda"] = "cpu"
+    seed: int = 0
+    max_test: int | None = Field(None, ge=1, description="evaluate on the first N test images only")
+
+    @field_validator("w_observer", "a_observer")
+    @classmethod
+    def _observer_known(cls, v: str) -> str:
+        OBSERVERS.get(v)  # raises UnknownNameError listing the valid names
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _model_known(cls, v: str) -> str:
+        get_entry(v)
+        return v
+
+    @field_validator("backend")
+    @classmethod
+    def _backend_known(cls, v: str) -> str:
+        load_backend(v)
+        return v
+
+    @field_validator("first_last")
+    @classmethod
+    def _first_last_bits(cls, v: Any) -> Any:
+        if isinstance(v, int) and not 1 <= v <= 16:
+            raise ValueError(f"first_last bits must be in 1..16, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _device_available(self) -> PTQConfig:
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but no CUDA GPU is available: use --device cpu")
+        return self
+
+    def resolved_backend(self) -> BackendSpec:
+        """The backend spec with this run's bit-width and policy overrides applied."""
+        try:
+            return load_backend(self.backend).configure(
+                w_bits=self.w_bits, a_bits=self.a_bits, first_last=self.first_last,
+                residual=self.residual, skip=self.skip,
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc

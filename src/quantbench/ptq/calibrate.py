@@ -1,0 +1,83 @@
+"""Calibration of activation and weight quantizers, and BatchNorm re-calibration (seed 001 C.3)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from quantbench.errors import EmptyCalibrationError
+from quantbench.graph.quantize import (
+    calibrate_weights,
+    finish_activation_calibration,
+    set_observing,
+    set_quantizing,
+)
+from quantbench.utils.progress import track
+
+
+def _batches(loader: Iterable, device: torch.device | str) -> Iterable[Tensor]:
+    for batch in loader:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        yield x.to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def calibrate(gm: nn.Module, loader: Iterable, device: torch.device | str = "cpu",
+              progress: bool = True) -> None:
+    """Observe activations on the float model, compute every quantizer's parameters, quantize.
+
+    Activation statistics come from the float model (all fake quantization off), as in ONNX
+    Runtime and PyTorch calibration; weights are observed once from the (folded) weight tensor.
+    """
+    gm.eval()
+    set_quantizing(gm, False)
+    set_observing(gm, True)
+    n = 0
+    total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+    for x in track(_batches(loader, device), "calibrating", total, progress):
+        gm(x)
+        n += x.shape[0]
+    if n == 0:
+        set_observing(gm, False)
+        raise EmptyCalibrationError("the calibration set is empty: give at least one image (--calib-size)")
+    finish_activation_calibration(gm)
+    calibrate_weights(gm)
+    set_quantizing(gm, True)
+
+
+@torch.no_grad()
+def bn_recalibrate(gm: nn.Module, loader: Iterable, device: torch.device | str = "cpu",
+                   progress: bool = True) -> int:
+    """Re-estimate BatchNorm running statistics on the quantized model (seed 001 C.3).
+
+    Quantization parameters of activations stay fixed; running mean/var are reset and replaced by
+    the cumulative average over the data. Folded layers recompute their weight quantization
+    parameters afterwards, since the folded weight depends on the running variance. Returns the
+    number of BatchNorm layers re-calibrated.
+    """
+    bns = [m for m in gm.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    saved = [(m.momentum, m.training) for m in bns]
+    gm.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over all batches
+        m.train()
+    n = 0
+    total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+    try:
+        for x in track(_batches(loader, device), "BN re-calibration", total, progress):
+            gm(x)
+            n += x.shape[0]
+    finally:
+        for m, (momentum, training) in zip(bns, saved, strict=True):
+            m.momentum = momentum
+            m.train(training)
+        gm.eval()
+    if n == 0:
+        raise EmptyCalibrationError("the BN re-calibration set is empty")
+    calibrate_weights(gm)
+    return len(bns)

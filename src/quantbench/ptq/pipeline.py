@@ -1,0 +1,120 @@
+"""One PTQ run end to end: load, prepare for the backend, calibrate, evaluate."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from quantbench.config import PTQConfig
+from quantbench.data import DataBundle, calibration_subset, load_data, make_loader
+from quantbench.graph.quantize import list_quantizers, prepare
+from quantbench.models import build_model, get_entry
+from quantbench.ptq.calibrate import bn_recalibrate, calibrate
+from quantbench.ptq.evaluate import compare, predict
+
+
+@dataclass
+class PTQContext:
+    """What several runs on the same model and data share: the float model, data and FP predictions."""
+
+    key: tuple[Any, ...]
+    model: nn.Module
+    bundle: DataBundle
+    example: Tensor
+    fp_pred: Tensor
+    labels: Tensor
+    test_loader: Any
+
+
+@dataclass
+class PTQResult:
+    model: str
+    backend: str
+    w_bits: int
+    a_bits: int
+    w_observer: str
+    a_observer: str
+    fp_top1: float
+    quant_top1: float
+    agreement: float
+    calib_seconds: float
+    n_test: int
+    n_calib: int
+    bn_calib: bool
+    first_last: str
+    residual: str
+    skip: str
+    n_quantizers: int
+    device: str
+    weights: str | None = None
+    data: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _context_key(cfg: PTQConfig) -> tuple[Any, ...]:
+    return (cfg.model, cfg.weights, cfg.data, cfg.width_mult, cfg.device, cfg.eval_batch_size, cfg.max_test)
+
+
+def build_context(cfg: PTQConfig, progress: bool = True) -> PTQContext:
+    """Load the float model and data, and the float model's predictions on the test set."""
+    entry = get_entry(cfg.model)
+    bundle = load_data(cfg.data, entry.mean, entry.std, entry.input_size)
+    model = build_model(cfg.model, cfg.weights, cfg.width_mult, num_classes=bundle.num_classes)
+    model = model.to(cfg.device).eval()
+    test = bundle.test
+    if cfg.max_test is not None and cfg.max_test < len(test):  # type: ignore[arg-type]
+        test = torch.utils.data.Subset(test, range(cfg.max_test))
+    loader = make_loader(test, cfg.eval_batch_size)
+    fp_pred, labels = predict(model, loader, cfg.device, progress, "evaluating FP32")
+    example = bundle.test[0][0].unsqueeze(0).to(cfg.device)
+    return PTQContext(_context_key(cfg), model, bundle, example, fp_pred, labels, loader)
+
+
+def run_ptq(cfg: PTQConfig, progress: bool = True, context: PTQContext | None = None,
+            keep_quantizers: bool = False) -> PTQResult:
+    """Run one PTQ configuration. Pass ``context`` to reuse a loaded model and data across runs;
+    ``keep_quantizers`` adds every quantizer's scheme, scale and zero-point to ``result.extra``."""
+    torch.manual_seed(cfg.seed)
+    spec = cfg.resolved_backend()
+    if context is None or context.key != _context_key(cfg):
+        context = build_context(cfg, progress)
+    gm = prepare(context.model, spec, context.example, cfg.w_observer, cfg.a_observer,
+                 cfg.w_observer_options, cfg.a_observer_options)
+    calib_set = calibration_subset(context.bundle, cfg.calib_size, cfg.seed)
+    calib_loader = make_loader(calib_set, cfg.calib_batch_size)
+    if cfg.device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    calibrate(gm, calib_loader, cfg.device, progress)
+    if cfg.bn_calib:
+        n_bn = cfg.bn_calib_size or cfg.calib_size
+        bn_set = calibration_subset(context.bundle, n_bn, cfg.seed + 1) if n_bn != cfg.calib_size else calib_set
+        bn_recalibrate(gm, make_loader(bn_set, cfg.calib_batch_size), cfg.device, progress)
+    if cfg.device == "cuda":
+        torch.cuda.synchronize()
+    calib_seconds = time.perf_counter() - t0
+    q_pred, _ = predict(gm, context.test_loader, cfg.device, progress, "evaluating quantized")
+    ev = compare(context.fp_pred, q_pred, context.labels)
+    p = spec.placement
+    quantizers = list_quantizers(gm)
+    extra: dict[str, Any] = {}
+    if keep_quantizers:
+        extra["quantizers"] = [
+            {**asdict(q), "scheme": q.scheme.describe()} for q in quantizers
+        ]
+    return PTQResult(
+        model=cfg.model, backend=spec.name, w_bits=spec.weight.bits, a_bits=spec.activation.bits,
+        w_observer=cfg.w_observer, a_observer=cfg.a_observer, fp_top1=ev.fp_top1,
+        quant_top1=ev.quant_top1, agreement=ev.agreement, calib_seconds=calib_seconds, n_test=ev.n,
+        n_calib=cfg.calib_size, bn_calib=cfg.bn_calib, first_last=str(spec.first_last),
+        residual="quantized" if p.mode == "outputs" and p.add_output else "fp",
+        skip="quantized" if p.mode == "outputs" and p.add_inputs else "fp",
+        n_quantizers=len(quantizers), device=cfg.device, weights=cfg.weights, data=cfg.data, extra=extra,
+    )
