@@ -51,8 +51,8 @@ class Observer(nn.Module):
         self.scheme = scheme
         self.is_weight = is_weight
         self.layer_name = "<unnamed>"
-        self.register_buffer("min_val", torch.empty(0))
-        self.register_buffer("max_val", torch.empty(0))
+        self.register_buffer("min_val", torch.empty(0), persistent=False)
+        self.register_buffer("max_val", torch.empty(0), persistent=False)
         self.n_batches = 0
 
     # -- accumulation --------------------------------------------------------------------------

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
 _NARROW_FLOATS = (torch.float16, torch.bfloat16)
 
 

@@ -22,7 +22,8 @@ def qparams_from_range(
     * symmetric, unsigned range: ``s = max(hi, 0) / N_max``, z = 0 (academic unsigned activations)
     * asymmetric: the range is widened to contain 0, ``s = (hi - lo) / (N_max - N_min)``,
       ``z = clamp(N_min - round(lo / s), N_min, N_max)`` (eq. 7)
-    * ``pow2``: the scale is rounded to the nearest power of two in the log domain (TVM).
+    * ``pow2``: the scale is rounded up to a power of two, ``2^ceil(log2 s)``, as TVM's calibration
+      does, so the calibrated range is never clipped (requantization becomes a shift).
 
     Scales are floored at float32 eps so an all-zero tensor gives a valid quantizer.
     """
@@ -47,5 +48,5 @@ def qparams_from_range(
 def _finish_scale(scale: Tensor, pow2: bool) -> Tensor:
     scale = scale.clamp_min(EPS)
     if pow2:
-        scale = torch.exp2(torch.round(torch.log2(scale)))
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
     return scale

@@ -26,19 +26,41 @@ class Quantizer(nn.Module):
         super().__init__()
         self.scheme = scheme
         self.observer_name = observer
+        self.observer_options = dict(observer_options or {})
         self.is_weight = is_weight
-        self.observer = build_observer(observer, scheme, is_weight=is_weight, **(observer_options or {}))
+        self.observer = build_observer(observer, scheme, is_weight=is_weight, **self.observer_options)
         self.register_buffer("scale", torch.ones(1))
         self.register_buffer("zero_point", torch.zeros(1, dtype=torch.int32))
-        self.qmin, self.qmax = scheme.qrange()
+        # the resolved integer range (adaptive signedness) travels with the state dict
+        self.register_buffer("qrange_t", torch.tensor(scheme.qrange(), dtype=torch.int64))
+        self.register_buffer("calibrated_t", torch.tensor(False))
         self.observing = False
         self.quantizing = False
-        self.calibrated = False
         self.set_name(name)
 
     def set_name(self, name: str) -> None:
         self.name = name
         self.observer.layer_name = name
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(self.calibrated_t)
+
+    @property
+    def qmin(self) -> int:
+        return int(self.qrange_t[0])
+
+    @property
+    def qmax(self) -> int:
+        return int(self.qrange_t[1])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        # per-channel scale / zero-point have one entry per channel once calibrated: take the saved shape
+        for name in ("scale", "zero_point"):
+            key = prefix + name
+            if key in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[key], device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def axis(self) -> int | None:
@@ -56,13 +78,15 @@ class Quantizer(nn.Module):
     @torch.no_grad()
     def compute_qparams(self) -> None:
         """Turn the observer's statistics into scale, zero-point and integer range."""
-        scale, zp, self.qmin, self.qmax = self.observer.calculate_qparams()
+        scale, zp, qmin, qmax = self.observer.calculate_qparams()
+        self.qrange_t = torch.tensor([qmin, qmax], dtype=torch.int64, device=self.scale.device)
         self.scale = scale.to(self.scale.device)
         self.zero_point = zp.to(self.scale.device)
-        self.calibrated = True
+        self.calibrated_t = torch.tensor(True, device=self.scale.device)
 
     def reset_observer(self) -> None:
-        self.observer = build_observer(self.observer_name, self.scheme, is_weight=self.is_weight)
+        self.observer = build_observer(self.observer_name, self.scheme, is_weight=self.is_weight,
+                                       **self.observer_options)
         self.observer.layer_name = self.name
 
     @property
