@@ -109,8 +109,11 @@ class _Placer:
             if self.p.mode == "outputs":
                 if k is OpKind.CAT and self.p.concat_shared:
                     self._place_concat(n)
-                elif k in REQUANT_KINDS and n not in self.fused and self._requantizes(k):
-                    self._place_output(n)
+                elif k in REQUANT_KINDS and n not in self.fused:
+                    if self._requantizes(k):
+                        self._place_output(n)
+                    else:
+                        self._fuse_end(n)  # its fused activation stays in float with it
             if k is OpKind.WEIGHTED or (k is OpKind.ADD and self.p.mode == "outputs" and self.p.add_inputs):
                 self._place_inputs(n)
         self.graph.lint()
@@ -170,16 +173,23 @@ class _Placer:
         if self.kind[n] is OpKind.WEIGHTED:
             ins = ins[:1]
         for a in ins:
-            if self._source(a) in self.quantized:
+            src = self._source(a)
+            if src in self.quantized:
                 continue
-            # one quantizer per producing tensor, shared by every consumer that needs one
-            needing = [u for u in a.users if self._needs_quantized_input(u)]
-            consumers = {u.name for u in needing}
-            q = self.make_quantizer(f"{a.name}_in", consumers)
+            # one quantizer per producing tensor, right after it, shared by every consumer (reached
+            # through pass-through ops) that needs a quantized input; other consumers keep the float
+            users, consumers = [], set()
+            for u in src.users:
+                reach = self._consumers(u) if self.kind.get(u) is OpKind.PASS else {u}
+                needing = {c.name for c in reach if self._needs_quantized_input(c)}
+                if needing:
+                    users.append(u)
+                    consumers |= needing
+            q = self.make_quantizer(f"{src.name}_in", consumers)
             if q is None:
                 continue
-            self._insert(f"{a.name}_in", "input", a, needing, q)
-            self.sites.append(Site(f"{a.name}_in", "input", [a.name], sorted(consumers)))
+            self._insert(f"{src.name}_in", "input", src, users, q)
+            self.sites.append(Site(f"{src.name}_in", "input", [src.name], sorted(consumers)))
 
     def _needs_quantized_input(self, u: fx.Node) -> bool:
         k = self.kind.get(u)
