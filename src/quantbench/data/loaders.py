@@ -20,9 +20,7 @@ class CalibrationSizeError(DataError, EmptyCalibrationError):
     """The requested calibration subset is empty or larger than the training set."""
 
 
-def normalize_images(
-    raw: torch.Tensor, mean: Sequence[float], std: Sequence[float], scale: float
-) -> torch.Tensor:
+def normalize_images(raw: torch.Tensor, mean: Sequence[float], std: Sequence[float], scale: float) -> torch.Tensor:
     """``(raw * scale - mean) / std`` per channel for an (N, C, H, W) tensor, as float32."""
     c = raw.shape[1]
     if len(mean) != c or len(std) != c:
@@ -86,8 +84,7 @@ class TensorImageDataset(Dataset[tuple[torch.Tensor, int]]):
     ) -> None:
         if images.ndim != 4 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
             raise DataError(
-                f"expected images (N, C, H, W) and labels (N,), got {tuple(images.shape)} and "
-                f"{tuple(labels.shape)}"
+                f"expected images (N, C, H, W) and labels (N,), got {tuple(images.shape)} and {tuple(labels.shape)}"
             )
         self.images = images
         self.labels = labels.to(torch.long)
@@ -133,6 +130,11 @@ class TensorImageDataset(Dataset[tuple[torch.Tensor, int]]):
         i %= n
         return self.batch(slice(i, i + 1))[0], int(self.labels[i])
 
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
+        """Batched fetch used by ``DataLoader``: one vectorized augment/resize per batch."""
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        return list(zip(self.batch(idx).unbind(0), self.labels[idx].tolist(), strict=True))
+
     def subset(self, indices: Sequence[int], augment: bool | None = None) -> TensorImageDataset:
         """A new dataset holding copies of rows ``indices`` (``augment`` None keeps the setting)."""
         idx = torch.as_tensor(list(indices), dtype=torch.long)
@@ -159,8 +161,7 @@ def calibration_subset(bundle: DataBundle, n: int, seed: int = 0) -> Dataset[tup
         raise CalibrationSizeError(f"calibration needs at least 1 image, got n={n!r}; pass n >= 1")
     if n > total:
         raise CalibrationSizeError(
-            f"asked for {n} calibration images but the {bundle.name} training set has only {total}; "
-            f"pass n <= {total}"
+            f"asked for {n} calibration images but the {bundle.name} training set has only {total}; pass n <= {total}"
         )
     if bundle.calib_indices is not None and n <= len(bundle.calib_indices):
         indices = [int(i) for i in bundle.calib_indices[:n]]

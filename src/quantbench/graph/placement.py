@@ -88,13 +88,17 @@ class _Placer:
         qnode.meta = {k: v for k, v in producer.meta.items() if k == "tensor_meta"}
         return qnode
 
+    @staticmethod
+    def _where(n: fx.Node) -> str:
+        return str(n.target) if n.op in ("call_module", "placeholder") else n.name
+
     def _insert(self, name: str, role: str, producer: fx.Node, users: list[fx.Node],
-                module: Quantizer) -> fx.Node:
+                module: Quantizer, where: str = "") -> fx.Node:
         qname = f"qb_act.{name}"
         if not hasattr(self.gm, "qb_act"):
             self.gm.add_module("qb_act", nn.Module())
         self.gm.get_submodule("qb_act").add_module(name, module)
-        module.set_name(name)
+        module.set_name(name, where)
         qnode = self._call(qname, producer)
         for u in users:
             u.replace_input_with(producer, qnode)
@@ -143,11 +147,13 @@ class _Placer:
             return  # the concat's shared quantizer quantizes this tensor
         if not self.p.add_inputs and ckinds == {OpKind.ADD}:
             return  # skip policy: the branch enters the add in full precision
-        q = self.make_quantizer(f"{end.name}_post", {c.name for c in consumers})
+        name = f"{n.name}_post"
+        q = self.make_quantizer(name, {c.name for c in consumers})
         if q is None:
             return
-        self._insert(f"{end.name}_post", "output", end, users, q)
-        self.sites.append(Site(f"{end.name}_post", "output", [n.name], sorted(c.name for c in consumers)))
+        fused = f" (+{end.name})" if end is not n else ""
+        self._insert(name, "output", end, users, q, f"output of {self._where(n)}{fused}")
+        self.sites.append(Site(name, "output", [n.name], sorted(c.name for c in consumers)))
 
     def _place_concat(self, n: fx.Node) -> None:
         ins = tensor_inputs(n)
@@ -158,7 +164,7 @@ class _Placer:
         first = True
         for a in ins:
             if first:
-                qnode = self._insert(name, "concat", a, [n], q)
+                qnode = self._insert(name, "concat", a, [n], q, f"shared input of concat {n.name}")
                 first = False
             else:
                 qnode = self._call(f"qb_act.{name}", a)
@@ -188,7 +194,7 @@ class _Placer:
             q = self.make_quantizer(f"{src.name}_in", consumers)
             if q is None:
                 continue
-            self._insert(f"{src.name}_in", "input", src, users, q)
+            self._insert(f"{src.name}_in", "input", src, users, q, f"{self._where(src)} entering {', '.join(sorted(consumers))}")
             self.sites.append(Site(f"{src.name}_in", "input", [src.name], sorted(consumers)))
 
     def _needs_quantized_input(self, u: fx.Node) -> bool:

@@ -15,7 +15,7 @@ from quantbench.models.registry import IMAGENET_MEAN, IMAGENET_STD, ModelEntry, 
 
 def scaled_width(base: int, width_mult: float) -> int:
     """``round(base * width_mult)``, at least 1."""
-    return max(1, int(round(base * width_mult)))
+    return max(1, round(base * width_mult))
 
 
 class LambdaShortcutA(nn.Module):
@@ -50,9 +50,7 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut: nn.Module = (
-            LambdaShortcutA(in_planes, planes, stride)
-            if stride != 1 or in_planes != planes
-            else nn.Identity()
+            LambdaShortcutA(in_planes, planes, stride) if stride != 1 or in_planes != planes else nn.Identity()
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -33,9 +33,7 @@ _TORCHVISION: tuple[tuple[str, str, Callable[..., nn.Module], bool], ...] = (
 WIDTH_MULT_SUPPORTED: tuple[str, ...] = tuple(n for n, _, _, ok in _TORCHVISION if ok)
 
 
-def _make_builder(
-    name: str, ctor: Callable[..., nn.Module], supports_width: bool
-) -> Callable[[float, int], nn.Module]:
+def _make_builder(name: str, ctor: Callable[..., nn.Module], supports_width: bool) -> Callable[[float, int], nn.Module]:
     def builder(width_mult: float, num_classes: int) -> nn.Module:
         kwargs: dict[str, object] = {"weights": None, "num_classes": num_classes}
         if supports_width:

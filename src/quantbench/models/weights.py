@@ -95,14 +95,18 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
             "Fix: pick the model name (and width_mult/num_classes) the checkpoint was trained with, "
             "or rename the keys so they match model.state_dict()."
         )
-    for key, tensor in state.items():
-        want = expected[key].shape
-        if tensor.shape != want:
-            raise CheckpointError(
-                f"checkpoint {path}: shape mismatch for {key!r}: checkpoint {tuple(tensor.shape)} vs "
-                f"model {tuple(want)}. Fix: build the model with the width_mult/num_classes the "
-                "checkpoint was trained with."
-            )
+    mismatched = [
+        f"{key!r}: checkpoint {tuple(t.shape)} vs model {tuple(expected[key].shape)}"
+        for key, t in state.items()
+        if t.shape != expected[key].shape
+    ]
+    if mismatched:
+        more = f" (+{len(mismatched) - _MAX_LISTED} more)" if len(mismatched) > _MAX_LISTED else ""
+        raise CheckpointError(
+            f"checkpoint {path}: shape mismatch for {len(mismatched)} tensor(s): "
+            f"{'; '.join(mismatched[:_MAX_LISTED])}{more}. Fix: build the model with the "
+            "width_mult/num_classes the checkpoint was trained with."
+        )
     model.load_state_dict(state, strict=False)  # keys already checked; only num_batches_tracked may be absent
     return model
 

@@ -38,9 +38,11 @@ class Quantizer(nn.Module):
         self.quantizing = False
         self.set_name(name)
 
-    def set_name(self, name: str) -> None:
+    def set_name(self, name: str, where: str = "") -> None:
+        """Name the quantizer; ``where`` (e.g. "output of layer2.0.conv1") goes into error messages."""
         self.name = name
-        self.observer.layer_name = name
+        self.where = where
+        self.observer.layer_name = f"{name} ({where})" if where else name
 
     @property
     def calibrated(self) -> bool:
@@ -87,7 +89,7 @@ class Quantizer(nn.Module):
     def reset_observer(self) -> None:
         self.observer = build_observer(self.observer_name, self.scheme, is_weight=self.is_weight,
                                        **self.observer_options)
-        self.observer.layer_name = self.name
+        self.set_name(self.name, self.where)
 
     @property
     def signed(self) -> bool:
