@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.text import Text
 
 from quantbench.errors import QuantbenchError
 
@@ -24,6 +25,11 @@ def format_validation_error(exc: ValidationError) -> str:
     return "invalid configuration:\n" + "\n".join(lines)
 
 
+def _print_error(message: str) -> None:
+    # plain Text: messages hold key lists in brackets that rich would take for markup; no hard wraps
+    err_console.print(Text("error: ", style="bold red") + Text(message), soft_wrap=True, highlight=False)
+
+
 def friendly_errors(fn: F) -> F:
     """Decorator for CLI commands."""
 
@@ -32,9 +38,9 @@ def friendly_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except ValidationError as exc:
-            err_console.print(f"[bold red]error:[/] {format_validation_error(exc)}", highlight=False)
+            _print_error(format_validation_error(exc))
         except QuantbenchError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            _print_error(str(exc))
         raise typer.Exit(code=2)
 
     return wrapper  # type: ignore[return-value]
