@@ -29,7 +29,7 @@ def test_ptq_w8a8_on_real_cifar10_keeps_accuracy(backend, tmp_path):
     res = _ptq("--backend", backend, "--w-bits", "8", "--a-bits", "8", "--out", str(out))
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
-    assert REQUIRED_KEYS <= data.keys()
+    assert data.keys() >= REQUIRED_KEYS
     assert data["n_test"] == 932 and data["fp_top1"] == pytest.approx(91.63, abs=0.01)
     assert abs(data["quant_top1"] - data["fp_top1"]) <= 0.5
     assert data["agreement"] >= 0.985

@@ -157,6 +157,17 @@ def _hist_batches(seed: int) -> list[np.ndarray]:
     return [b.astype(np.float32) for b in (b0, b1, b2, b3)]
 
 
+
+def assert_hist_matches_np(counts: np.ndarray, data: np.ndarray, edges: np.ndarray) -> None:
+    """``counts`` equals ``np.histogram(data, edges)`` except that a value within float32 rounding of an
+    edge may be counted in the neighbouring bin (the counting pass runs in float32)."""
+    expected, _ = np.histogram(data, bins=edges)
+    assert counts.sum() == expected.sum() == data.size
+    width = edges[1] - edges[0]
+    pos = data / width
+    near_edge = int(np.sum(np.abs(pos - np.rint(pos)) <= 1e-5 * np.maximum(1.0, np.abs(pos))))
+    assert np.abs(counts - expected).sum() <= 2 * near_edge, (counts - expected).nonzero()
+
 @pytest.mark.parametrize("absolute", [False, True])
 @pytest.mark.parametrize("bins", [2048, 10])
 def test_histogram_merge_conserves_counts_and_matches_np_histogram_on_final_grid(absolute, bins):
@@ -172,8 +183,7 @@ def test_histogram_merge_conserves_counts_and_matches_np_histogram_on_final_grid
     for c in range(data.shape[0]):
         assert edges[c, 0] <= data[c].min() and data[c].max() < edges[c, -1]
         assert edges[c, 0] <= 0 <= edges[c, -1]
-        expected, _ = np.histogram(data[c], bins=edges[c])
-        np.testing.assert_array_equal(counts[c], expected)
+        assert_hist_matches_np(counts[c], data[c], edges[c])
         if absolute:
             assert edges[c, 0] == 0
 
@@ -196,8 +206,7 @@ def test_histogram_of_only_zeros_then_data_keeps_the_zero_mass():
     assert torch.all(h.width == 0) and torch.all(h.counts[:, 0] == 5)
     h.add(torch.tensor([[-1.0, 2.0], [0.0, 0.0]]))
     edges = h.edges().numpy()
-    expected, _ = np.histogram(np.array([0, 0, 0, 0, 0, -1.0, 2.0]), bins=edges[0])
-    np.testing.assert_array_equal(h.counts[0].numpy(), expected)
+    assert_hist_matches_np(h.counts[0].numpy(), np.array([0, 0, 0, 0, 0, -1.0, 2.0]), edges[0])
     assert h.width[1] == 0 and h.counts[1, 0] == 7
 
 
@@ -408,8 +417,7 @@ def ref_kld_range(obs, rows: np.ndarray, symmetric: bool, levels: int):
     los, his = [], []
     for c in range(rows.shape[0]):
         if edges[c, -1] > 0:  # (a row of zeros is a point mass at 0 in bin 0)
-            expected, _ = np.histogram(data[c], bins=edges[c])
-            np.testing.assert_array_equal(hist[c], expected)
+            assert_hist_matches_np(hist[c], data[c], edges[c])
         mn, mx = rows[c].min(), rows[c].max()
         lo_d, hi_d = (0.0, max(-mn, mx)) if symmetric else (min(mn, 0.0), max(mx, 0.0))
         a = int(np.searchsorted(edges[c], lo_d, side="right") - 1)

@@ -194,7 +194,8 @@ class _Placer:
             q = self.make_quantizer(f"{src.name}_in", consumers)
             if q is None:
                 continue
-            self._insert(f"{src.name}_in", "input", src, users, q, f"{self._where(src)} entering {', '.join(sorted(consumers))}")
+            where = f"{self._where(src)} entering {', '.join(sorted(consumers))}"
+            self._insert(f"{src.name}_in", "input", src, users, q, where)
             self.sites.append(Site(f"{src.name}_in", "input", [src.name], sorted(consumers)))
 
     def _needs_quantized_input(self, u: fx.Node) -> bool:

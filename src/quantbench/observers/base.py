@@ -39,6 +39,15 @@ def to_rows(x: Tensor, scheme: QScheme) -> Tensor:
     return x.reshape(1, -1)
 
 
+def row_aminmax(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row min and max of a ``(C, n)`` tensor. One row uses the global reduction, which torch
+    runs many times faster than ``aminmax(dim=1)`` on a single long row."""
+    if rows.shape[0] == 1:
+        mn, mx = torch.aminmax(rows)
+        return mn.reshape(1), mx.reshape(1)
+    return torch.aminmax(rows, dim=1)
+
+
 class Observer(nn.Module):
     """Base observer. ``observe`` may be called once per calibration batch."""
 
@@ -66,7 +75,7 @@ class Observer(nn.Module):
         if x.numel() == 0:
             return
         rows = to_rows(x, self.scheme)
-        mn, mx = torch.aminmax(rows, dim=1)
+        mn, mx = row_aminmax(rows)
         if not (torch.isfinite(mn).all() and torch.isfinite(mx).all()):
             raise NonFiniteError(
                 f"NaN or inf reached the observer of {self.layer_name!r}: check the model's weights and "

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from quantbench.errors import ConfigError
-from quantbench.observers.base import Observer
+from quantbench.observers.base import Observer, row_aminmax
 from quantbench.quant.scheme import QScheme
 
 # Upper bound on the elements of one temporary tensor (the batched bincount and the search loops of
@@ -157,7 +157,7 @@ class MergeableHistogram:
         if rows.numel() == 0:
             return
         if row_min is None or row_max is None:
-            row_min, row_max = torch.aminmax(rows, dim=1)
+            row_min, row_max = row_aminmax(rows)
         mn, mx = row_min.detach().to(torch.float64), row_max.detach().to(torch.float64)
         if self.absolute:
             lo, hi = torch.zeros_like(mn), torch.maximum(-mn, mx)
@@ -177,16 +177,33 @@ class MergeableHistogram:
         self.counts = self.counts + self._count(rows)
 
     def _count(self, rows: Tensor) -> Tensor:
+        """Counts of one batch on the current grid: one float32 pass and a batched ``bincount``.
+
+        The bin of ``x`` is ``floor(x / w) - offset`` computed in float32; a value within float32
+        rounding of a bin edge may land in the neighbouring bin (``bin_index`` is the exact rule).
+        """
         c, n = rows.shape
         b = self.bins
+        _, off, w = self._state()
+        pos = w > 0
+        inv64 = torch.where(pos, 1.0 / torch.where(pos, w, 1.0), 0.0)
+        dtype = torch.float32 if bool((inv64 < 1e30).all()) else torch.float64
+        inv = inv64.to(dtype)[:, None]
+        off_t = off.to(dtype)[:, None]
+        neg_off = -off_t
+        itype = torch.int32 if c * b < 2**31 else torch.int64
+        base = torch.arange(c, device=rows.device, dtype=itype)[:, None] * b
         flat = torch.zeros(c * b, dtype=torch.float64, device=rows.device)
-        base = torch.arange(c, device=rows.device)[:, None] * b
         step = max(1, CHUNK_ELEMENTS // (4 * c))
         for start in range(0, n, step):
-            x = rows[:, start : start + step].to(torch.float64)
-            if self.absolute:
-                x = x.abs()
-            idx = self.bin_index(x) + base
+            x = rows[:, start : start + step].to(dtype)
+            if self.absolute:  # |x| histograms start at 0 (offset 0)
+                t = torch.mul(x, inv).abs_().clamp_(max=b - 1)
+            else:
+                t = torch.addcmul(neg_off, x, inv).clamp_(0, b - 1)
+            idx = t.to(itype)  # t >= 0: truncation is floor
+            if c > 1:
+                idx += base
             flat += torch.bincount(idx.reshape(-1), minlength=c * b).to(torch.float64)
         return flat.reshape(c, b)
 

@@ -36,6 +36,9 @@ from quantbench.observers.histogram import CHUNK_ELEMENTS, HistogramObserver
 from quantbench.quant.scheme import QScheme
 
 KLD_EPS = 1e-8
+# At most this many (row, candidate, level) cells per search (or one row's full search): per-channel
+# searches (tens of rows x ~1900 thresholds x 129 levels) then try every k-th bin as the threshold.
+MAX_SEARCH_CELLS = 1 << 18
 
 
 def _xlogx(t: Tensor) -> Tensor:
@@ -64,7 +67,10 @@ def kl_divergences(hist: Tensor, a: Tensor, b: Tensor, z0: Tensor, levels: int) 
     hl_cum = torch.cat([zero, _xlogx(hist).cumsum(1)], 1)
     total = h_cum[:, -1]
 
-    n = torch.arange(levels, levels + k_count, device=dev)  # (K,)
+    per_row = k_count * (levels + 1)  # one row always gets every threshold (TensorRT's full search)
+    stride = max(1, -(-c * per_row // max(MAX_SEARCH_CELLS, per_row)))
+    n = torch.arange(levels, levels + k_count, stride, device=dev)  # (K,)
+    k_count = n.numel()
     kl = torch.empty(c, k_count, dtype=torch.float64, device=dev)
     s_all = torch.empty(c, k_count, dtype=torch.long, device=dev)
     l_idx = torch.arange(levels + 1, device=dev)
