@@ -41,13 +41,16 @@ def ensure_digits_model(cache: Path, progress: bool = True) -> Path:
     return path
 
 
-def run_demo(out: Path, progress: bool = True, console: Console | None = None) -> list[PTQResult]:
+def run_demo(out: Path, progress: bool = True, console: Console | None = None,
+             backends: list[str] | None = None, bits: tuple[tuple[int, int], ...] = BITS,
+             calibrators: tuple[tuple[str, str], ...] = CALIBRATORS) -> list[PTQResult]:
+    """Train (or reuse) the digits CNN and PTQ it on every backend x bits x calibrator pair."""
     console = console or Console()
     t0 = time.perf_counter()
     weights = ensure_digits_model(out / "cache", progress)
     base = PTQConfig(model=DEMO_MODEL, weights=str(weights), data="digits", calib_size=256)
     context = build_context(base, progress=False)
-    jobs = [(b, w, a, wo, ao) for b in backend_names() for (w, a) in BITS for (wo, ao) in CALIBRATORS]
+    jobs = [(b, w, a, wo, ao) for b in (backends or backend_names()) for (w, a) in bits for (wo, ao) in calibrators]
     results = []
     for b, w, a, wo, ao in track(jobs, "PTQ sweep", len(jobs), progress):
         cfg = base.model_copy(update=dict(backend=b, w_bits=w, a_bits=a, w_observer=wo, a_observer=ao))

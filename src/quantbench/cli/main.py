@@ -149,5 +149,22 @@ def demo(
     run_demo(out, progress=not quiet, console=console)
 
 
+def _register_plugins() -> None:
+    """Modules of this package that define ``register(app)`` add their own commands."""
+    import importlib
+    import pkgutil
+
+    import quantbench.cli as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if mod.name in ("main", "errors", "tables", "demo"):
+            continue
+        module = importlib.import_module(f"{pkg.__name__}.{mod.name}")
+        if hasattr(module, "register"):
+            module.register(app)
+
+
+_register_plugins()
+
 if __name__ == "__main__":
     app()
