@@ -15,7 +15,8 @@ side: ``N_max + 1`` (``2^(t-1)`` signed, ``2^t`` unsigned) symmetric, ``2^t`` as
 * ``KL(P || Q) = sum_{P_j > 0} p_j log(p_j / q_j)`` over the normalised ``p``, ``q``, where a bin with
   ``p_j > 0`` but ``q_j = 0`` (an empty edge level that received outliers) uses ``q_j = KLD_EPS``.
 
-The threshold minimising the divergence (the tightest among exact ties) gives the range
+Before the search the bin starting at 0 takes its right neighbour's count (see
+:func:`suppress_zero_spike`). The threshold minimising the divergence (the tightest among exact ties) gives the range
 ``[edge_s, edge_e]`` (symmetric: ``max_abs = edge_e``), clamped inside the observed ``[min, max]``.
 
 All candidates are evaluated at once: the sums over the bins of a level are differences of prefix
@@ -43,6 +44,18 @@ MAX_SEARCH_CELLS = 1 << 18
 
 def _xlogx(t: Tensor) -> Tensor:
     return torch.special.xlogy(t, t)
+
+
+def suppress_zero_spike(counts: Tensor, z0: Tensor) -> Tensor:
+    """The bin starting at 0 takes its right neighbour's count (NVIDIA pytorch-quantization's
+    ``bins[0] = bins[1]``). After a ReLU most values are exactly 0; left in, that spike dominates P and
+    the divergence favours thresholds so small that the spike keeps a level of its own, clipping
+    most of the real range (ResNet-20 W8A8 drops to 42 % top-1 on TensorRT placement)."""
+    nb = counts.shape[1]
+    if nb < 2:
+        return counts
+    z = z0.clamp(0, nb - 2)[:, None]
+    return counts.scatter(1, z, counts.gather(1, z + 1))
 
 
 def kl_divergences(hist: Tensor, a: Tensor, b: Tensor, z0: Tensor, levels: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -147,7 +160,7 @@ class KLDObserver(HistogramObserver):
             lo_d, hi_d = mn.clamp_max(0), mx.clamp_min(0)
         ab = hist.bin_index(torch.stack([lo_d, hi_d], 1))
         z0 = (-off).long()
-        return kl_divergences(counts, ab[:, 0], ab[:, 1] + 1, z0, self.levels())
+        return kl_divergences(suppress_zero_spike(counts, z0), ab[:, 0], ab[:, 1] + 1, z0, self.levels())
 
     def compute_range(self) -> tuple[Tensor, Tensor]:
         kl, s, e = self.search()
