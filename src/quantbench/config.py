@@ -27,7 +27,7 @@ class PTQConfig(BaseModel):
     backend: str = "academic"
     w_bits: int | None = Field(None, ge=1, le=16, description="override the backend's weight bits")
     a_bits: int | None = Field(None, ge=1, le=16, description="override the backend's activation bits")
-    w_observer: str = "minmax"
+    w_observer: str = "mse"
     a_observer: str = "mse"
     w_observer_options: dict[str, Any] = Field(default_factory=dict)
     a_observer_options: dict[str, Any] = Field(default_factory=dict)

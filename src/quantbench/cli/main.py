@@ -51,7 +51,7 @@ def ptq(
     backend: Annotated[str, typer.Option(help="backend name or a spec .yaml")] = "academic",
     w_bits: Annotated[int | None, typer.Option(help="weight bits (default: the backend's)")] = None,
     a_bits: Annotated[int | None, typer.Option(help="activation bits (default: the backend's)")] = None,
-    w_observer: Annotated[str, typer.Option(help="weight calibrator")] = "minmax",
+    w_observer: Annotated[str, typer.Option(help="weight calibrator")] = "mse",
     a_observer: Annotated[str, typer.Option(help="activation calibrator")] = "mse",
     calib_size: Annotated[int, typer.Option(help="calibration images")] = 256,
     bn_calib: Annotated[bool, typer.Option("--bn-calib", help="re-estimate BN statistics (seed 001 C.3)")] = False,
