@@ -113,6 +113,13 @@ class Observer(nn.Module):
         self.check_ready()
         return self.min_val, self.max_val
 
+    def clamp_to_observed(self, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        """``(lo, hi)`` clamped inside the observed ``[min, max]``, as float32."""
+        mn, mx = self.min_val.to(lo.dtype), self.max_val.to(hi.dtype)
+        lo = torch.minimum(torch.maximum(lo, mn), mx)
+        hi = torch.minimum(torch.maximum(hi, mn), mx)
+        return lo.to(torch.float32), hi.to(torch.float32)
+
     def calculate_qparams(self) -> tuple[Tensor, Tensor, int, int]:
         """``(scale, zero_point, qmin, qmax)``; scale and zero-point have shape ``(C,)``."""
         qmin, qmax = self.qrange()

@@ -178,6 +178,4 @@ class KLDObserver(HistogramObserver):
             if self.hist.absolute:
                 lo_t = -hi_t
             lo, hi = torch.where(found, lo_t, lo), torch.where(found, hi_t, hi)
-        lo = torch.minimum(torch.maximum(lo, mn), mx)
-        hi = torch.minimum(torch.maximum(hi, mn), mx)
-        return lo.to(torch.float32), hi.to(torch.float32)
+        return self.clamp_to_observed(lo, hi)

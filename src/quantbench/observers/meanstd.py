@@ -64,11 +64,8 @@ class MeanStdObserver(Observer):
         if self.scheme.symmetric:
             amax = torch.maximum(lo.abs(), hi.abs())
             lo, hi = -amax, amax
-        else:
-            mn, mx = self.min_val.to(torch.float64), self.max_val.to(torch.float64)
-            lo = torch.minimum(torch.maximum(lo, mn), mx)
-            hi = torch.minimum(torch.maximum(hi, mn), mx)
-        return lo.to(torch.float32), hi.to(torch.float32)
+            return lo.to(torch.float32), hi.to(torch.float32)
+        return self.clamp_to_observed(lo, hi)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, alpha={self.alpha}"

@@ -68,10 +68,7 @@ class QuantileObserver(HistogramObserver):
         else:
             lo = self._quantile(1.0 - self.alpha, absolute=False)
             hi = self._quantile(self.alpha, absolute=False)
-        mn, mx = self.min_val.to(torch.float64), self.max_val.to(torch.float64)
-        lo = torch.minimum(torch.maximum(lo, mn), mx)
-        hi = torch.minimum(torch.maximum(hi, mn), mx)
-        return lo.to(torch.float32), hi.to(torch.float32)
+        return self.clamp_to_observed(lo, hi)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, alpha={self.alpha}"
