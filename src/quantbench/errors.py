@@ -40,3 +40,15 @@ class CheckpointError(QuantbenchError, ValueError):
 
 class DataError(QuantbenchError, ValueError):
     """A data path that does not exist or is not in the expected format."""
+
+
+class StoreError(QuantbenchError, RuntimeError):
+    """The results store cannot be opened, read or written; nothing in it was changed."""
+
+
+class StoreVersionError(StoreError):
+    """The store was created by a newer quantbench schema than this one reads."""
+
+
+class SweepError(QuantbenchError, ValueError):
+    """A sweep file that cannot be read, has unknown keys or impossible combinations."""

@@ -1,0 +1,1 @@
+"""The self-contained HTML report: leaderboards, plots and every run's card."""

@@ -1,0 +1,95 @@
+"""Method kinds of a sweep (PTQ today, QAT algorithms later) live in a registry, not an if-chain.
+
+A method kind is a :class:`Method` with a pydantic parameter model; a sweep's ``methods:`` entries are
+``{kind: NAME, ...params}``. Adding QAT means one new module that subclasses :class:`Method` and
+calls :func:`register_method`; nothing else in the sweep, store or report changes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+from quantbench.sweep.job import Job
+from quantbench.utils.registry import Registry
+
+T = TypeVar("T")
+
+
+class MethodParams(BaseModel):
+    """Parameters of one method entry; subclasses add their fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: str
+    label: str | None = None
+
+    def default_label(self) -> str:
+        return self.kind
+
+    def display(self) -> str:
+        return self.label or self.default_label()
+
+
+@dataclass
+class MethodOutcome:
+    """What a finished run reports: metrics (flat JSON) and its quantization card."""
+
+    metrics: dict[str, Any]
+    card: dict[str, Any]
+
+
+class ContextCache:
+    """Objects several runs in one process share (a loaded model and data, an epoch-time estimate)."""
+
+    def __init__(self, capacity: int = 4) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[Any, Any] = OrderedDict()
+
+    def get(self, key: Any, build: Callable[[], T]) -> T:
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]  # type: ignore[no-any-return]
+        value = build()
+        self._items[key] = value
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+        return value
+
+
+class Method(ABC):
+    """A kind of quantization run."""
+
+    name: ClassVar[str]
+    params_type: ClassVar[type[MethodParams]]
+    description: ClassVar[str]
+
+    def parse(self, data: dict[str, Any]) -> MethodParams:
+        """Validate one ``methods:`` entry (raises pydantic ValidationError)."""
+        return self.params_type.model_validate(data)
+
+    def config_fields(self, params: MethodParams) -> dict[str, Any]:
+        """The entries this method adds to a run's resolved config."""
+        return params.model_dump(exclude={"kind", "label"})
+
+    def check(self, config: dict[str, Any]) -> str | None:
+        """Why this resolved config cannot run (an impossible combination), or None."""
+        return None
+
+    @abstractmethod
+    def run(self, job: Job, cache: ContextCache) -> MethodOutcome:
+        """Run the job in this process and return its metrics and card; raise on failure."""
+
+
+METHODS: Registry[Method] = Registry[Method]("method kind")
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: add one instance of ``cls`` to :data:`METHODS` under ``cls.name``."""
+    METHODS.add(cls.name, cls())
+    return cls

@@ -1,0 +1,164 @@
+"""Run a sweep's pending jobs in this process or in worker processes; the caller's sink stores each result.
+
+Each finished run is handed to the sink (which commits it to the store) as soon as it finishes, so a
+killed sweep loses nothing that finished. A run that raises, or whose worker process dies, is
+recorded as ``failed`` and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from rich.console import Console
+
+from quantbench.sweep.execute import RunRecord, execute, execute_in_worker, failed_record, init_worker
+from quantbench.sweep.job import Job
+from quantbench.sweep.methods import ContextCache
+from quantbench.sweep.progress import SweepProgress
+
+INTERRUPTED = "interrupted before it finished (the sweep was stopped); rerun the sweep to run it again"
+WORKER_DIED = ("its worker process died while running it (killed by a signal, out of memory or a crash in native "
+               "code)")
+
+
+class Sink(Protocol):
+    """Receives runs as they start and finish (the store and the card files)."""
+
+    def started(self, job: Job) -> None: ...
+
+    def finished(self, job: Job, record: RunRecord) -> None: ...
+
+
+@dataclass
+class SweepSummary:
+    """What a call to :func:`run_jobs` did."""
+
+    records: list[RunRecord] = field(default_factory=list)
+    interrupted: bool = False
+
+    @property
+    def done(self) -> int:
+        return sum(r.status == "done" for r in self.records)
+
+    @property
+    def failed(self) -> int:
+        return sum(r.status == "failed" for r in self.records)
+
+
+def pending(jobs: Iterable[Job], statuses: dict[str, str]) -> list[Job]:
+    """Jobs not yet ``done`` in the store (failed and interrupted runs are run again)."""
+    return [j for j in jobs if statuses.get(j.run_id) != "done"]
+
+
+def run_jobs(jobs: list[Job], sink: Sink, workers: int = 1, progress: bool = True,
+             console: Console | None = None, threads: int | None = None) -> SweepSummary:
+    """Run ``jobs``; ``workers`` > 1 uses that many spawned processes (the parent still does all writing).
+
+    ``threads``: torch threads per process (default: torch's own when serial, ``cores // workers`` in
+    workers). One thread is much faster for small models on busy cores (no OpenMP oversubscription).
+    """
+    summary = SweepSummary()
+    saved = torch.get_num_threads()
+    with SweepProgress(len(jobs), progress, console) as bar:
+        try:
+            if workers <= 1:
+                if threads:
+                    torch.set_num_threads(threads)
+                _serial(jobs, sink, summary, bar)
+            else:
+                _parallel(jobs, sink, summary, bar, workers, threads or max(1, (os.cpu_count() or 1) // workers))
+        except KeyboardInterrupt:
+            summary.interrupted = True
+        finally:
+            torch.set_num_threads(saved)
+    return summary
+
+
+def _finish(job: Job, rec: RunRecord, sink: Sink, summary: SweepSummary, bar: SweepProgress) -> None:
+    sink.finished(job, rec)
+    summary.records.append(rec)
+    bar.advance(f"{job.description}: {rec.status}")
+
+
+def _serial(jobs: list[Job], sink: Sink, summary: SweepSummary, bar: SweepProgress) -> None:
+    cache = ContextCache()
+    for job in jobs:
+        sink.started(job)
+        try:
+            rec = execute(job, cache)
+        except KeyboardInterrupt:
+            sink.finished(job, failed_record(job, INTERRUPTED))
+            raise
+        _finish(job, rec, sink, summary, bar)
+
+
+def _pool(workers: int, threads: int) -> ProcessPoolExecutor:
+    """Spawned workers (no fork: safe with threads and CUDA); each numbered to pick its GPU."""
+    ctx = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(threads, ctx.Value("i", 0)))
+
+
+def _isolate(suspects: list[Job], sink: Sink, summary: SweepSummary, bar: SweepProgress, threads: int) -> None:
+    """Run the jobs that were in flight when a worker died one at a time, to tell the culprit from bystanders."""
+    pool: ProcessPoolExecutor | None = None
+    try:
+        for job in suspects:
+            pool = pool or _pool(1, threads)
+            try:
+                rec = pool.submit(execute_in_worker, job).result()
+            except BrokenProcessPool:
+                rec = failed_record(job, WORKER_DIED)
+                pool.shutdown(wait=True, cancel_futures=True)
+                pool = None
+            _finish(job, rec, sink, summary, bar)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _parallel(jobs: list[Job], sink: Sink, summary: SweepSummary, bar: SweepProgress, workers: int,
+              threads: int) -> None:
+    queue = deque(jobs)
+    inflight: dict[Future[RunRecord], Job] = {}
+    pool: ProcessPoolExecutor | None = None
+    try:
+        while queue or inflight:
+            while queue and len(inflight) < workers:
+                pool = pool or _pool(workers, threads)
+                job = queue.popleft()
+                sink.started(job)
+                inflight[pool.submit(execute_in_worker, job)] = job
+            done, _ = wait(inflight, return_when=FIRST_COMPLETED)
+            suspects: list[Job] = []
+            for fut in done:
+                job = inflight.pop(fut)
+                try:
+                    rec = fut.result()
+                except BrokenProcessPool:
+                    suspects.append(job)
+                    continue
+                except Exception as exc:  # e.g. a result that cannot be sent back
+                    rec = failed_record(job, f"{type(exc).__name__}: {exc}")
+                _finish(job, rec, sink, summary, bar)
+            if suspects:
+                suspects += inflight.values()
+                inflight.clear()
+                if pool is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                pool = None
+                _isolate(suspects, sink, summary, bar, threads)
+    except KeyboardInterrupt:
+        for job in inflight.values():
+            sink.finished(job, failed_record(job, INTERRUPTED))
+        raise
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)

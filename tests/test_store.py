@@ -1,0 +1,140 @@
+"""The results store: schema version, WAL, refusing newer/corrupt/locked/foreign stores without touching
+them, transactions that leave the store consistent when a write fails, queries and exports."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sqlite3
+
+import pytest
+from sqlalchemy import event
+
+from quantbench.errors import StoreError, StoreVersionError
+from quantbench.store import SCHEMA_VERSION, open_store, resolve_store_url
+from quantbench.store.export import to_csv, to_json
+
+COLUMNS = {"sweep": "s", "method": "ptq", "method_label": "minmax", "model": "digits_cnn", "data": "digits",
+           "backend": "tensorrt", "w_bits": 8, "a_bits": 8, "seed": 0, "config": {"model": "digits_cnn"}}
+
+
+def _save(store, run_id: str, quant: float = 97.5, card: dict | None = None, **extra) -> None:
+    store.mark_started(run_id, COLUMNS)
+    store.save(run_id, {**COLUMNS, "status": "done", "fp_top1": 98.0, "quant_top1": quant, "agreement": 0.99,
+                        "metrics": {"calib_seconds": 0.5, "fp_top1": 98.0}, "environment": {"torch": "x"},
+                        "card": card or {"run": {"run_id": run_id}}, **extra})
+
+
+def _url(tmp_path) -> str:
+    return resolve_store_url(None, tmp_path)
+
+
+def test_new_store_has_schema_version_and_wal(tmp_path):
+    with open_store(_url(tmp_path)) as store:
+        assert store.schema_version == SCHEMA_VERSION
+        _save(store, "a" * 16)
+    con = sqlite3.connect(tmp_path / "quantbench.db")
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert con.execute("SELECT value FROM quantbench_schema WHERE key='schema_version'").fetchone()[0] == "1"
+    con.close()
+
+
+def test_rows_roundtrip_and_upsert_counts_attempts(tmp_path):
+    with open_store(_url(tmp_path)) as store:
+        _save(store, "0123456789abcdef")
+        store.mark_started("0123456789abcdef", COLUMNS)  # e.g. a retried run
+        _save(store, "0123456789abcdef", quant=96.0)
+        _save(store, "0123999999999999", backend="snpe")
+        row = store.get("0123456789")
+        assert row.attempts == 3 and row.quant_top1 == 96.0 and row.card == {"run": {"run_id": "0123456789abcdef"}}
+        assert row.config == {"model": "digits_cnn"} and row.status == "done"
+        with pytest.raises(StoreError, match="ambiguous"):
+            store.get("0123")
+        with pytest.raises(StoreError, match="no run 'ffff'"):
+            store.get("ffff")
+        assert [r.backend for r in store.query(backend="snpe")] == ["snpe"]
+        assert len(store.query(status="done", sweep="s")) == 2
+        rows = store.query()
+    table = list(csv.DictReader(io.StringIO(to_csv(rows))))
+    assert table[0]["run_id"] == "0123456789abcdef" and table[0]["calib_seconds"] == "0.5"
+    data = json.loads(to_json(rows))
+    assert data[1]["backend"] == "snpe" and data[0]["card"]["run"]["run_id"] == "0123456789abcdef"
+
+
+def test_store_from_a_newer_schema_is_refused_with_both_versions(tmp_path):
+    with open_store(_url(tmp_path)) as store:
+        _save(store, "a" * 16)
+    con = sqlite3.connect(tmp_path / "quantbench.db")
+    con.execute("UPDATE quantbench_schema SET value='7' WHERE key='schema_version'")
+    con.commit()
+    con.close()
+    before = (tmp_path / "quantbench.db").read_bytes()
+    with pytest.raises(StoreVersionError) as err:
+        open_store(_url(tmp_path))
+    assert "schema version 7" in str(err.value) and f"up to {SCHEMA_VERSION}" in str(err.value)
+    assert (tmp_path / "quantbench.db").read_bytes() == before
+
+
+@pytest.mark.parametrize("content", [b"this is not a database at all" * 100,
+                                     b"SQLite format 3\x00" + b"\xff" * 4000])
+def test_corrupt_store_gives_a_clear_error_and_is_left_untouched(tmp_path, content):
+    path = tmp_path / "quantbench.db"
+    path.write_bytes(content)
+    with pytest.raises(StoreError) as err:
+        open_store(_url(tmp_path))
+    assert "corrupt" in str(err.value) or "not an SQLite database" in str(err.value) or \
+        "not a valid SQLite" in str(err.value)
+    assert path.read_bytes() == content
+
+
+def test_foreign_database_is_refused(tmp_path):
+    con = sqlite3.connect(tmp_path / "quantbench.db")
+    con.execute("CREATE TABLE customers (id INTEGER)")
+    con.commit()
+    con.close()
+    with pytest.raises(StoreError, match="not a quantbench results store"):
+        open_store(_url(tmp_path))
+
+
+def test_locked_store_gives_a_clear_error_and_keeps_its_data(tmp_path):
+    with open_store(_url(tmp_path)) as store:
+        _save(store, "a" * 16)
+    holder = sqlite3.connect(tmp_path / "quantbench.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StoreError, match="locked by another process"), \
+                open_store(_url(tmp_path), timeout=0.2) as store:
+            _save(store, "b" * 16)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    with open_store(_url(tmp_path)) as store:
+        assert [r.run_id for r in store.query()] == ["a" * 16]
+
+
+def test_disk_full_during_a_write_rolls_back_and_the_store_stays_consistent(tmp_path):
+    with open_store(_url(tmp_path)) as store:
+        _save(store, "a" * 16)
+        store.engine.dispose()
+        # a real SQLITE_FULL: the database may not grow past its current pages
+        event.listen(store.engine, "connect", lambda c, _: c.execute("PRAGMA max_page_count = 1"))
+        with pytest.raises(StoreError, match="disk is full"):
+            _save(store, "b" * 16, card={"run": {"pad": "x" * 200_000}})
+    with open_store(_url(tmp_path)) as store:
+        rows = {r.run_id: r for r in store.query()}
+    # the failed save was rolled back as a whole: b is still only "started", a is untouched
+    assert rows["a" * 16].status == "done" and rows["a" * 16].card == {"run": {"run_id": "a" * 16}}
+    assert rows["b" * 16].status == "running" and rows["b" * 16].card is None
+
+
+def test_read_commands_never_create_a_store(tmp_path):
+    with pytest.raises(StoreError, match="no results store at"):
+        open_store(_url(tmp_path), create=False)
+    assert not (tmp_path / "quantbench.db").exists()
+
+
+def test_store_urls():
+    assert resolve_store_url("postgresql+psycopg://u:secret@db/qb", None).startswith("postgresql+psycopg://")  # type: ignore[arg-type]
+    with pytest.raises(StoreError, match="not a valid database URL"):
+        resolve_store_url("nope://::", None)  # type: ignore[arg-type]
