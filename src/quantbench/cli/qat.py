@@ -1,0 +1,116 @@
+"""``quantbench qat``: quantization-aware training from a YAML run file and/or flags (flags win)."""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from quantbench.cli.errors import friendly_errors
+from quantbench.errors import ConfigError
+
+console = Console(width=None if sys.stdout.isatty() else 160)
+
+
+class Amp(str, Enum):
+    none = "none"
+    bf16 = "bf16"
+
+
+def _first_last(value: str | None) -> str | int | None:
+    if value is None or value in ("same", "fp"):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"--first-last takes 'same', 'fp' or a bit-width, got {value!r}") from None
+
+
+@friendly_errors
+def qat(
+    config: Annotated[Path | None, typer.Option("--config", help="YAML run file (flags override it)")] = None,
+    model: Annotated[str | None, typer.Option(help="model name (see `quantbench models`)")] = None,
+    weights: Annotated[str | None, typer.Option(help=".safetensors or torch checkpoint")] = None,
+    data: Annotated[str | None, typer.Option(help="dataset: cifar10:PATH, imagefolder:PATH or digits")] = None,
+    backend: Annotated[str | None, typer.Option(help="backend name or a spec .yaml (default academic)")] = None,
+    algorithm: Annotated[str | None, typer.Option(help="lsq, lsq+, pact, dsq, dorefa, apot, qil or fixed")] = None,
+    w_bits: Annotated[int | None, typer.Option(help="weight bits (default: the backend's)")] = None,
+    a_bits: Annotated[int | None, typer.Option(help="activation bits (default: the backend's)")] = None,
+    epochs: Annotated[int | None, typer.Option(help="training epochs (default 3)")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="global batch size (default 128)")] = None,
+    lr: Annotated[float | None, typer.Option(help="learning rate (default: the model family's)")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="weight decay (default: the family's FP recipe)")] = None,
+    quantizer_weight_decay: Annotated[float | None, typer.Option(help="weight decay of quantizer parameters")] = None,
+    label_smoothing: Annotated[float | None, typer.Option(help="label smoothing (default 0)")] = None,
+    bn_fold: Annotated[int | None, typer.Option("--bn-fold", help="BN folding strategy 0-4 (default 3)")] = None,
+    bn_freeze_step: Annotated[int | None, typer.Option(help="freeze BN statistics after this step")] = None,
+    init: Annotated[str | None, typer.Option(help="calibrator (PTQ init, default) or paper")] = None,
+    w_observer: Annotated[str | None, typer.Option(help="weight calibrator for the init")] = None,
+    a_observer: Annotated[str | None, typer.Option(help="activation calibrator for the init")] = None,
+    first_last: Annotated[str | None, typer.Option(help="first/last layer: same, fp or bits")] = None,
+    max_train: Annotated[int | None, typer.Option(help="train on the first N training images")] = None,
+    max_test: Annotated[int | None, typer.Option(help="evaluate on the first N test images")] = None,
+    log_every: Annotated[int | None, typer.Option(help="log train accuracy every K iterations")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="test accuracy every K iterations")] = None,
+    amp: Annotated[Amp | None, typer.Option(help="none or bf16 (autocast)")] = None,
+    fused: Annotated[bool, typer.Option("--fused", help="torch.compile-fused LSQ kernels (C++ CPU / Triton GPU)")]
+    = False,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda")] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+    out_dir: Annotated[str | None, typer.Option(help="checkpoints, log, plots (default qat-out)")] = None,
+    out: Annotated[Path | None, typer.Option(help="write the result as JSON here")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from OUT_DIR/checkpoint.pt")] = False,
+    threads: Annotated[int | None, typer.Option(help="CPU threads per process (torch.set_num_threads)")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+) -> None:
+    """Quantization-aware training (seed 001's unified recipe); prints a table, writes JSON.
+
+    Several processes: ``torchrun --nproc_per_node N -m quantbench.cli.main qat ...`` (NCCL on GPU, gloo on
+    CPU; --batch-size is the global batch).
+    """
+    import torch
+
+    from quantbench.cli.tables import results_table
+    from quantbench.qat.config import load_qat_config
+    from quantbench.qat.pipeline import run_qat
+    from quantbench.utils.io import atomic_write_json
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    overrides: dict[str, Any] = {
+        "model": model, "weights": weights, "data": data, "backend": backend, "algorithm": algorithm,
+        "w_bits": w_bits, "a_bits": a_bits, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+        "weight_decay": weight_decay, "quantizer_weight_decay": quantizer_weight_decay,
+        "label_smoothing": label_smoothing, "bn_fold": bn_fold, "bn_freeze_step": bn_freeze_step, "init": init,
+        "w_observer": w_observer, "a_observer": a_observer, "first_last": _first_last(first_last),
+        "max_train": max_train, "max_test": max_test, "log_every": log_every, "eval_every": eval_every,
+        "amp": amp.value if amp else None, "fused_kernels": True if fused else None, "device": device,
+        "seed": seed, "out_dir": out_dir,
+    }
+    cfg = load_qat_config(config, overrides)
+    result = run_qat(cfg, resume=resume, progress=not quiet)
+    if result.world_size > 1 and not _is_main():
+        return
+    console.print(results_table([result], title=f"QAT results ({result.algorithm}, {result.epochs} epochs)"))
+    console.print(f"PTQ init top-1 {result.init_top1:.2f} % -> QAT top-1 {result.quant_top1:.2f} % in "
+                  f"{result.train_seconds:.1f} s of training; checkpoints, log and plots in {result.out_dir}")
+    if out is not None:
+        payload = result.to_dict()
+        payload["config"] = cfg.model_dump(mode="json")
+        atomic_write_json(out, payload)
+        console.print(f"wrote {out}")
+
+
+def _is_main() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``quantbench qat``."""
+    app.command("qat")(qat)

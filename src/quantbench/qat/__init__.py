@@ -1,0 +1,1 @@
+"""Quantization-aware training: learnable fake quantizers, BN-folding strategies, the unified recipe."""

@@ -1,0 +1,203 @@
+"""The QAT run configuration: a validated model loaded from YAML, overridden by flags, saved with the run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from quantbench.backends import load_backend
+from quantbench.backends.spec import BackendSpec
+from quantbench.errors import ConfigError
+from quantbench.models import get_entry
+from quantbench.observers import OBSERVERS
+from quantbench.qat.prepare import check_compatible
+from quantbench.qat.quantizers import ALGORITHMS
+from quantbench.qat.recipe import recipe_defaults
+
+#: fields that change what is logged or evaluated but not the trained weights (ignored when resuming)
+NON_RESULT_FIELDS = frozenset({"out_dir", "eval_batch_size", "max_test", "log_every", "eval_every"})
+
+
+class QATConfig(BaseModel):
+    """Everything a QAT run needs. Unset recipe values (``lr``, ``weight_decay``...) come from the model
+    family (seed 001 A); see :meth:`resolved`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # what to quantize, for which backend
+    model: str
+    weights: str | None = None
+    data: str = "digits"
+    backend: str = "academic"
+    w_bits: int | None = Field(None, ge=1, le=16)
+    a_bits: int | None = Field(None, ge=1, le=16)
+    first_last: Literal["same", "fp"] | int | None = None
+    residual: Literal["quantized", "fp"] | None = None
+    skip: Literal["quantized", "fp"] | None = None
+    width_mult: float = Field(1.0, gt=0)
+    # the algorithm and its initialisation (seed 001 C.4: a PTQ calibrator initialises QAT)
+    algorithm: str = "lsq"
+    algorithm_options: dict[str, Any] = Field(default_factory=dict)
+    init: Literal["calibrator", "paper"] = "calibrator"
+    w_observer: str | None = Field(None, description="calibrator for weights (default: the algorithm's)")
+    a_observer: str | None = Field(None, description="calibrator for activations (default: the algorithm's)")
+    w_observer_options: dict[str, Any] = Field(default_factory=dict)
+    a_observer_options: dict[str, Any] = Field(default_factory=dict)
+    calib_size: int = Field(256, ge=1)
+    calib_batch_size: int = Field(64, ge=1)
+    bn_fold: int = Field(3, ge=0, le=4, description="BN folding strategy 0..4 (backends that fold BN)")
+    bn_freeze_step: int | None = Field(None, ge=0, description="freeze BN statistics after this many steps")
+    # the recipe
+    epochs: int = Field(3, ge=1, le=100_000)
+    batch_size: int = Field(128, ge=1, description="global batch size (split over DDP processes)")
+    lr: float | None = Field(None, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float | None = Field(None, ge=0, le=1)
+    quantizer_lr: float | None = Field(None, gt=0, le=10, description="default: lr")
+    quantizer_weight_decay: float | None = Field(None, ge=0, le=1, description="default: weight_decay")
+    warmup_steps: int = Field(0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    augment: bool = True
+    max_train: int | None = Field(None, ge=1, description="train on the first N training images")
+    # running and reporting
+    amp: Literal["none", "bf16"] = "none"
+    fused_kernels: bool = Field(False, description="torch.compile-fused LSQ fake quantization (C++ on CPU, "
+                                                   "Triton on CUDA); compiles once per process")
+    device: Literal["cpu", "cuda"] = "cpu"
+    seed: int = 0
+    log_every: int = Field(50, ge=1, description="K: train accuracy every K iterations (EMA, momentum 0.3)")
+    eval_every: int | None = Field(None, ge=1, description="test accuracy every K iterations (default log_every)")
+    eval_batch_size: int = Field(256, ge=1)
+    max_test: int | None = Field(None, ge=1)
+    out_dir: str = "qat-out"
+
+    @field_validator("model")
+    @classmethod
+    def _model_known(cls, v: str) -> str:
+        get_entry(v)
+        return v
+
+    @field_validator("backend")
+    @classmethod
+    def _backend_known(cls, v: str) -> str:
+        load_backend(v)
+        return v
+
+    @field_validator("algorithm")
+    @classmethod
+    def _algorithm_known(cls, v: str) -> str:
+        ALGORITHMS.get(v)
+        return v
+
+    @field_validator("w_observer", "a_observer")
+    @classmethod
+    def _observer_known(cls, v: str | None) -> str | None:
+        if v is not None:
+            OBSERVERS.get(v)
+        return v
+
+    @field_validator("algorithm_options")
+    @classmethod
+    def _options_valid(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        name = info.data.get("algorithm")
+        if name is None:
+            return v
+        try:
+            ALGORITHMS.get(name).parse_options(v)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})"
+                                 for e in exc.errors())
+            raise ValueError(f"{name} options: {problems}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _device_available(self) -> QATConfig:
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but no CUDA GPU is available: use --device cpu")
+        return self
+
+    def check(self) -> QATConfig:
+        """Cross-checks that need the backend: the algorithm and BN strategy must suit it (ConfigError)."""
+        check_compatible(self.algorithm, self.resolved_backend(), self.bn_fold)
+        return self
+
+    # ------------------------------------------------------------------------------------ resolution
+    def resolved_backend(self) -> BackendSpec:
+        try:
+            return load_backend(self.backend).configure(
+                w_bits=self.w_bits, a_bits=self.a_bits, first_last=self.first_last, residual=self.residual,
+                skip=self.skip)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+
+    def observers(self) -> tuple[str, str]:
+        w, a = ALGORITHMS.get(self.algorithm).default_observers
+        return self.w_observer or w, self.a_observer or a
+
+    def resolved(self) -> dict[str, Any]:
+        """The recipe values actually used (family defaults filled in)."""
+        d = recipe_defaults(self.model)
+        lr = self.lr if self.lr is not None else d.lr
+        wd = self.weight_decay if self.weight_decay is not None else d.weight_decay
+        w_obs, a_obs = self.observers()
+        return {"lr": lr, "weight_decay": wd, "quantizer_lr": self.quantizer_lr or lr,
+                "quantizer_weight_decay": wd if self.quantizer_weight_decay is None else self.quantizer_weight_decay,
+                "w_observer": w_obs, "a_observer": a_obs, "eval_every": self.eval_every or self.log_every}
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide the trained weights (compared when resuming)."""
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in NON_RESULT_FIELDS}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump({**self.model_dump(mode="json"), "resolved": self.resolved()}, sort_keys=False)
+
+
+def load_qat_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> QATConfig:
+    """Read a YAML run file (optional) and apply ``overrides`` (flags; None values are ignored).
+
+    Relative ``weights`` and ``data`` paths in the file are relative to the file (as in sweep files); flags
+    and ``out_dir`` are relative to the working directory.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"QAT config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p} is not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p} must hold a mapping of QAT settings (model: ..., epochs: ...), got "
+                              f"{type(loaded).__name__}")
+        loaded.pop("resolved", None)  # a config saved with a run can be fed back
+        data.update(_relative_to(loaded, p.parent))
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if "model" not in data:
+        raise ConfigError("no model given: pass --model or put 'model:' in the --config YAML")
+    return QATConfig.model_validate(data).check()
+
+
+def _relative_to(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """``weights`` and the path of ``data`` given relative in a YAML file are relative to that file's folder."""
+    out = dict(data)
+    if isinstance(out.get("weights"), str) and not Path(out["weights"]).is_absolute():
+        out["weights"] = str(folder / out["weights"])
+    if isinstance(out.get("data"), str) and ":" in out["data"]:
+        kind, path = out["data"].split(":", 1)
+        if path and not Path(path).expanduser().is_absolute():
+            out["data"] = f"{kind}:{folder / path}"
+    return out
+
+
+def config_diff(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Lines ``field: checkpoint value -> this run's value`` for every field that differs."""
+    keys = sorted(set(saved) | set(now))
+    return [f"{k}: {saved.get(k)!r} (checkpoint) vs {now.get(k)!r} (now)" for k in keys if saved.get(k) != now.get(k)]

@@ -1,0 +1,66 @@
+"""The unified QAT recipe (seed 001 A): SGD with momentum 0.9, cosine decay, per-family defaults."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from quantbench.models import get_entry
+
+
+@dataclass(frozen=True)
+class FamilyDefaults:
+    lr: float
+    weight_decay: float  # the family's full-precision recipe
+
+
+#: learning rate from seed 001 A's grid search (ResNet family incl. RegNet 0.004, MobileNet family incl.
+#: EfficientNet 0.01); weight decay as each family's FP recipe
+FAMILY_DEFAULTS: dict[str, FamilyDefaults] = {
+    "resnet": FamilyDefaults(0.004, 1e-4),
+    "regnet": FamilyDefaults(0.004, 5e-5),
+    "densenet": FamilyDefaults(0.004, 1e-4),
+    "mobilenet": FamilyDefaults(0.01, 4e-5),
+    "efficientnet": FamilyDefaults(0.01, 1e-5),
+    "shufflenet": FamilyDefaults(0.01, 4e-5),
+    "small": FamilyDefaults(0.004, 5e-4),
+}
+
+#: per-model exceptions: MobileNetV2 trains better with weight decay 1e-5 than its FP 4e-5 (seed 001 A)
+MODEL_WEIGHT_DECAY: dict[str, float] = {"mobilenet_v2": 1e-5}
+
+
+def recipe_defaults(model: str) -> FamilyDefaults:
+    """Learning rate and weight decay for ``model`` from its registry family."""
+    fam = FAMILY_DEFAULTS[get_entry(model).family]
+    return FamilyDefaults(fam.lr, MODEL_WEIGHT_DECAY.get(model, fam.weight_decay))
+
+
+def build_optimizer(model: nn.Module, quantizer_params: list[nn.Parameter], lr: float, weight_decay: float,
+                    quantizer_lr: float, quantizer_weight_decay: float, momentum: float = 0.9,
+                    nesterov: bool = False) -> torch.optim.SGD:
+    """SGD with two parameter groups: the network's and the quantizers' (own lr and weight decay, seed 001
+    B.2.3)."""
+    qids = {id(p) for p in quantizer_params}
+    net = [p for p in model.parameters() if p.requires_grad and id(p) not in qids]
+    groups = [{"params": net, "lr": lr, "weight_decay": weight_decay, "name": "network"}]
+    if quantizer_params:
+        groups.append({"params": quantizer_params, "lr": quantizer_lr, "weight_decay": quantizer_weight_decay,
+                       "name": "quantizers"})
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int,
+                    warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine decay to 0 over ``total_steps`` iterations (stepped once per iteration), optional linear warmup."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

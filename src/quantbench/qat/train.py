@@ -1,0 +1,189 @@
+"""The QAT training loop: the unified recipe, logging, atomic epoch checkpoints, exact resume, divergence stop."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import Tensor, nn
+
+from quantbench.qat.checkpoint import ResumeMismatchError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from quantbench.qat.config import QATConfig, config_diff
+from quantbench.qat.data import TrainBatches
+from quantbench.qat.diagnostics import EMA, DivergenceError, JsonLog, find_diverged
+from quantbench.qat.distributed import DistContext, wrap_ddp
+from quantbench.qat.prepare import quantizer_parameters, quantizer_table
+from quantbench.qat.recipe import build_optimizer, cosine_schedule
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "log.jsonl"
+
+
+@dataclass
+class TrainOutcome:
+    epochs: int
+    steps: int
+    seconds: float
+    resumed_from_epoch: int | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    """Trains a QAT graph with SGD (momentum 0.9), per-iteration cosine decay and a separate parameter group
+    for the quantizers; logs train accuracy every ``log_every`` iterations (EMA, momentum 0.3) and test
+    accuracy every ``eval_every``; checkpoints atomically after every epoch (model, optimizer, scheduler,
+    quantizer and RNG state). ``evaluate(model) -> top-1 %`` runs on the main process only."""
+
+    def __init__(self, gm: nn.Module, cfg: QATConfig, batches: TrainBatches, ctx: DistContext, out_dir: Path,
+                 evaluate: Callable[[nn.Module], float] | None = None, progress: bool = True) -> None:
+        self.gm, self.cfg, self.batches, self.ctx, self.out_dir = gm, cfg, batches, ctx, Path(out_dir)
+        self.evaluate, self.progress = evaluate, progress and ctx.is_main
+        r = cfg.resolved()
+        self.opt = build_optimizer(gm, quantizer_parameters(gm), r["lr"], r["weight_decay"], r["quantizer_lr"],
+                                   r["quantizer_weight_decay"], cfg.momentum, cfg.nesterov)
+        self.sched = cosine_schedule(self.opt, cfg.epochs * len(batches), cfg.warmup_steps)
+        self.model = wrap_ddp(gm, ctx)
+        self.eval_every: int = r["eval_every"]
+        self.ckpt_path = self.out_dir / CHECKPOINT
+        self.log = JsonLog(self.out_dir / LOG, ctx.is_main)
+        self.ema = EMA(0.3)
+        self.history: list[dict[str, Any]] = []
+        self.epoch = 0  # epochs completed
+        self.step = 0
+        self.meter = torch.zeros(3, dtype=torch.float64)  # correct, seen, loss sum since the last log
+        self.last_test_step = -1
+        self.t_train = 0.0
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def state(self) -> dict[str, Any]:
+        return {"config": self.cfg.identity(), "epoch": self.epoch, "step": self.step,
+                "model": self.gm.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "quantizers": quantizer_table(self.gm),  # type: ignore[arg-type]
+                "rng": rng_state(),
+                "train_state": {"ema": self.ema.value, "history": self.history, "meter": self.meter.tolist(),
+                                "last_test_step": self.last_test_step, "seconds": self.t_train}}
+
+    def save(self) -> None:
+        if self.ctx.is_main:
+            save_checkpoint(self.ckpt_path, self.state())
+        self.ctx.barrier()
+
+    def resume(self) -> bool:
+        """Continue from ``out_dir/checkpoint.pt`` if it exists (refusing one from another configuration)."""
+        if not self.ckpt_path.is_file():
+            return False
+        ckpt = load_checkpoint(self.ckpt_path, self.ctx.device)
+        diff = config_diff(ckpt["config"], self.cfg.identity())
+        if diff:
+            raise ResumeMismatchError(
+                f"cannot resume from {self.ckpt_path}: it was written by a run with another configuration:\n  "
+                + "\n  ".join(diff) + "\nresume with the same settings, or give another --out-dir to start anew")
+        self.gm.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        ts = ckpt["train_state"]
+        self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
+        self.ema.value, self.history = ts["ema"], list(ts["history"])
+        self.meter = torch.tensor(ts["meter"], dtype=torch.float64)
+        self.last_test_step, self.t_train = int(ts["last_test_step"]), float(ts["seconds"])
+        self.log.rewrite(self.history)
+        return True
+
+    # ------------------------------------------------------------------------------------ logging
+    def record(self, rec: dict[str, Any]) -> None:
+        if self.ctx.is_main:
+            self.history.append(rec)
+            self.log.write(rec)
+
+    def log_train(self, epoch: int) -> dict[str, Any]:
+        m = self.ctx.all_sum(self.meter.clone())
+        acc = 100.0 * float(m[0]) / max(float(m[1]), 1.0)
+        rec = {"event": "train", "epoch": epoch + 1, "step": self.step, "loss": float(m[2]) / max(float(m[1]), 1.0),
+               "train_top1": acc, "train_top1_ema": self.ema.update(acc), "lr": self.opt.param_groups[0]["lr"],
+               "seconds": self.t_train}
+        self.record(rec)
+        self.meter.zero_()
+        return rec
+
+    def log_test(self, epoch: int) -> None:
+        """Test accuracy on the main process (the others go on; the next collective waits for it)."""
+        if self.last_test_step == self.step:
+            return
+        self.last_test_step = self.step
+        if self.evaluate is not None:
+            top1 = self.evaluate(self.gm)
+            self.gm.train()
+            self.record({"event": "test", "epoch": epoch + 1, "step": self.step, "test_top1": top1})
+
+    # ------------------------------------------------------------------------------------ training
+    def train_step(self, x: Tensor, y: Tensor, epoch: int) -> None:
+        dev = self.ctx.device
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.cfg.amp == "bf16"):
+            logits = self.model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
+        bad = self.ctx.all_sum(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=dev))
+        if float(bad) > 0:
+            self.diverged(x, float(loss.detach()), epoch)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        self.step += 1
+        with torch.no_grad():
+            n = y.numel()
+            self.meter += torch.tensor([float((logits.argmax(1) == y).sum()), n, float(loss) * n],
+                                       dtype=torch.float64)
+
+    def diverged(self, x: Tensor, loss: float, epoch: int) -> None:
+        where = find_diverged(self.gm, x)
+        self.record({"event": "diverged", "epoch": epoch + 1, "step": self.step, "loss": str(loss), "cause": where})
+        kept = (f"the last good checkpoint (after epoch {self.epoch}) is kept at {self.ckpt_path}"
+                if self.epoch > 0 else "no checkpoint was written (it diverged in the first epoch)")
+        raise DivergenceError(
+            f"the loss became {loss} at epoch {epoch + 1}, iteration {self.step + 1}: {where}. Training stopped; "
+            f"{kept}. Lower --lr (or the quantizer learning rate), or initialise from another calibrator")
+
+    def _progress(self) -> Progress:
+        return Progress(TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+                        disable=not self.progress, transient=False)
+
+    def fit(self, resume: bool = False) -> TrainOutcome:
+        """Train ``cfg.epochs`` epochs (the rest of them after a resume)."""
+        resumed = self.epoch if resume and self.resume() else None
+        if resumed is None:
+            self.log.rewrite([])
+            self.log_test(-1)  # the PTQ-initialised model at iteration 0
+        k = self.cfg.log_every
+        with self._progress() as bar:
+            task = bar.add_task("QAT", total=self.cfg.epochs * len(self.batches), completed=self.step, status="")
+            for epoch in range(self.epoch, self.cfg.epochs):
+                self.gm.train()
+                t0 = time.perf_counter()
+                for x, y in self.batches.epoch(epoch):
+                    self.train_step(x, y, epoch)
+                    bar.advance(task)
+                    if self.step % k == 0:
+                        self.t_train += time.perf_counter() - t0
+                        t0 = time.perf_counter()
+                        rec = self.log_train(epoch)
+                        bar.update(task, status=f"epoch {epoch + 1}/{self.cfg.epochs} loss {rec['loss']:.3f} "
+                                                f"train {rec['train_top1_ema']:.1f}%")
+                    if self.step % self.eval_every == 0:
+                        self.t_train += time.perf_counter() - t0
+                        self.log_test(epoch)
+                        t0 = time.perf_counter()
+                self.t_train += time.perf_counter() - t0
+                self.epoch = epoch + 1
+                self.log_test(epoch)
+                self.record({"event": "epoch", "epoch": self.epoch, "step": self.step, "seconds": self.t_train})
+                self.save()
+        return TrainOutcome(self.epoch, self.step, self.t_train, resumed, self.history)

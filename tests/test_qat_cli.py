@@ -1,0 +1,76 @@
+"""``quantbench qat``: YAML + flags, the JSON keys, artefacts, and errors that name the problem; the recipe."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from quantbench.cli.main import app
+from quantbench.ptq.pipeline import PTQResult
+from quantbench.qat.config import load_qat_config
+from quantbench.qat.recipe import build_optimizer, recipe_defaults
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():  # type: ignore[no-untyped-def]
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_qat_from_yaml_with_flag_overrides_writes_ptq_keys_and_artefacts(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    res = runner.invoke(app, ["qat", "--config", str(ROOT / "examples" / "qat_digits.yaml"), "--out-dir",
+                              str(tmp_path / "run"), "--out", str(out), "--lr", "0.01", "--max-train", "256",
+                              "--max-test", "64", "--quiet"])
+    assert res.exit_code == 0, res.output
+    payload = json.loads(out.read_text())
+    assert {f.name for f in fields(PTQResult)} <= payload.keys()
+    assert payload["algorithm"] == "lsq" and payload["train_seconds"] > 0 and payload["backend"] == "tensorrt"
+    assert payload["config"]["lr"] == 0.01 and payload["config"]["epochs"] == 1  # flag over YAML, YAML kept
+    run = tmp_path / "run"
+    for name in ("config.yaml", "log.jsonl", "checkpoint.pt", "final.pt", "quantizers.json", "curves.png",
+                 "clipping_ranges.png"):
+        assert (run / name).is_file(), name
+    final = torch.load(run / "final.pt", weights_only=True)
+    table = final["quantizers"]
+    assert all("scale" in q and "zero_point" in q for q in table)
+    assert {q["role"] for q in table} >= {"weight", "output"}
+    assert load_qat_config(run / "config.yaml").lr == 0.01  # the saved config reloads
+
+
+@pytest.mark.parametrize(("yaml_text", "flags", "needle"), [
+    ("model: digits_cnn\nepochz: 3\n", [], "epochz"),
+    ("model: digits_cnn\nepochs: 0\n", [], "epochs"),
+    ("model: digits_cnn\nalgorithm: pact\nalgorithm_options: {alpha_init: -1}\n", [], "alpha_init"),
+    ("model: digits_cnn\n", ["--algorithm", "apot", "--backend", "tensorrt"], "academic setting"),
+    ("model: digits_cnn\n", ["--algorithm", "lsqq"], "unknown QAT algorithm 'lsqq'"),
+    ("- just\n- a list\n", [], "must hold a mapping"),
+])
+def test_bad_input_is_named(tmp_path: Path, yaml_text: str, flags: list[str], needle: str) -> None:
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml_text)
+    res = runner.invoke(app, ["qat", "--config", str(cfg), *flags])
+    assert res.exit_code == 2
+    assert needle in res.output, res.output
+
+
+def test_family_defaults_and_a_separate_quantizer_group() -> None:
+    assert recipe_defaults("resnet18").lr == 0.004 and recipe_defaults("resnet18").weight_decay == 1e-4
+    assert recipe_defaults("mobilenet_v2").lr == 0.01 and recipe_defaults("mobilenet_v2").weight_decay == 1e-5
+    cfg = load_qat_config(None, {"model": "mobilenet_v2", "quantizer_weight_decay": 8e-5})
+    r = cfg.resolved()
+    assert (r["lr"], r["weight_decay"], r["quantizer_weight_decay"]) == (0.01, 1e-5, 8e-5)
+    net, q = torch.nn.Linear(2, 2), torch.nn.Parameter(torch.ones(1))
+    opt = build_optimizer(net, [q], 0.01, 1e-5, 0.01, 8e-5)
+    assert [g["weight_decay"] for g in opt.param_groups] == [1e-5, 8e-5]
+    assert opt.param_groups[0]["momentum"] == 0.9
