@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from quantbench.quant.scheme import QScheme
 
 FirstLast = Literal["same", "fp"] | int
+Arithmetic = Literal["fake_quant", "onnxruntime"]
 
 
 class Placement(BaseModel):
@@ -44,6 +45,18 @@ class BackendSpec(BaseModel):
     fold_bn: bool
     first_last: FirstLast = Field("same", description="'same', 'fp' (kept in float) or a bit-width")
     deployable: bool = True
+    not_deployable_because: str = Field("", description="why no integer runtime runs this setting")
+    arithmetic: Arithmetic = Field(
+        "fake_quant",
+        description="inference arithmetic of the simulation: 'fake_quant' (float fake quantization) or "
+                    "'onnxruntime' (ONNX Runtime's CPU integer kernels: int32 bias, integer accumulation, "
+                    "float32 requantization, QLinearAdd / QLinearGlobalAveragePool; see graph/requant.py)",
+    )
+    reduce_range: bool = Field(
+        False, description="7-bit weights (ONNX Runtime's reduce_range): no int16 overflow in the u8 x s8 "
+                           "kernels of x86 CPUs without VNNI (AVX2)")
+    artefacts: tuple[str, ...] = Field((), description="artefact files `quantbench export` writes "
+                                 "beside the ONNX (see quantbench.deploy.artefacts)")
     reference: str = ""
 
     @model_validator(mode="after")
@@ -54,6 +67,10 @@ class BackendSpec(BaseModel):
             raise ValueError("adaptive signedness is an academic setting: a deployable backend cannot use it")
         if self.activation.per_channel and self.activation.ch_axis != 1:
             raise ValueError("per-channel activations must use ch_axis 1 (NCHW channels)")
+        if not self.deployable and not self.not_deployable_because:
+            raise ValueError("a backend with deployable: false must say why in not_deployable_because")
+        if self.reduce_range and self.weight.bits > 7:
+            raise ValueError("reduce_range means weights of at most 7 bits; configure(reduce_range=True) sets them")
         return self
 
     def configure(
@@ -63,11 +80,20 @@ class BackendSpec(BaseModel):
         first_last: FirstLast | None = None,
         residual: Literal["quantized", "fp"] | None = None,
         skip: Literal["quantized", "fp"] | None = None,
+        reduce_range: bool | None = None,
     ) -> BackendSpec:
-        """A validated copy with the options every backend accepts applied."""
+        """A validated copy with the options every backend accepts applied.
+
+        ``reduce_range=True`` caps the weight bits at 7 (ONNX Runtime's reduce_range); a first/last
+        layer given its own bit-width keeps it.
+        """
         data = self.model_dump()
         if w_bits is not None:
             data["weight"]["bits"] = w_bits
+        if reduce_range is not None:
+            data["reduce_range"] = reduce_range
+            if reduce_range:
+                data["weight"]["bits"] = min(data["weight"]["bits"], 7)
         if a_bits is not None:
             data["activation"]["bits"] = a_bits
         if first_last is not None:

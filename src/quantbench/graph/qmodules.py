@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from quantbench.graph import requant
 from quantbench.quant.quantizer import Quantizer
 
 
@@ -17,6 +18,11 @@ class QuantWeighted(nn.Module):
     the BN is in training mode (BN re-calibration, seed 001 C.3) the output of the quantized folded
     conv is divided by ``g/s`` and passed through the BN, which then updates its running statistics
     from batch statistics (PyTorch's QAT ConvBn scheme).
+
+    For backends simulated with ONNX Runtime's arithmetic, placement links the layer to its input and
+    output quantizers (``qb_links``); at inference the bias is then quantized to int32 and, where ONNX
+    Runtime fuses the layer into an integer kernel, the output is computed as that kernel does
+    (:mod:`quantbench.graph.requant`).
     """
 
     quantbench_kind = "weighted"
@@ -53,7 +59,7 @@ class QuantWeighted(nn.Module):
         w, _ = self.folded_weight_bias()
         return self.weight_quantizer(w) if self.weight_quantizer is not None else w
 
-    def _apply(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    def _compute(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         if self.is_linear:
             return F.linear(x, w, b)
         return self.module._conv_forward(x, w, b)  # type: ignore[union-attr]
@@ -63,14 +69,16 @@ class QuantWeighted(nn.Module):
             w, _ = self.folded_weight_bias()
             wq = self.weight_quantizer(w) if self.weight_quantizer is not None else w
             f = self._bn_factor().detach()
-            y = self._apply(x, wq, None) / f.reshape(1, -1, *([1] * (x.dim() - 2)))
+            y = self._compute(x, wq, None) / f.reshape(1, -1, *([1] * (x.dim() - 2)))
             if self.module.bias is not None:
                 y = y + self.module.bias.reshape(1, -1, *([1] * (x.dim() - 2)))
             return self.bn(y)
         w, b = self.folded_weight_bias()
         if self.weight_quantizer is not None:
             w = self.weight_quantizer(w)
-        return self._apply(x, w, b)
+            if getattr(self, "qb_links", None) is not None and requant.integer_mode():
+                return requant.weighted_forward(self, x, w, b)
+        return self._compute(x, w, b)
 
     def extra_repr(self) -> str:
         return "bn folded" if self.bn is not None else ""

@@ -13,12 +13,34 @@ from quantbench.quant.fake_quant import fake_quantize
 from quantbench.quant.scheme import QScheme
 
 
+def quantize_div(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
+                 axis: int | None = None) -> Tensor:
+    """ONNX QuantizeLinear then DequantizeLinear: ``(clamp(rne(x / s) + z) - z) * s`` computed in float32.
+
+    ONNX (and ONNX Runtime's MLAS kernel) divides by the scale; the fake quantizer multiplies by its
+    reciprocal like torch's native kernels. The two differ by an ulp, which decides a rounding tie now
+    and then; backends simulated with ONNX Runtime's arithmetic use this form at inference.
+    """
+    dt = x.dtype
+    if axis is None or scale.numel() == 1:
+        s = scale.reshape(()).to(torch.float32)
+        z = zero_point.reshape(()).to(torch.float32)
+    else:
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        s = scale.reshape(shape).to(torch.float32)
+        z = zero_point.reshape(shape).to(torch.float32)
+    qv = torch.div(x.to(torch.float32), s).round_().add_(z).clamp_(qmin, qmax)
+    return qv.sub_(z).mul_(s).to(dt)
+
+
 class Quantizer(nn.Module):
     """Observes a tensor during calibration, then fake-quantizes it.
 
     Modes (independent flags): ``observing`` feeds inputs to the observer; ``quantizing`` applies
     fake quantization with the stored scale / zero-point. A fresh quantizer does neither until the
-    graph's calibration switches it on.
+    graph's calibration switches it on. ``onnx_rounding`` (set for backends simulated with ONNX
+    Runtime's arithmetic) rounds ``x / s`` instead of ``x * (1 / s)`` at inference (no gradients).
     """
 
     def __init__(self, scheme: QScheme, observer: str, is_weight: bool = False, name: str = "",
@@ -36,6 +58,7 @@ class Quantizer(nn.Module):
         self.register_buffer("calibrated_t", torch.tensor(False))
         self.observing = False
         self.quantizing = False
+        self.onnx_rounding = False
         self.set_name(name)
 
     def set_name(self, name: str, where: str = "") -> None:
@@ -74,6 +97,8 @@ class Quantizer(nn.Module):
         if self.quantizing:
             if not self.calibrated:
                 raise QuantbenchError(f"quantizer {self.name!r} was never calibrated: call compute_qparams()")
+            if self.onnx_rounding and not torch.is_grad_enabled():
+                return quantize_div(x, self.scale, self.zero_point, self.qmin, self.qmax, self.axis)
             return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, self.axis)
         return x
 

@@ -1,0 +1,338 @@
+"""Deployment commands: ``export`` (QDQ ONNX + backend artefacts), ``verify`` (ONNX Runtime vs simulation),
+``latency`` (runtimes side by side) and ``size`` (model size and inference memory)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from quantbench.cli.errors import friendly_errors
+from quantbench.utils.io import atomic_write_json
+
+console = Console(width=None if sys.stdout.isatty() else 160)
+
+ModelOpt = Annotated[str | None, typer.Option(help="model name (see `quantbench models`)")]
+DataOpt = Annotated[str | None, typer.Option(help="dataset: cifar10:PATH, imagefolder:PATH or digits")]
+WeightsOpt = Annotated[str | None, typer.Option(help=".safetensors or torch checkpoint")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
+
+
+def _first_last(value: str | None) -> str | int | None:
+    if value is None or value in ("same", "fp"):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise typer.BadParameter(f"--first-last takes 'same', 'fp' or a bit-width, got {value!r}") from None
+
+
+def _artefact_names(value: str) -> list[str] | None:
+    if value == "auto":
+        return None
+    if value == "none":
+        return []
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _kv(rows: list[tuple[str, Any]], title: str) -> Table:
+    t = Table(title=title, show_header=False)
+    t.add_column("what")
+    t.add_column("value")
+    for k, v in rows:
+        t.add_row(k, str(v))
+    return t
+
+
+# ------------------------------------------------------------------------------------------------ export
+def export(
+    out: Annotated[Path, typer.Option(help="ONNX file to write")],
+    model: ModelOpt = None,
+    data: DataOpt = None,
+    weights: WeightsOpt = None,
+    backend: Annotated[str, typer.Option(help="backend name or a spec .yaml")] = "onnxruntime",
+    w_bits: Annotated[int | None, typer.Option(help="weight bits (default: the backend's)")] = None,
+    a_bits: Annotated[int | None, typer.Option(help="activation bits (default: the backend's)")] = None,
+    w_observer: Annotated[str, typer.Option(help="weight calibrator")] = "minmax",
+    a_observer: Annotated[str, typer.Option(help="activation calibrator")] = "mse",
+    calib_size: Annotated[int, typer.Option(help="calibration images")] = 256,
+    bn_calib: Annotated[bool, typer.Option("--bn-calib", help="re-estimate BN statistics (seed 001 C.3)")] = False,
+    first_last: Annotated[str | None, typer.Option(help="first/last layer: same, fp or bits")] = None,
+    residual: Annotated[str | None, typer.Option(help="residual add output: quantized or fp")] = None,
+    skip: Annotated[str | None, typer.Option(help="branches entering an add: quantized or fp")] = None,
+    width_mult: Annotated[float, typer.Option(help="width multiplier")] = 1.0,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    reduce_range: Annotated[bool, typer.Option(
+        "--reduce-range", help="7-bit weights: no int16 overflow in ONNX Runtime on AVX2 CPUs without VNNI")] = False,
+    opset: Annotated[int, typer.Option(help="ONNX opset (13-18)")] = 13,
+    artefacts: Annotated[str, typer.Option(
+        help="backend artefacts: auto (the backend's), none, or a list (tensorrt_clip_ranges,snpe_encodings)")] = "auto",
+    from_: Annotated[Path | None, typer.Option(
+        "--from", help="export a saved simulation (QAT run / earlier export) instead of calibrating")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Export a PTQ- or QAT-quantized model to ONNX (QuantizeLinear/DequantizeLinear, BN folded) with the
+    simulation checkpoint and the backend's artefacts beside it."""
+    from quantbench.config import PTQConfig
+    from quantbench.deploy.checkpoint import load_simulation, save_simulation, simulation_path
+    from quantbench.deploy.export import export_onnx
+    from quantbench.deploy.lower import check_exportable, check_spec
+    from quantbench.deploy.pipeline import calibrated_model, resolved_spec
+
+    if from_ is not None:
+        gm, config = load_simulation(from_)
+        config.pop("_path", None)
+        import torch
+
+        example = torch.zeros(1, *config["input_size"])
+    else:
+        if model is None or data is None:
+            raise typer.BadParameter("give --model and --data (or --from a saved simulation)")
+        cfg = PTQConfig(model=model, weights=weights, data=data, backend=backend, w_bits=w_bits, a_bits=a_bits,
+                        w_observer=w_observer, a_observer=a_observer, calib_size=calib_size, bn_calib=bn_calib,
+                        first_last=_first_last(first_last), residual=residual, skip=skip, width_mult=width_mult,
+                        seed=seed)
+        check_spec(resolved_spec(cfg, reduce_range))  # refuse before any calibration work
+        cal = calibrated_model(cfg, reduce_range, progress=not quiet)
+        gm, config, example = cal.gm, cal.config, cal.example
+    check_exportable(gm)
+    sim_file = save_simulation(gm, simulation_path(out), config)
+    from quantbench.deploy.checkpoint import sha256
+
+    result = export_onnx(gm, example, out, extra={"model": config, "simulation": {
+        "file": sim_file.name, "sha256": sha256(sim_file)}}, artefacts=_artefact_names(artefacts))
+    rec = result.record
+    risk = rec["int16_overflow_risk"]
+    rows = [
+        ("backend", f"{rec['backend']['name']} (W{rec['backend']['weight']['bits']}A{rec['backend']['activation']['bits']}"
+                    f"{', reduce_range' if rec['backend']['reduce_range'] else ''})"),
+        ("activation QDQ pairs", len(rec["activations"])),
+        ("weights", f"{len(rec['weights'])} ({', '.join(sorted({w['dtype'] for w in rec['weights']}))}, "
+                    f"{'per-channel' if any(w['per_channel'] for w in rec['weights']) else 'per-tensor'})"),
+        ("int32 biases", len(rec["biases"])),
+        ("narrow ranges", len(rec["narrow_ranges"]) or "none"),
+        ("expected ORT int8 kernels", ", ".join(f"{k} x{v}" for k, v in _count(rec["integer_kernels"]).items()) or "none"),
+        ("int16 overflow risk (AVX2, no VNNI)", f"{len(risk['layers'])} layer(s)" if risk["at_risk"] else "none"),
+        ("opset / exporter", f"{rec['exporter']['opset']} / {rec['exporter']['name']}"),
+        ("ONNX", f"{result.path} ({result.path.stat().st_size / 1e6:.2f} MB)"),
+        ("simulation", sim_file),
+        *[(f"artefact {k}", v) for k, v in result.artefacts.items()],
+    ]
+    console.print(_kv(rows, "Export"))
+    for note in rec["notes"]:
+        console.print(f"note: {note}")
+
+
+def _count(kernels: dict[str, str]) -> dict[str, int]:
+    from collections import Counter
+
+    return dict(sorted(Counter(kernels.values()).items()))
+
+
+# ------------------------------------------------------------------------------------------------ verify
+def verify(
+    onnx: Annotated[Path, typer.Option(help="ONNX file written by `quantbench export`")],
+    data: Annotated[str, typer.Option(help="dataset: cifar10:PATH, imagefolder:PATH or digits")],
+    out: Annotated[Path | None, typer.Option(help="write the result as JSON here")] = None,
+    sim: Annotated[Path | None, typer.Option(help="simulation checkpoint (default: the one named in the ONNX)")] = None,
+    max_test: Annotated[int | None, typer.Option(help="use the first N test images")] = None,
+    batch_size: Annotated[int, typer.Option(help="images per batch")] = 256,
+    x64_quant_precision: Annotated[bool, typer.Option(
+        "--x64-quant-precision", help="ORT session.x64quantprecision=1: exact u8u8 kernels on AVX2 without VNNI")] = False,
+    threads: Annotated[int | None, typer.Option(help="ORT intra-op threads (default: all cores)")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run the exported model in ONNX Runtime (CPU) and compare it with the simulation on the same images."""
+    import torch
+
+    from quantbench.data import load_data, make_loader
+    from quantbench.deploy.checkpoint import load_simulation
+    from quantbench.deploy.metadata import load_onnx, read_metadata
+    from quantbench.deploy.verify import verify_onnx
+    from quantbench.errors import ConfigError
+
+    record = read_metadata(load_onnx(str(onnx)), str(onnx))
+    sim_path = sim or onnx.with_name(record.get("simulation", {}).get("file", ""))
+    if not sim_path.is_file():
+        raise ConfigError(f"the simulation checkpoint {sim_path} is missing: keep it beside the ONNX (export writes "
+                          "it) or pass --sim PATH")
+    gm, config = load_simulation(sim_path)
+    bundle = load_data(data, config["mean"], config["std"], config["input_size"])
+    test = bundle.test
+    if max_test is not None and max_test < len(test):  # type: ignore[arg-type]
+        test = torch.utils.data.Subset(test, range(max_test))
+    res = verify_onnx(onnx, gm, make_loader(test, batch_size), x64_quant_precision, threads, progress=not quiet)
+    fmt = (lambda v: "-" if v is None else f"{v:.2f}")
+    delta = None if res.sim_top1 is None else res.real_top1 - res.sim_top1  # type: ignore[operator]
+    rows = [
+        ("backend", res.backend), ("images", res.n), ("sim top-1", fmt(res.sim_top1)),
+        ("ORT top-1", fmt(res.real_top1)), ("Δ (ORT - sim)", fmt(delta)), ("agreement", f"{100 * res.agreement:.2f} %"),
+        ("max |Δ logit|", f"{res.max_abs_logit_diff:.4g}"), ("mean |Δ logit|", f"{res.mean_abs_logit_diff:.4g}"),
+        ("int8 kernels (after ORT optimization)", ", ".join(f"{k} x{v}" for k, v in res.int8_kernels.items()) or "none"),
+        ("status", res.status),
+        ("session", f"onnxruntime {res.onnxruntime}, x64quantprecision={int(res.x64_quant_precision)}"),
+        ("CPU", f"{res.cpu.get('cpu')} (AVX2 {res.cpu.get('avx2')}, VNNI {res.cpu.get('vnni')})"),
+    ]
+    console.print(_kv(rows, f"Verify {onnx.name}: ONNX Runtime vs simulation"))
+    if res.float_ops:
+        t = Table(title="Ops ONNX Runtime ran in float (the model still ran)")
+        for c in ("op", "node", "why"):
+            t.add_column(c)
+        for f in res.float_ops:
+            t.add_row(f["op"], f["node"], f["reason"])
+        console.print(t)
+    for note in res.notes:
+        console.print(f"note: {note}")
+    if out is not None:
+        atomic_write_json(out, res.to_dict())
+        console.print(f"wrote {out}")
+
+
+# ----------------------------------------------------------------------------------------------- latency
+def _ints(value: str, what: str) -> list[int]:
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{what} takes comma-separated integers, got {value!r}") from None
+    if not out or min(out) < 1:
+        raise typer.BadParameter(f"{what} needs positive integers, got {value!r}")
+    return out
+
+
+def _input_size(model: str, value: str | None) -> tuple[int, ...]:
+    from quantbench.models import get_entry
+
+    return tuple(_ints(value, "--input-size")) if value else tuple(get_entry(model).input_size)
+
+
+def latency_table(report: Any) -> Table:
+    """Seed 001 Table 9 layout: median ms per runtime and batch, speed-up over the runtime it is compared to."""
+    t = Table(title=f"Latency (ms, median of {report.repeats}) - {report.model} "
+                    f"{'x'.join(map(str, report.input_size))}, {report.threads} thread(s), {report.environment['cpu']}")
+    for c in ("batch", "runtime", "latency (speed-up)", "vs"):
+        t.add_column(c, justify="right" if c != "runtime" else "left")
+    for r in report.rows:
+        if r.median_ms is None:
+            t.add_row(str(r.batch), r.label, "-", f"skipped: {r.skipped}" if r.skipped else "")
+            continue
+        ratio = "" if r.speedup is None else f" ({r.speedup:.2f})"
+        color = "" if r.speedup is None else ("green" if r.speedup >= 1 else "red")
+        cell = f"{r.median_ms:.3f}{ratio}" if not color else f"[{color}]{r.median_ms:.3f}{ratio}[/{color}]"
+        t.add_row(str(r.batch), r.label, cell, r.baseline or "")
+    return t
+
+
+def latency(
+    model: Annotated[str, typer.Option(help="model name (see `quantbench models`)")],
+    weights: WeightsOpt = None,
+    data: Annotated[str | None, typer.Option(help="calibration images for the int8 runtimes (default: random)")] = None,
+    width_mult: Annotated[float, typer.Option(help="width multiplier")] = 1.0,
+    input_size: Annotated[str | None, typer.Option(help="C,H,W (default: the model's)")] = None,
+    batch_sizes: Annotated[str, typer.Option(help="comma-separated batch sizes")] = "1,8",
+    runtimes: Annotated[str | None, typer.Option(help="comma-separated runtimes (default: all)")] = None,
+    repeats: Annotated[int, typer.Option(help="timed runs per measurement")] = 30,
+    warmup: Annotated[int, typer.Option(help="untimed runs first")] = 5,
+    threads: Annotated[int | None, typer.Option(help="threads for PyTorch and ORT (default: all cores)")] = None,
+    out: Annotated[Path | None, typer.Option(help="write the result as JSON here")] = None,
+    png: Annotated[Path | None, typer.Option(help="write a bar chart here")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Median latency at batch 1 and 8 on every runtime available here (seed 001 Table 9 layout)."""
+    import torch
+
+    from quantbench.deploy.latency import DEFAULT_RUNTIMES, RUNTIMES, bar_chart, make_context, measure
+    from quantbench.models import build_model, get_entry
+
+    size = _input_size(model, input_size)
+    names = [r.strip() for r in runtimes.split(",")] if runtimes else list(DEFAULT_RUNTIMES)
+    for n in names:
+        RUNTIMES.get(n)  # unknown names list the valid ones before any work
+    calib = None
+    entry = get_entry(model)
+    if data is not None:
+        from quantbench.data import calibration_subset, load_data
+
+        bundle = load_data(data, entry.mean, entry.std, size)
+        calib = torch.stack([bundle.train[i][0] for i in calibration_subset(bundle, 32, 0).indices])
+    net = build_model(model, weights, width_mult)
+    ctx = make_context(net, size, calib, threads)
+    report = measure(ctx, names, _ints(batch_sizes, "--batch-sizes"), repeats, warmup, not quiet, model)
+    console.print(latency_table(report))
+    if out is not None:
+        atomic_write_json(out, report.to_dict())
+        console.print(f"wrote {out}")
+    if png is not None:
+        bar_chart(report, png)
+        console.print(f"wrote {png}")
+
+
+# -------------------------------------------------------------------------------------------------- size
+def _layer_bits(value: str | None) -> dict[str, int]:
+    if not value:
+        return {}
+    p = Path(value)
+    if p.suffix == ".json" and p.is_file():
+        import json
+
+        return {str(k): int(v) for k, v in json.loads(p.read_text()).items()}
+    out = {}
+    for item in value.split(","):
+        name, sep, bits = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--layer-bits takes name=bits pairs or a .json file, got {item!r}")
+        out[name.strip()] = int(bits)
+    return out
+
+
+def size(
+    model: Annotated[str, typer.Option(help="model name (see `quantbench models`)")],
+    w_bits: Annotated[int, typer.Option(help="weight bits")] = 8,
+    a_bits: Annotated[int, typer.Option(help="activation bits")] = 8,
+    first_last: Annotated[int | None, typer.Option(help="bits of the first and last layer (default: --w-bits)")] = None,
+    layer_bits: Annotated[str | None, typer.Option(help="per-layer bits: name=bits,... or a .json file")] = None,
+    width_mult: Annotated[float, typer.Option(help="width multiplier")] = 1.0,
+    input_size: Annotated[str | None, typer.Option(help="C,H,W (default: the model's)")] = None,
+    out: Annotated[Path | None, typer.Option(help="write the result as JSON here")] = None,
+) -> None:
+    """Model size (C_size, packed weight bytes) and single-image inference memory, with and without an
+    8-bit first/last layer (seed 003 eq. 6 and Appendix F)."""
+    from quantbench.deploy.size import model_size
+    from quantbench.models import build_model
+
+    shape = _input_size(model, input_size)
+    net = build_model(model, None, width_mult)
+    bits = _layer_bits(layer_bits)
+    fl_variants = [("as given", first_last)] + ([("8-bit first/last", 8)] if first_last != 8 else [])
+    reports = [(label, model_size(net, shape, w_bits, a_bits, fl, bits, model)) for label, fl in fl_variants]
+    t = Table(title=f"Size of {model} ({'x'.join(map(str, shape))}), W{w_bits}A{a_bits}")
+    t.add_column("quantity")
+    for label, _ in reports:
+        t.add_column(label, justify="right")
+    mb = (lambda v: f"{v / 1e6:.3f} MB")
+    rows = [
+        ("parameters", lambda r: f"{r.total_params / 1e6:.3f} M ({r.weight_params:,} conv/linear weights)"),
+        ("FP32 bytes (all parameters)", lambda r: mb(r.fp32_bytes)),
+        (f"all parameters at {w_bits} bits (FP32 / {32 / w_bits:g})", lambda r: mb(r.all_params_bytes())),
+        ("C_size (eq. 6, 1e6 bits)", lambda r: f"{r.c_size_bits / 1e6:.3f}"),
+        ("weights packed", lambda r: mb(r.weight_bytes)),
+        ("deployed (weights + int32 bias per channel)", lambda r: mb(r.deployed_bytes)),
+        (f"largest feature map ({a_bits}-bit)", lambda r: f"{r.fmap_max_elems:,} el. = {mb(r.fmap_bytes(r.fmap_max_elems))}"),
+        (f"all feature maps ({a_bits}-bit)", lambda r: f"{r.fmap_sum_elems:,} el. = {mb(r.fmap_bytes(r.fmap_sum_elems))}"),
+        ("inference memory, 1 image (App. F)", lambda r: mb(r.footprint_bytes)),
+    ]
+    for name, fn in rows:
+        t.add_row(name, *[fn(r) for _, r in reports])
+    console.print(t)
+    if out is not None:
+        atomic_write_json(out, {label: r.to_dict() for label, r in reports})
+        console.print(f"wrote {out}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the deployment commands to the ``quantbench`` app."""
+    for fn in (export, verify, latency, size):
+        app.command()(friendly_errors(fn))

@@ -1,0 +1,94 @@
+"""A calibrated (PTQ) or trained (QAT) simulation saved to one ``.safetensors`` file and rebuilt from it.
+
+The file holds the prepared model's state dict (weights, BN statistics, every quantizer's scale,
+zero-point and range) and, in its metadata, what is needed to rebuild the graph: model name, width,
+classes, input size, backend spec and observers. ``quantbench export`` writes one beside the ONNX so
+``quantbench verify`` compares against the very simulation that was exported; QAT runs save theirs with
+:func:`save_simulation` and export it with ``quantbench export --from FILE``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from quantbench.backends.spec import BackendSpec
+from quantbench.deploy.errors import ExportError
+from quantbench.graph.quantize import prepare, set_quantizing
+
+KEY = "quantbench_simulation"
+SUFFIX = ".qb.safetensors"
+
+
+def simulation_path(onnx_path: str | Path) -> Path:
+    p = Path(onnx_path)
+    return p.with_name(p.stem + SUFFIX)
+
+
+def sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_simulation(gm: fx.GraphModule, path: str | Path, config: dict[str, Any]) -> Path:
+    """Save a prepared model; ``config`` needs ``model``, ``input_size`` and optionally ``width_mult``,
+    ``num_classes``, ``w_observer``, ``a_observer`` (the backend spec is taken from the model)."""
+    missing = {"model", "input_size"} - config.keys()
+    if missing:
+        raise ExportError(f"save_simulation needs {sorted(missing)} in config")
+    spec: BackendSpec = gm.meta["quantbench"]["backend"]
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in gm.state_dict().items()}
+    meta = {**config, "backend": spec.model_dump(mode="json")}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata={KEY: json.dumps(meta, sort_keys=True)})
+    return path
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The metadata of a simulation checkpoint, with clear errors for other files."""
+    p = Path(path)
+    if p.is_dir():
+        found = sorted(p.glob(f"*{SUFFIX}"))
+        if len(found) != 1:
+            raise ExportError(f"{p} holds {len(found)} simulation checkpoints (*{SUFFIX}); pass the file itself")
+        p = found[0]
+    if not p.is_file():
+        raise ExportError(f"simulation checkpoint {p} does not exist; `quantbench export` writes <model>{SUFFIX} "
+                          "beside the ONNX, QAT runs save one with quantbench.deploy.save_simulation")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise ExportError(f"{p} is not a safetensors file ({exc}); expected a quantbench simulation checkpoint") from exc
+    if KEY not in meta:
+        raise ExportError(f"{p} is a safetensors file but not a quantbench simulation checkpoint (no {KEY!r} metadata)")
+    return {**json.loads(meta[KEY]), "_path": str(p)}
+
+
+def load_simulation(path: str | Path, device: str = "cpu") -> tuple[fx.GraphModule, dict[str, Any]]:
+    """Rebuild the prepared, calibrated model saved by :func:`save_simulation`, quantizing and in eval mode."""
+    from quantbench.models import build_model
+
+    config = read_config(path)
+    spec = BackendSpec.model_validate(config["backend"])
+    model = build_model(config["model"], None, float(config.get("width_mult", 1.0)), config.get("num_classes"))
+    example = torch.zeros(1, *config["input_size"])
+    gm = prepare(model, spec, example, config.get("w_observer", "minmax"), config.get("a_observer", "minmax"))
+    state = load_file(config["_path"])
+    result = gm.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ExportError(f"{config['_path']} does not match model {config['model']!r}: missing "
+                          f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
+    set_quantizing(gm, True)
+    return gm.to(device).eval(), config

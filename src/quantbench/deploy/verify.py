@@ -1,0 +1,113 @@
+"""Run an exported model in ONNX Runtime and compare it with quantbench's simulation on the same images."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from quantbench.deploy.hazards import cpu_features
+from quantbench.deploy.metadata import load_onnx, read_metadata
+from quantbench.deploy.ort import ort_version, session_with_report
+from quantbench.utils.progress import track
+
+
+@dataclass
+class VerifyResult:
+    """Simulation vs ONNX Runtime on the same images (top-1 in percent, agreement as a fraction 0-1)."""
+
+    sim_top1: float | None
+    real_top1: float | None
+    agreement: float
+    max_abs_logit_diff: float
+    mean_abs_logit_diff: float
+    n: int
+    int8_kernels: dict[str, int]
+    float_ops: list[dict[str, str]]
+    int8_complete: bool
+    status: str  # "int8" | "partial-int8: ..." -- the mark when some ops ran in float
+    kernels_expected: dict[str, int]
+    onnx: str
+    backend: str
+    x64_quant_precision: bool
+    onnxruntime: str
+    cpu: dict[str, Any]
+    int16_overflow_risk: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _notes(record: dict[str, Any], report_int8: dict[str, int], expected: dict[str, int], x64: bool,
+           cpu: dict[str, Any]) -> list[str]:
+    notes = []
+    risk = record.get("int16_overflow_risk", {})
+    if risk.get("at_risk") and cpu.get("int16_overflow_possible") and not x64:
+        notes.append(
+            f"this CPU has AVX2 without VNNI: ONNX Runtime's u8 x s8 kernels add pairs of products in saturating "
+            f"int16, and {len(risk['layers'])} layer(s) have int8 weight codes outside [-64, 64], so results can "
+            "deviate from exact integer arithmetic; rerun with --x64-quant-precision (ORT converts the weights to "
+            "uint8 and runs the exact u8u8 kernel) or export with --reduce-range (7-bit weights)")
+    if expected and report_int8 != expected:
+        notes.append(f"ONNX Runtime built int8 kernels {report_int8} but the simulation assumed {expected}: where "
+                     "they differ the simulation's arithmetic is not what ran")
+    return notes
+
+
+@torch.no_grad()
+def verify_onnx(onnx_path: str | Path, sim: nn.Module, loader: Iterable, x64_quant_precision: bool = False,
+                threads: int | None = None, progress: bool = True, device: str = "cpu") -> VerifyResult:
+    """Run ``onnx_path`` (written by ``quantbench export``) in ONNX Runtime's CPU provider and ``sim`` (the
+    simulation it was exported from) on every batch of ``loader``; batches are ``(images, labels)`` or
+    images only (top-1 is then None)."""
+    model = load_onnx(str(onnx_path))
+    record = read_metadata(model, str(onnx_path))
+    sess, report = session_with_report(onnx_path, x64_quant_precision, threads)
+    in_name = sess.get_inputs()[0].name
+    sim.eval()
+    n = agree = sim_ok = real_ok = 0
+    has_labels = True
+    max_diff, sum_diff, n_logits = 0.0, 0.0, 0
+    total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+    for batch in track(loader, "verifying", total, progress):
+        x, y = (batch[0], batch[1]) if isinstance(batch, (list, tuple)) else (batch, None)
+        s = sim(x.to(device)).float().cpu().numpy()
+        r = sess.run(None, {in_name: x.float().cpu().numpy()})[0]
+        diff = np.abs(s.astype(np.float64) - r.astype(np.float64))
+        max_diff = max(max_diff, float(diff.max()))
+        sum_diff += float(diff.sum())
+        n_logits += diff.size
+        ps, pr = s.argmax(1), r.argmax(1)
+        agree += int((ps == pr).sum())
+        n += len(ps)
+        if y is None or (isinstance(y, torch.Tensor) and y.numel() == 0):
+            has_labels = False
+        else:
+            yy = np.asarray(y)
+            sim_ok += int((ps == yy).sum())
+            real_ok += int((pr == yy).sum())
+    if n == 0:
+        from quantbench.errors import DataError
+
+        raise DataError("verify got no images: check --data (and --max-test)")
+    expected = dict(Counter(record.get("integer_kernels", {}).values()))
+    cpu = cpu_features()
+    status = "int8" if report.int8_complete else (
+        f"partial-int8: {len(report.float_ops)} op(s) ran in float ({', '.join(sorted({f['op'] for f in report.float_ops}))})")
+    return VerifyResult(
+        sim_top1=100.0 * sim_ok / n if has_labels else None,
+        real_top1=100.0 * real_ok / n if has_labels else None,
+        agreement=agree / n, max_abs_logit_diff=max_diff, mean_abs_logit_diff=sum_diff / max(n_logits, 1), n=n,
+        int8_kernels=report.int8_kernels, float_ops=report.float_ops, int8_complete=report.int8_complete,
+        status=status, kernels_expected=expected, onnx=str(onnx_path), backend=record["backend"]["name"],
+        x64_quant_precision=x64_quant_precision, onnxruntime=ort_version(), cpu=dict(cpu),
+        int16_overflow_risk=record.get("int16_overflow_risk", {}),
+        notes=_notes(record, report.int8_kernels, expected, x64_quant_precision, cpu),
+    )

@@ -1,0 +1,483 @@
+"""ONNX Runtime's CPU integer kernels, reproduced in the simulation (backends with ``arithmetic: onnxruntime``).
+
+ONNX Runtime (ORT) turns a QDQ graph into integer kernels where it can and runs the rest in float on
+dequantized values. Bit for bit, at inference (``torch.no_grad()``) the simulation computes what ORT
+computes:
+
+* **QLinearConv / QGemm** (a conv or linear whose input comes straight from a quantizer and whose output,
+  through activations ORT drops, goes straight into one): ``acc = sum((x_q - z_x) * (w_q - z_w)) + b_q``
+  exactly in int32, then ``y_q = sat(rne(float32(acc) * M) + z_y)`` with ``M = float32(float32(s_x * s_w)
+  / s_y)`` per output channel (ORT ``QLinearConv::ComputeOutputScale``, ``MlasRequantizeOutput``).
+* **int32 bias** for every quantized conv/linear, fused or not: ``b_q = rne(b / float32(s_x * s_w))``,
+  zero-point 0 (ORT's QDQ convention); the float fallback adds the dequantized ``b_q * s_x * s_w``.
+* **QLinearAdd** (MLAS AVX2 kernel): ``y_q = sat(rne(fma(a_q, r_a, fma(b_q, r_b, c))))`` with
+  ``r_a = float32(s_a / s_y)``, ``r_b = float32(s_b / s_y)``, ``c = z_y - fma(r_a, z_a, r_b z_b)`` (the
+  compiled kernel contracts that sum into an FMA; checked against ORT 1.32 output codes).
+* **QLinearGlobalAveragePool**: ``y_q = sat(rne(float32(sum(x_q) - z_x N) * float32(s_x / float32(s_y N))) + z_y)``.
+* **QuantizeLinear** (everything left in float): ``rne(x / s) + z`` -- a division, as ONNX specifies.
+
+An op fuses when its inputs come straight from DequantizeLinear (ops the exporter drops or ORT propagates
+QDQ through, like Reshape or Slice, do not count; Flatten or Pad do) and its output goes into one
+QuantizeLinear at the full 8-bit container range (narrow and sub-8-bit ranges are exported with a Clip,
+which ORT keeps in float). ORT drops a Relu before QuantizeLinear only when the zero-point is the
+container's minimum and a Clip only when the quantized range lies inside it (``ReluQuantTransformer``,
+``ClipQuantFusion``); the export places a copy of the quantizer before any other clamp (exact: clamping
+commutes with a monotone quantizer), so those ops fuse too. ORT runs int8 activations as uint8
+(``QDQS8ToU8Transformer``, zero-point + 128, same values) when a QuantizeLinear has a single consumer;
+the export gives an int8 tensor read by several ops one pair per reader so that holds everywhere.
+
+The integer path returns the requantized output already dequantized; the following quantizer
+re-quantizes it exactly (values on its own grid), so the graph keeps its structure. With gradients
+enabled (QAT) every module falls back to fake quantization with the straight-through estimator.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from quantbench.graph.ops import OpKind, is_tensor_node, op_kind, tensor_inputs
+from quantbench.quant.fake_quant import quantize
+from quantbench.quant.quantizer import Quantizer
+
+if TYPE_CHECKING:
+    from quantbench.graph.qmodules import QuantWeighted
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+EXACT_FLOAT32 = 2**24  # integers below this are exact in float32
+_EPS32 = torch.finfo(torch.float32).eps
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def container(q: Quantizer) -> tuple[int, int]:
+    """The 8-bit container range a quantizer exports into (int8 when its range is signed)."""
+    return (-128, 127) if q.qmin < 0 else (0, 255)
+
+
+def stays_int8(q: Quantizer) -> bool:
+    """Whether ORT keeps this tensor in int8 rather than turning its QDQ pair into uint8.
+
+    ``QDQS8ToU8Transformer`` converts an int8 QuantizeLinear -> DequantizeLinear pair to uint8 (zero-point +
+    128, same values) when the QuantizeLinear has one consumer. The export gives each extra reader of an int8
+    tensor its own pair, except where the tensor comes straight out of an op ORT could fuse (a second
+    QuantizeLinear on that op's output would stop the fusion): such a tensor stays int8, and an op fuses
+    only when all its tensors end up in the same type (set by :func:`link_integer_arithmetic`)."""
+    return bool(getattr(q, "ort_int8", False))
+
+
+def fits_container(q: Quantizer) -> bool:
+    """Whether an op ending in this quantizer can fuse: per-tensor, full 8-bit container range (a narrower
+    range is exported with a Clip before QuantizeLinear, which ORT keeps in float)."""
+    return (q.qmin, q.qmax) == container(q) and q.scale.numel() == 1
+
+
+def in_container(q: Quantizer) -> bool:
+    """Whether an integer kernel can read this quantizer's tensor: per-tensor, at most 8 bits."""
+    return q.scheme.bits <= 8 and q.scale.numel() == 1
+
+
+def ready(*qs: Quantizer | None) -> bool:
+    """Every quantizer exists, is calibrated and is quantizing."""
+    return all(q is not None and q.quantizing and q.calibrated for q in qs)
+
+
+def integer_mode() -> bool:
+    """Integer arithmetic runs at inference; with gradients the modules fall back to fake quantization."""
+    return not torch.is_grad_enabled()
+
+
+def _scalar(t: Tensor) -> Tensor:
+    return t.reshape(()).to(torch.float32)
+
+
+def codes(x: Tensor, q: Quantizer) -> Tensor:
+    """Integer codes (zero-point included, float dtype) of a tensor that is on ``q``'s grid."""
+    return torch.div(x.to(torch.float32), _scalar(q.scale)).round_().add_(float(q.zero_point.reshape(-1)[0]))
+
+
+def requantize(v: Tensor, q: Quantizer, with_zero_point: bool = False) -> Tensor:
+    """``(sat(rne(v) + z) - z) * s`` for pre-rounding float32 values ``v`` (``v`` already holding ``z``
+    with ``with_zero_point``), dequantized in float32 as DequantizeLinear does."""
+    z = float(q.zero_point.reshape(-1)[0])
+    lo, hi = container(q)
+    qv = torch.round(v)
+    if not with_zero_point:
+        qv.add_(z)
+    return qv.clamp_(lo, hi).sub_(z).mul_(_scalar(q.scale))
+
+
+@dataclass(frozen=True)
+class Clamp:
+    """An activation between an op and its output quantizer that ORT may fold into QuantizeLinear."""
+
+    kind: str  # "relu" | "clip"
+    lo: float = 0.0
+    hi: float = float("inf")
+
+    def removable(self, q: Quantizer) -> bool:
+        """ORT's ReluQuantTransformer / ClipQuantFusion conditions for dropping this op before ``q``."""
+        z = int(q.zero_point.reshape(-1)[0])
+        cmin, cmax = container(q)
+        if self.kind == "relu":
+            return z == cmin
+        s = _scalar(q.scale)
+        lower = float(s * float(cmin - z))
+        upper = float(s * float(cmax - z))
+        return self.lo - lower <= _EPS32 and upper - self.hi <= _EPS32
+
+
+def clamp_of(node: fx.Node, modules: dict[str, nn.Module]) -> Clamp | None:
+    """The :class:`Clamp` an activation node computes, or None if it is not a clamp."""
+    if node.op == "call_module":
+        m = modules[str(node.target)]
+        if isinstance(m, nn.ReLU6):
+            return Clamp("clip", 0.0, 6.0)
+        if isinstance(m, nn.ReLU):
+            return Clamp("relu")
+        if isinstance(m, nn.Hardtanh):
+            return Clamp("clip", float(m.min_val), float(m.max_val))
+        return None
+    if (node.op == "call_function" and node.target in (F.relu, torch.relu)) or (
+            node.op == "call_method" and node.target in ("relu", "relu_")):
+        return Clamp("relu")
+    if node.op == "call_function" and node.target is F.relu6:
+        return Clamp("clip", 0.0, 6.0)
+    if node.op == "call_function" and node.target is F.hardtanh:
+        lo = node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0)
+        hi = node.kwargs.get("max_val", node.args[2] if len(node.args) > 2 else 1.0)
+        return Clamp("clip", float(lo), float(hi))
+    return None
+
+
+def chain_removable(acts: list[Clamp], q: Quantizer) -> bool:
+    return all(a.removable(q) for a in acts)
+
+
+@dataclass
+class Links:
+    """How an op is wired to quantizers, for the integer path (kept out of the module tree)."""
+
+    inputs: list[Quantizer | None]
+    direct: bool  # every input comes straight from its quantizer (ORT sees DequantizeLinear -> op)
+    out_q: Quantizer | None = None
+    acts: list[Clamp] = field(default_factory=list)
+
+    def fusable(self) -> bool:
+        """ORT's QDQ fusion conditions, evaluated on the calibrated values: inputs straight from
+        DequantizeLinear, output into one QuantizeLinear, one container type.
+
+        Clamp activations in between never prevent it: ORT drops the ones it can (:meth:`Clamp.removable`)
+        and the export moves the others behind a copy of the output quantizer (:attr:`needs_copy`), which is
+        exact because clamping commutes with a monotone quantizer. Either way the op runs as an integer
+        kernel and the clamp acts on grid values.
+        """
+        if not self.direct or not ready(*self.inputs, self.out_q):
+            return False
+        out_q = self.out_q
+        assert out_q is not None
+        out_int8 = False if self.needs_copy else stays_int8(out_q)
+        return fits_container(out_q) and all(
+            q is not None and in_container(q) and stays_int8(q) == out_int8 for q in self.inputs)
+
+    @property
+    def needs_copy(self) -> bool:
+        """Whether the export must quantize the op's output before its clamps (ORT would keep them)."""
+        return bool(self.acts) and self.out_q is not None and not chain_removable(self.acts, self.out_q)
+
+
+# ------------------------------------------------------------------------------------ conv / linear
+def bias_scale(layer: QuantWeighted, in_q: Quantizer) -> Tensor:
+    """``float32(s_x * s_w)`` per output channel."""
+    wq = layer.weight_quantizer
+    assert wq is not None
+    return (_scalar(in_q.scale) * wq.scale.reshape(-1).to(torch.float32)).reshape(-1)
+
+
+def quantize_bias(b: Tensor, scale: Tensor) -> Tensor:
+    """int32 bias codes (float dtype): ``clamp(rne(b / scale))``; ``scale`` broadcasts over ``b``."""
+    return torch.clamp(torch.round(b.to(torch.float32) / scale.expand_as(b)), INT32_MIN, INT32_MAX)
+
+
+def weight_codes(layer: QuantWeighted, w: Tensor) -> Tensor:
+    """Integer weight codes (zero-point included, float dtype) of the folded weight ``w``."""
+    q = layer.weight_quantizer
+    assert q is not None
+    return quantize(w, q.scale, q.zero_point, q.qmin, q.qmax, q.axis)
+
+
+def _broadcast_channels(p: Tensor, like: Tensor) -> Tensor:
+    """Shape a per-output-channel vector to broadcast over an (N, C, ...) activation."""
+    return p.reshape(1, -1, *([1] * (like.dim() - 2)))
+
+
+def _weight_axis_shape(w: Tensor) -> list[int]:
+    return [-1] + [1] * (w.dim() - 1)
+
+
+def integer_weighted(layer: QuantWeighted, x: Tensor, w: Tensor, b: Tensor | None, links: Links) -> Tensor:
+    """QLinearConv / QGemm: exact int32 accumulation, float32 requantization, dequantized output."""
+    in_q, wq, out_q = links.inputs[0], layer.weight_quantizer, links.out_q
+    assert in_q is not None and wq is not None and out_q is not None
+    kx = torch.div(x.to(torch.float32), _scalar(in_q.scale)).round_()  # x_q - z_x, exact
+    wz = wq.zero_point.to(torch.float32)
+    wz = wz.reshape(_weight_axis_shape(w)) if wz.numel() > 1 else wz.reshape(())
+    kw = weight_codes(layer, w).to(torch.float32) - wz
+    bq = quantize_bias(b, bias_scale(layer, in_q)) if b is not None else None
+    zx = int(in_q.zero_point.reshape(-1)[0])
+    x_bound = max(abs(in_q.qmin - zx), abs(in_q.qmax - zx))  # |x_q - z_x| never exceeds the range
+    bound = x_bound * float(kw.abs().reshape(kw.shape[0], -1).sum(1).amax())
+    if bq is not None:
+        bound += float(bq.abs().amax())
+    # integer-valued float32 arithmetic is exact below 2^24 whatever the summation order (CPU convolutions
+    # are direct or GEMM-based); otherwise (or on GPU, where Winograd / TF32 may round) use float64
+    exact32 = x.device.type == "cpu" and bound < EXACT_FLOAT32
+    dt = torch.float32 if exact32 else torch.float64
+    acc = layer._compute(kx.to(dt), kw.to(dt), None)
+    if bq is not None:
+        acc.add_(_broadcast_channels(bq.to(dt), acc))
+    if not exact32:
+        acc = acc.round_().clamp_(INT32_MIN, INT32_MAX).to(torch.float32)
+    m = (_scalar(in_q.scale) * wq.scale.reshape(-1).to(torch.float32)) / _scalar(out_q.scale)
+    v = acc.mul_(_broadcast_channels(m, acc) if m.numel() > 1 else m.reshape(()))
+    return requantize(v, out_q).to(x.dtype)
+
+
+def weighted_forward(layer: QuantWeighted, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """A quantized layer at inference: int32 bias always, the integer kernel where ORT fuses."""
+    links: Links | None = getattr(layer, "qb_links", None)
+    in_q = links.inputs[0] if links is not None else None
+    if links is None or in_q is None or not ready(in_q, layer.weight_quantizer) or in_q.scale.numel() != 1:
+        return layer._compute(x, w, b)
+    if links.fusable() and _weight_type_ok(layer, in_q):
+        return integer_weighted(layer, x, w, b, links)
+    if b is not None:
+        sb = bias_scale(layer, in_q)
+        b = quantize_bias(b, sb) * sb.expand_as(b)
+    return layer._compute(x, w, b)
+
+
+def _weight_type_ok(layer: QuantWeighted, in_q: Quantizer) -> bool:
+    """8-bit weights at most (int8 activations run as uint8 in ORT, see the module docstring, so any
+    8-bit weight type fuses)."""
+    wq = layer.weight_quantizer
+    assert wq is not None
+    return wq.scheme.bits <= 8
+
+
+# ------------------------------------------------------------------------------------ add and pool
+class IntAdd(nn.Module):
+    """A residual add that runs ORT's QLinearAdd arithmetic when its inputs and output are quantized."""
+
+    quantbench_kind = "add"
+
+    def __init__(self, links: Links) -> None:
+        super().__init__()
+        object.__setattr__(self, "qb_links", links)
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        links: Links = self.qb_links  # type: ignore[attr-defined]
+        if not (integer_mode() and links.fusable()):
+            return a + b
+        qa, qb, qy = links.inputs[0], links.inputs[1], links.out_q
+        assert qa is not None and qb is not None and qy is not None
+        sy = _scalar(qy.scale)
+        ra, rb = _scalar(qa.scale) / sy, _scalar(qb.scale) / sy  # float32 ratios
+        za, zb, zy = (float(q.zero_point.reshape(-1)[0]) for q in (qa, qb, qy))
+        # c = z_y - (r_a z_a + r_b z_b): the compiler contracts the sum into fma(r_a, z_a, r_b z_b)
+        inner = (ra.double() * za + (rb * zb).double()).float()
+        fixed = torch.tensor(zy, dtype=torch.float32) - inner
+        f64 = torch.float64
+        ca = torch.div(a.to(f64), _scalar(qa.scale).to(f64)).round_().add_(za)  # integer codes, exact
+        cb = torch.div(b.to(f64), _scalar(qb.scale).to(f64)).round_().add_(zb)
+        t = cb.mul_(rb.to(f64)).add_(fixed.to(f64)).float()  # fma(b, r_b, c): exact in float64, one rounding
+        v = ca.mul_(ra.to(f64)).add_(t.to(f64)).float()  # fma(a, r_a, t)
+        return requantize(v, qy, with_zero_point=True).to(a.dtype)
+
+
+class IntGlobalAvgPool(nn.Module):
+    """Global average pooling that runs ORT's QLinearGlobalAveragePool arithmetic when quantized."""
+
+    quantbench_kind = "pool"
+
+    def __init__(self, links: Links) -> None:
+        super().__init__()
+        object.__setattr__(self, "qb_links", links)
+
+    def forward(self, x: Tensor) -> Tensor:
+        links: Links = self.qb_links  # type: ignore[attr-defined]
+        if not (integer_mode() and links.fusable()):
+            return F.adaptive_avg_pool2d(x, 1)
+        qx, qy = links.inputs[0], links.out_q
+        assert qx is not None and qy is not None
+        n = x.shape[-1] * x.shape[-2]
+        zx = float(qx.zero_point.reshape(-1)[0])
+        acc = codes(x, qx).double().sum(dim=(-2, -1), keepdim=True) - zx * n
+        scale = _scalar(qx.scale) / (_scalar(qy.scale) * torch.tensor(float(n), dtype=torch.float32))
+        v = acc.float() * scale
+        return requantize(v, qy).to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------ linking
+ADD_TARGETS = (operator.add, operator.iadd, torch.add)
+# value-preserving ops between a quantizer and its consumer that keep ORT's DequantizeLinear "direct":
+# the exporter emits nothing for them, or ORT's QDQPropagationTransformer re-inserts Q/DQ after them
+# (Reshape, Transpose, Squeeze, Unsqueeze, Slice). Others (Flatten, Pad, Split...) leave the consumer in float.
+_TRANSPARENT_MODULES: tuple[type[nn.Module], ...] = (nn.Identity, nn.Dropout)
+_TRANSPARENT_FUNCTIONS: tuple[object, ...] = (F.dropout, torch.reshape, torch.transpose)
+_TRANSPARENT_METHODS = frozenset({"contiguous", "view", "reshape", "transpose", "permute", "squeeze", "unsqueeze"})
+
+
+def _keeps_dq_direct(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[str(node.target)], _TRANSPARENT_MODULES)
+    if node.op == "call_method":
+        return str(node.target) in _TRANSPARENT_METHODS
+    if node.op == "call_function" and node.target is operator.getitem:  # basic slicing exports as Slice
+        idx = node.args[1]
+        items = idx if isinstance(idx, tuple) else (idx,)
+        return all(isinstance(i, slice) or i is Ellipsis for i in items)
+    return node.op == "call_function" and node.target in _TRANSPARENT_FUNCTIONS
+
+
+class _Linker:
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+
+    def quantizer(self, n: fx.Node) -> Quantizer | None:
+        if n.op == "call_module":
+            m = self.modules.get(str(n.target))
+            if isinstance(m, Quantizer):
+                return m
+        return None
+
+    def source_quantizer(self, n: fx.Node) -> tuple[Quantizer | None, bool]:
+        """The quantizer producing ``n`` (through value-preserving ops) and whether it is ``n`` itself."""
+        direct = True
+        while self.quantizer(n) is None and op_kind(n, self.modules) is OpKind.PASS:
+            ins = tensor_inputs(n)
+            if not ins:
+                break
+            direct = direct and _keeps_dq_direct(n, self.modules)
+            n = ins[0]
+        return self.quantizer(n), direct
+
+    def output_chain(self, n: fx.Node) -> tuple[Quantizer | None, list[Clamp]]:
+        """Follow single users through clamp activations to a quantizer."""
+        acts: list[Clamp] = []
+        while len(n.users) == 1:
+            u = next(iter(n.users))
+            q = self.quantizer(u)
+            if q is not None:
+                return q, acts
+            c = clamp_of(u, self.modules)
+            if c is None:
+                return None, acts
+            acts.append(c)
+            n = u
+        return None, acts
+
+    def links(self, node: fx.Node, inputs: list[fx.Node]) -> Links:
+        srcs = [self.source_quantizer(a) for a in inputs]
+        out_q, acts = self.output_chain(node)
+        return Links([q for q, _ in srcs], all(d for _, d in srcs), out_q, acts)
+
+    def replace(self, node: fx.Node, module: nn.Module, args: tuple) -> None:
+        if not hasattr(self.gm, "qb_int"):
+            self.gm.add_module("qb_int", nn.Module())
+        self.gm.get_submodule("qb_int").add_module(node.name, module)
+        with self.gm.graph.inserting_before(node):
+            new = self.gm.graph.call_module(f"qb_int.{node.name}", args)
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        self.gm.graph.erase_node(node)
+
+    def onnx_readers(self, n: fx.Node) -> int:
+        """How many ONNX nodes will read ``n`` (modules the exporter drops are looked through)."""
+        count = 0
+        for u in n.users:
+            vanishes = u.op == "call_module" and isinstance(self.modules.get(str(u.target)), _TRANSPARENT_MODULES)
+            count += self.onnx_readers(u) if vanishes else 1
+        return count
+
+    def mark_int8_tensors(self) -> None:
+        """Set ``ort_int8`` on int8 quantizers whose tensor ORT keeps in int8 (:func:`stays_int8`)."""
+        for n in self.gm.graph.nodes:
+            q = self.quantizer(n)
+            if q is None or q.qmin >= 0:
+                continue
+            src = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+            fused_producer = src is not None and op_kind(src, self.modules) in (OpKind.WEIGHTED, OpKind.ADD) or (
+                src is not None and op_kind(src, self.modules) is OpKind.POOL and self._is_global_avg_pool(src))
+            if fused_producer and self.onnx_readers(n) > 1:
+                q.ort_int8 = True
+
+    def run(self) -> None:
+        self.mark_int8_tensors()
+        for node in list(self.gm.graph.nodes):
+            kind = op_kind(node, self.modules)
+            if kind is OpKind.WEIGHTED:
+                layer = self.modules[str(node.target)]
+                object.__setattr__(layer, "qb_links", self.links(node, tensor_inputs(node)[:1]))
+            elif kind is OpKind.ADD and self._is_binary_add(node):
+                ins = tensor_inputs(node)
+                links = self.links(node, ins)
+                if links.out_q is not None and all(links.inputs):
+                    self.replace(node, IntAdd(links), (node.args[0], node.args[1]))
+            elif kind is OpKind.POOL and self._is_global_avg_pool(node):
+                links = self.links(node, tensor_inputs(node)[:1])
+                if links.out_q is not None and links.inputs[0] is not None:
+                    self.replace(node, IntGlobalAvgPool(links), (tensor_inputs(node)[0],))
+        self.gm.graph.lint()
+        self.gm.recompile()
+
+    @staticmethod
+    def _is_binary_add(node: fx.Node) -> bool:
+        target_ok = (node.op == "call_function" and node.target in ADD_TARGETS) or (
+            node.op == "call_method" and node.target == "add")
+        return (target_ok and len(node.args) == 2 and not node.kwargs
+                and all(isinstance(a, fx.Node) and is_tensor_node(a) for a in node.args))
+
+    def _is_global_avg_pool(self, node: fx.Node) -> bool:
+        def is_one(v: object) -> bool:
+            return v == 1 or v in ((1, 1), [1, 1])
+
+        if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
+            size = node.kwargs.get("output_size", node.args[1] if len(node.args) > 1 else None)
+            return is_one(size)
+        if node.op == "call_module":
+            m = self.modules[str(node.target)]
+            return isinstance(m, nn.AdaptiveAvgPool2d) and is_one(m.output_size)
+        return False
+
+
+def link_integer_arithmetic(gm: fx.GraphModule) -> None:
+    """Wire layers, adds and global pools to their quantizers and switch activation quantizers to
+    QuantizeLinear's ``x / s`` (in place; called by placement for ``arithmetic: onnxruntime`` backends)."""
+    for m in gm.modules():
+        if isinstance(m, Quantizer) and not m.is_weight:
+            m.onnx_rounding = True
+    _Linker(gm).run()
+
+
+def integer_groups(gm: nn.Module) -> dict[str, str]:
+    """Which ops the simulation ran as ORT integer kernels, by module name (after calibration)."""
+    out: dict[str, str] = {}
+    for name, m in gm.named_modules():
+        links: Links | None = getattr(m, "qb_links", None)
+        if links is None:
+            continue
+        if isinstance(m, (IntAdd, IntGlobalAvgPool)):
+            if links.fusable():
+                out[name] = "QLinearAdd" if isinstance(m, IntAdd) else "QLinearGlobalAveragePool"
+            continue
+        in_q = links.inputs[0]
+        if in_q is not None and links.fusable() and ready(m.weight_quantizer) and _weight_type_ok(m, in_q):
+            out[name] = "QGemm" if m.is_linear else "QLinearConv"
+    return out
