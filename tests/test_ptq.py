@@ -158,3 +158,14 @@ def test_leaf_module_makes_an_untraceable_model_work():
     gm = prepare(_Wrapper(), load_backend("tensorrt"), torch.randn(1, 3, 8, 8), leaf_modules=[_Untraceable])
     calibrate(gm, [(torch.randn(4, 3, 8, 8), None)], progress=False)
     assert gm(torch.randn(2, 3, 8, 8)).shape == (2, 2)
+
+
+def test_prepared_model_can_be_moved_and_cast():
+    """nn.Module.to()/double() must reach every submodule (a layer method named _apply once broke this)."""
+    model = _trained_like(build_model("resnet20_cifar"))
+    x = torch.randn(4, 3, 32, 32)
+    gm = prepare(model, load_backend("tensorrt"), x[:1])
+    set_quantizing(gm, False)
+    gm = gm.to(torch.float64)
+    assert gm.get_submodule("layer1.0.conv1").module.weight.dtype == torch.float64
+    torch.testing.assert_close(gm(x.double()).float(), model(x), rtol=1e-4, atol=1e-4)
