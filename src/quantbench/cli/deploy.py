@@ -67,12 +67,13 @@ def export(
     width_mult: Annotated[float, typer.Option(help="width multiplier")] = 1.0,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     reduce_range: Annotated[bool, typer.Option(
-        "--reduce-range", help="7-bit weights: no int16 overflow in ONNX Runtime on AVX2 CPUs without VNNI")] = False,
+        "--reduce-range", help="7-bit weights: no int16 overflow in ONNX Runtime on AVX2 without VNNI")] = False,
     opset: Annotated[int, typer.Option(help="ONNX opset (13-18)")] = 13,
     artefacts: Annotated[str, typer.Option(
-        help="backend artefacts: auto (the backend's), none, or a list (tensorrt_clip_ranges,snpe_encodings)")] = "auto",
+        help="backend artefacts: auto (the backend's), none, or tensorrt_clip_ranges,snpe_encodings")] = "auto",
     from_: Annotated[Path | None, typer.Option(
-        "--from", help="export a saved simulation (QAT run / earlier export) instead of calibrating")] = None,
+        "--from", help="export a `quantbench qat` run (its folder or final.pt) or a saved simulation "
+                       "(*.qb.safetensors) instead of calibrating")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Export a PTQ- or QAT-quantized model to ONNX (QuantizeLinear/DequantizeLinear, BN folded) with the
@@ -84,10 +85,16 @@ def export(
     from quantbench.deploy.pipeline import calibrated_model, resolved_spec
 
     if from_ is not None:
-        gm, config = load_simulation(from_)
-        config.pop("_path", None)
         import torch
 
+        if from_.suffix == ".pt" or (from_ / "final.pt").is_file():  # a `quantbench qat` run
+            from quantbench.deploy.qat_bridge import load_qat_run, simulation_from_qat
+
+            gm_qat, config = load_qat_run(from_)
+            gm = simulation_from_qat(gm_qat)
+        else:
+            gm, config = load_simulation(from_)
+            config.pop("_path", None)
         example = torch.zeros(1, *config["input_size"])
     else:
         if model is None or data is None:
@@ -107,15 +114,17 @@ def export(
         "file": sim_file.name, "sha256": sha256(sim_file)}}, artefacts=_artefact_names(artefacts))
     rec = result.record
     risk = rec["int16_overflow_risk"]
+    be = rec["backend"]
+    kernels = ", ".join(f"{k} x{v}" for k, v in _count(rec["integer_kernels"]).items()) or "none"
     rows = [
-        ("backend", f"{rec['backend']['name']} (W{rec['backend']['weight']['bits']}A{rec['backend']['activation']['bits']}"
-                    f"{', reduce_range' if rec['backend']['reduce_range'] else ''})"),
+        ("backend", f"{be['name']} (W{be['weight']['bits']}A{be['activation']['bits']}"
+                    f"{', reduce_range' if be['reduce_range'] else ''})"),
         ("activation QDQ pairs", len(rec["activations"])),
         ("weights", f"{len(rec['weights'])} ({', '.join(sorted({w['dtype'] for w in rec['weights']}))}, "
                     f"{'per-channel' if any(w['per_channel'] for w in rec['weights']) else 'per-tensor'})"),
         ("int32 biases", len(rec["biases"])),
         ("narrow ranges", len(rec["narrow_ranges"]) or "none"),
-        ("expected ORT int8 kernels", ", ".join(f"{k} x{v}" for k, v in _count(rec["integer_kernels"]).items()) or "none"),
+        ("expected ORT int8 kernels", kernels),
         ("int16 overflow risk (AVX2, no VNNI)", f"{len(risk['layers'])} layer(s)" if risk["at_risk"] else "none"),
         ("opset / exporter", f"{rec['exporter']['opset']} / {rec['exporter']['name']}"),
         ("ONNX", f"{result.path} ({result.path.stat().st_size / 1e6:.2f} MB)"),
@@ -142,7 +151,7 @@ def verify(
     max_test: Annotated[int | None, typer.Option(help="use the first N test images")] = None,
     batch_size: Annotated[int, typer.Option(help="images per batch")] = 256,
     x64_quant_precision: Annotated[bool, typer.Option(
-        "--x64-quant-precision", help="ORT session.x64quantprecision=1: exact u8u8 kernels on AVX2 without VNNI")] = False,
+        "--x64-quant-precision", help="ORT session.x64quantprecision=1 (exact u8u8 kernels on AVX2)")] = False,
     threads: Annotated[int | None, typer.Option(help="ORT intra-op threads (default: all cores)")] = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -166,13 +175,15 @@ def verify(
     if max_test is not None and max_test < len(test):  # type: ignore[arg-type]
         test = torch.utils.data.Subset(test, range(max_test))
     res = verify_onnx(onnx, gm, make_loader(test, batch_size), x64_quant_precision, threads, progress=not quiet)
-    fmt = (lambda v: "-" if v is None else f"{v:.2f}")
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
     delta = None if res.sim_top1 is None else res.real_top1 - res.sim_top1  # type: ignore[operator]
     rows = [
         ("backend", res.backend), ("images", res.n), ("sim top-1", fmt(res.sim_top1)),
         ("ORT top-1", fmt(res.real_top1)), ("Δ (ORT - sim)", fmt(delta)), ("agreement", f"{100 * res.agreement:.2f} %"),
         ("max |Δ logit|", f"{res.max_abs_logit_diff:.4g}"), ("mean |Δ logit|", f"{res.mean_abs_logit_diff:.4g}"),
-        ("int8 kernels (after ORT optimization)", ", ".join(f"{k} x{v}" for k, v in res.int8_kernels.items()) or "none"),
+        ("int8 kernels (after ORT optimization)", ", ".join(f"{k} x{v}" for k, v in res.int8_kernels.items())),
         ("status", res.status),
         ("session", f"onnxruntime {res.onnxruntime}, x64quantprecision={int(res.x64_quant_precision)}"),
         ("CPU", f"{res.cpu.get('cpu')} (AVX2 {res.cpu.get('avx2')}, VNNI {res.cpu.get('vnni')})"),
@@ -256,8 +267,8 @@ def latency(
     if data is not None:
         from quantbench.data import calibration_subset, load_data
 
-        bundle = load_data(data, entry.mean, entry.std, size)
-        calib = torch.stack([bundle.train[i][0] for i in calibration_subset(bundle, 32, 0).indices])
+        calib_set = calibration_subset(load_data(data, entry.mean, entry.std, size), 32, 0)
+        calib = torch.stack([calib_set[i][0] for i in range(len(calib_set))])
     net = build_model(model, weights, width_mult)
     ctx = make_context(net, size, calib, threads)
     report = measure(ctx, names, _ints(batch_sizes, "--batch-sizes"), repeats, warmup, not quiet, model)
@@ -312,7 +323,12 @@ def size(
     t.add_column("quantity")
     for label, _ in reports:
         t.add_column(label, justify="right")
-    mb = (lambda v: f"{v / 1e6:.3f} MB")
+    def mb(v: float) -> str:
+        return f"{v / 1e6:.3f} MB"
+
+    def fmap(r: Any, n: int) -> str:
+        return f"{n:,} el. = {mb(r.fmap_bytes(n))}"
+
     rows = [
         ("parameters", lambda r: f"{r.total_params / 1e6:.3f} M ({r.weight_params:,} conv/linear weights)"),
         ("FP32 bytes (all parameters)", lambda r: mb(r.fp32_bytes)),
@@ -320,8 +336,8 @@ def size(
         ("C_size (eq. 6, 1e6 bits)", lambda r: f"{r.c_size_bits / 1e6:.3f}"),
         ("weights packed", lambda r: mb(r.weight_bytes)),
         ("deployed (weights + int32 bias per channel)", lambda r: mb(r.deployed_bytes)),
-        (f"largest feature map ({a_bits}-bit)", lambda r: f"{r.fmap_max_elems:,} el. = {mb(r.fmap_bytes(r.fmap_max_elems))}"),
-        (f"all feature maps ({a_bits}-bit)", lambda r: f"{r.fmap_sum_elems:,} el. = {mb(r.fmap_bytes(r.fmap_sum_elems))}"),
+        (f"largest feature map ({a_bits}-bit)", lambda r: fmap(r, r.fmap_max_elems)),
+        (f"all feature maps ({a_bits}-bit)", lambda r: fmap(r, r.fmap_sum_elems)),
         ("inference memory, 1 image (App. F)", lambda r: mb(r.footprint_bytes)),
     ]
     for name, fn in rows:

@@ -70,10 +70,27 @@ def read_config(path: str | Path) -> dict[str, Any]:
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError) as exc:
-        raise ExportError(f"{p} is not a safetensors file ({exc}); expected a quantbench simulation checkpoint") from exc
+        raise ExportError(f"{p} is not a safetensors file ({exc}); expected a quantbench simulation "
+                          "checkpoint") from exc
     if KEY not in meta:
         raise ExportError(f"{p} is a safetensors file but not a quantbench simulation checkpoint (no {KEY!r} metadata)")
     return {**json.loads(meta[KEY]), "_path": str(p)}
+
+
+def _match_folded_layers(gm: fx.GraphModule, state: dict[str, torch.Tensor]) -> None:
+    """Layers saved with BN already folded into the conv (a converted QAT model) get that structure."""
+    from torch import nn
+
+    from quantbench.graph.qmodules import QuantWeighted
+
+    for name, m in gm.named_modules():
+        if not isinstance(m, QuantWeighted):
+            continue
+        if m.bn is not None and f"{name}.bn.running_mean" not in state:
+            m.bn = None
+        bias = state.get(f"{name}.module.bias")
+        if bias is not None and m.module.bias is None:
+            m.module.bias = nn.Parameter(torch.zeros_like(bias), requires_grad=False)
 
 
 def load_simulation(path: str | Path, device: str = "cpu") -> tuple[fx.GraphModule, dict[str, Any]]:
@@ -86,6 +103,7 @@ def load_simulation(path: str | Path, device: str = "cpu") -> tuple[fx.GraphModu
     example = torch.zeros(1, *config["input_size"])
     gm = prepare(model, spec, example, config.get("w_observer", "minmax"), config.get("a_observer", "minmax"))
     state = load_file(config["_path"])
+    _match_folded_layers(gm, state)
     result = gm.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ExportError(f"{config['_path']} does not match model {config['model']!r}: missing "

@@ -10,6 +10,7 @@ from torch import nn
 from quantbench.backends.spec import BackendSpec
 from quantbench.deploy.errors import ExportError
 from quantbench.deploy.qdq import ExportQDQ, ExportWeighted, PlainAdd, PlainGlobalAvgPool
+from quantbench.graph import requant
 from quantbench.graph.qmodules import QuantWeighted
 from quantbench.graph.quantize import activation_quantizers, weight_layers
 from quantbench.graph.requant import IntAdd, IntGlobalAvgPool, Links
@@ -73,8 +74,9 @@ def lower_for_export(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``gm`` whose quantizers and quantized layers emit ONNX QDQ nodes when exported."""
     check_exportable(gm)
     out = copy.deepcopy(gm).eval()
-    moves = {name: m.qb_links for name, m in out.named_modules()
-             if getattr(m, "qb_links", None) is not None and m.qb_links.needs_copy and m.qb_links.fusable()}
+    linked = {name: m for name, m in out.named_modules() if getattr(m, "qb_links", None) is not None}
+    moves = {name: m.qb_links for name, m in linked.items() if m.qb_links.needs_copy and m.qb_links.fusable()}
+    regrids = {name: m.qb_links for name, m in linked.items() if any(m.qb_links.regrid) and _fuses(m)}
     for name, m in list(out.named_modules()):
         if isinstance(m, QuantWeighted) and m.weight_quantizer is not None:
             _set(out, name, ExportWeighted(m, name))
@@ -88,24 +90,57 @@ def lower_for_export(gm: fx.GraphModule) -> fx.GraphModule:
         elif isinstance(m, IntGlobalAvgPool):
             _set(out, name, PlainGlobalAvgPool())
     _quantize_before_clamps(out, moves)
+    _regrid_inputs(out, regrids)
     _one_int8_pair_per_consumer(out)
     out.recompile()
     return out
 
 
-_VANISH_MODULES = (nn.Identity, nn.Dropout)
+def _fuses(m: nn.Module) -> bool:
+    """Whether ORT runs this op as an integer kernel once its inputs come from DequantizeLinear."""
+    links = m.qb_links
+    if isinstance(m, QuantWeighted):
+        return (links.fusable() and requant._weight_type_ok(m, links)) or (
+            links.out_q is None and requant.qgemm_float_output(m, links))
+    return links.fusable()
+
+
+def _regrid_inputs(out: fx.GraphModule, regrids: dict[str, Links]) -> None:
+    """Re-quantize inputs that reach an integer op through value-preserving ops (pad, slice, flatten...)
+    with a copy of their quantizer, so ORT sees DequantizeLinear -> op; exact, the values are on the grid."""
+    holder = _holder(out)
+    for node in list(out.graph.nodes):
+        links = regrids.get(str(node.target)) if node.op == "call_module" else None
+        if links is None:
+            continue
+        for i, (q, regrid) in enumerate(zip(links.inputs, links.regrid, strict=True)):
+            if not regrid or q is None:
+                continue
+            arg = node.args[i]
+            name = f"{q.name}__regrid_{node.name}"
+            holder.add_module(name, ExportQDQ(q, name, copy_of=q.name))
+            with out.graph.inserting_before(node):
+                qnode = out.graph.call_module(f"qb_act_copy.{name}", (arg,))
+            node.replace_input_with(arg, qnode)
+    out.graph.lint()
+
+
+def _holder(out: fx.GraphModule) -> nn.Module:
+    if not hasattr(out, "qb_act_copy"):
+        out.add_module("qb_act_copy", nn.Module())
+    return out.get_submodule("qb_act_copy")
 
 
 def _readers(out: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
     """The ops that will read ``node`` in ONNX (looking through modules the exporter drops)."""
+    modules = dict(out.named_modules())
     found: list[fx.Node] = []
     for u in node.users:
-        m = out.get_submodule(str(u.target)) if u.op == "call_module" else None
-        found.extend(_readers(out, u) if isinstance(m, _VANISH_MODULES) else [u])
+        found.extend(_readers(out, u) if requant.vanishes(u, modules) else [u])
     return found
 
 
-def _one_int8_pair_per_consumer(out: fx.GraphModule) -> None:  # noqa: C901
+def _one_int8_pair_per_consumer(out: fx.GraphModule) -> None:
     """An int8 quantizer read by several ops gets one QuantizeLinear/DequantizeLinear pair per reader.
 
     ORT converts an int8 pair to uint8 (QDQS8ToU8Transformer) only when the QuantizeLinear has one consumer;
@@ -113,7 +148,7 @@ def _one_int8_pair_per_consumer(out: fx.GraphModule) -> None:  # noqa: C901
     in float. The extra readers get a pair of their own (same scale and zero-point), except after an op ORT
     could fuse (a second QuantizeLinear would stop that fusion; :func:`quantbench.graph.requant.stays_int8`
     tells the simulation such a tensor stays int8)."""
-    holder = out.get_submodule("qb_act_copy") if hasattr(out, "qb_act_copy") else None
+    holder = _holder(out)
     for node in list(out.graph.nodes):
         m = out.get_submodule(str(node.target)) if node.op == "call_module" else None
         if not isinstance(m, ExportQDQ) or m.qmin >= 0 or m.keeps_int8:
@@ -121,9 +156,6 @@ def _one_int8_pair_per_consumer(out: fx.GraphModule) -> None:  # noqa: C901
         readers = _readers(out, node)
         if len(readers) < 2:
             continue
-        if holder is None:
-            holder = nn.Module()
-            out.add_module("qb_act_copy", holder)
         for k, reader in enumerate(readers[1:], start=1):
             name = f"{m.qname}__reader{k}"
             dup = copy.deepcopy(m)
@@ -138,8 +170,9 @@ def _one_int8_pair_per_consumer(out: fx.GraphModule) -> None:  # noqa: C901
 
 
 def _ancestors_through_vanish(out: fx.GraphModule, n: fx.Node) -> list[fx.Node]:
+    modules = dict(out.named_modules())
     chain = []
-    while n.op == "call_module" and isinstance(out.get_submodule(str(n.target)), _VANISH_MODULES):
+    while requant.vanishes(n, modules) and n.all_input_nodes:
         n = n.all_input_nodes[0]
         chain.append(n)
     return chain
@@ -150,8 +183,7 @@ def _quantize_before_clamps(out: fx.GraphModule, moves: dict[str, Links]) -> Non
     the clamp and so run the op in float; clamping commutes with a monotone quantizer, so values are equal."""
     if not moves:
         return
-    holder = nn.Module()
-    out.add_module("qb_act_copy", holder)
+    holder = _holder(out)
     for node in list(out.graph.nodes):
         links = moves.get(str(node.target)) if node.op == "call_module" else None
         if links is None or len(node.users) != 1:

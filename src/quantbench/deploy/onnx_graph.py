@@ -95,12 +95,15 @@ def name_qdq_nodes(model: onnx.ModelProto, emitted: list[Emitted], expected: dic
     dq_const = [n for n in g.graph.node if n.op_type == "DequantizeLinear" and g.constant(n.input[0]) is not None]
     if len(q_nodes) != len(acts) or len(dq_const) != len(consts):
         raise ExportError(f"internal: the exporter emitted {len(q_nodes)} QuantizeLinear / {len(dq_const)} constant "
-                          f"DequantizeLinear nodes for {len(acts)} activation quantizers and {len(consts)} weights/biases")
+                          f"DequantizeLinear nodes for {len(acts)} activation quantizers and {len(consts)} "
+                          "weights/biases")
     where: dict[str, dict] = {}
     for node, e in zip(q_nodes, acts, strict=True):
         exp = expected[e.name]
         scale, zp = g.constant(node.input[1]), g.constant(node.input[2])
-        if scale is None or zp is None or not (np.array_equal(scale, exp["scale"]) and np.array_equal(zp, exp["zero_point"])):
+        same = scale is not None and zp is not None and np.array_equal(scale, exp["scale"]) and np.array_equal(
+            zp, exp["zero_point"])
+        if not same:
             raise ExportError(f"internal: QuantizeLinear {node.name} does not carry the parameters of {e.name}")
         node.name = f"{e.name}/QuantizeLinear"
         g.set_constant(node, 1, f"{e.name}.scale", scale)

@@ -109,7 +109,8 @@ class SizeReport:
             "weight_bytes_packed": self.weight_bytes, "deployed_bytes": self.deployed_bytes,
             "all_params_bytes_at_w_bits": self.all_params_bytes(),
             "fmap_max_elems": self.fmap_max_elems, "fmap_sum_elems": self.fmap_sum_elems,
-            "fmap_max_bytes": self.fmap_bytes(self.fmap_max_elems), "fmap_sum_bytes": self.fmap_bytes(self.fmap_sum_elems),
+            "fmap_max_bytes": self.fmap_bytes(self.fmap_max_elems),
+            "fmap_sum_bytes": self.fmap_bytes(self.fmap_sum_elems),
             "footprint_bytes": self.footprint_bytes, "notes": self.notes,
             "layers": [{**asdict(layer), "c_size_bits": layer.c_size_bits, "packed_bytes": layer.packed_bytes}
                        for layer in self.layers],

@@ -99,8 +99,9 @@ def verify_onnx(onnx_path: str | Path, sim: nn.Module, loader: Iterable, x64_qua
         raise DataError("verify got no images: check --data (and --max-test)")
     expected = dict(Counter(record.get("integer_kernels", {}).values()))
     cpu = cpu_features()
-    status = "int8" if report.int8_complete else (
-        f"partial-int8: {len(report.float_ops)} op(s) ran in float ({', '.join(sorted({f['op'] for f in report.float_ops}))})")
+    float_kinds = ", ".join(sorted({f["op"] for f in report.float_ops}))
+    n_float = len(report.float_ops)
+    status = "int8" if report.int8_complete else f"partial-int8: {n_float} op(s) ran in float ({float_kinds})"
     return VerifyResult(
         sim_top1=100.0 * sim_ok / n if has_labels else None,
         real_top1=100.0 * real_ok / n if has_labels else None,

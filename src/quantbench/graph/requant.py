@@ -4,27 +4,29 @@ ONNX Runtime (ORT) turns a QDQ graph into integer kernels where it can and runs 
 dequantized values. Bit for bit, at inference (``torch.no_grad()``) the simulation computes what ORT
 computes:
 
-* **QLinearConv / QGemm** (a conv or linear whose input comes straight from a quantizer and whose output,
-  through activations ORT drops, goes straight into one): ``acc = sum((x_q - z_x) * (w_q - z_w)) + b_q``
-  exactly in int32, then ``y_q = sat(rne(float32(acc) * M) + z_y)`` with ``M = float32(float32(s_x * s_w)
-  / s_y)`` per output channel (ORT ``QLinearConv::ComputeOutputScale``, ``MlasRequantizeOutput``).
+* **QLinearConv / QGemm** (a conv or linear whose input comes from a quantizer and whose output goes
+  into one, possibly through clamps): ``acc = sum((x_q - z_x) * (w_q - z_w)) + b_q`` exactly in int32, then
+  ``y_q = sat(rne(float32(acc) * M) + z_y)`` with ``M = float32(float32(s_x * s_w) / s_y)`` per output
+  channel (ORT ``QLinearConv::ComputeOutputScale``, ``MlasRequantizeOutput``).
+* **QGemm with float output** (the logits): ``float32(acc + b_q) * float32(s_x * s_w)``.
 * **int32 bias** for every quantized conv/linear, fused or not: ``b_q = rne(b / float32(s_x * s_w))``,
   zero-point 0 (ORT's QDQ convention); the float fallback adds the dequantized ``b_q * s_x * s_w``.
 * **QLinearAdd** (MLAS AVX2 kernel): ``y_q = sat(rne(fma(a_q, r_a, fma(b_q, r_b, c))))`` with
   ``r_a = float32(s_a / s_y)``, ``r_b = float32(s_b / s_y)``, ``c = z_y - fma(r_a, z_a, r_b z_b)`` (the
-  compiled kernel contracts that sum into an FMA; checked against ORT 1.32 output codes).
-* **QLinearGlobalAveragePool**: ``y_q = sat(rne(float32(sum(x_q) - z_x N) * float32(s_x / float32(s_y N))) + z_y)``.
+  compiled kernel contracts that sum into an FMA; checked against ORT 1.32 output codes), on codes and
+  zero-points shifted by 128 where ORT turned int8 tensors into uint8.
+* **QLinearGlobalAveragePool**: ``y_q = sat(rne(float32(sum(x_q) - z_x N) * float32(s_x / float32(s_y N)))
+  + z_y)``.
 * **QuantizeLinear** (everything left in float): ``rne(x / s) + z`` -- a division, as ONNX specifies.
 
-An op fuses when its inputs come straight from DequantizeLinear (ops the exporter drops or ORT propagates
-QDQ through, like Reshape or Slice, do not count; Flatten or Pad do) and its output goes into one
-QuantizeLinear at the full 8-bit container range (narrow and sub-8-bit ranges are exported with a Clip,
-which ORT keeps in float). ORT drops a Relu before QuantizeLinear only when the zero-point is the
-container's minimum and a Clip only when the quantized range lies inside it (``ReluQuantTransformer``,
-``ClipQuantFusion``); the export places a copy of the quantizer before any other clamp (exact: clamping
-commutes with a monotone quantizer), so those ops fuse too. ORT runs int8 activations as uint8
-(``QDQS8ToU8Transformer``, zero-point + 128, same values) when a QuantizeLinear has a single consumer;
-the export gives an int8 tensor read by several ops one pair per reader so that holds everywhere.
+Which ops fuse follows ORT's rules on the calibrated values (:meth:`Links.fusable`): inputs from
+DequantizeLinear, output into one QuantizeLinear at the full 8-bit container range (narrow and sub-8-bit
+ranges are exported with a Clip, which ORT keeps in float), one container type. The export makes the rest
+hold with exact copies of quantizers (``quantbench.deploy.lower``): it re-quantizes inputs that reach an op
+through Pad/Slice/Flatten ("regrid"), quantizes before a Relu/Clip that ORT would keep (ORT drops a Relu
+only at the container's minimum zero-point, ``ReluQuantTransformer``; clamping commutes with a monotone
+quantizer), and gives each reader of an int8 tensor its own pair (``QDQS8ToU8Transformer`` turns int8 pairs
+into uint8 only for single-reader QuantizeLinear nodes; see :func:`stays_int8`).
 
 The integer path returns the requantized output already dequantized; the following quantizer
 re-quantizes it exactly (values on its own grid), so the graph keeps its structure. With gradients
@@ -98,7 +100,9 @@ def _scalar(t: Tensor) -> Tensor:
 
 def codes(x: Tensor, q: Quantizer) -> Tensor:
     """Integer codes (zero-point included, float dtype) of a tensor that is on ``q``'s grid."""
-    return torch.div(x.to(torch.float32), _scalar(q.scale)).round_().add_(float(q.zero_point.reshape(-1)[0]))
+    # x = (q - z) * s in float32, so x * (1 / s) is within an ulp of the integer q - z: rounding recovers it
+    inv = torch.reciprocal(_scalar(q.scale))
+    return torch.mul(x.to(torch.float32), inv).round_().add_(float(q.zero_point.reshape(-1)[0]))
 
 
 def requantize(v: Tensor, q: Quantizer, with_zero_point: bool = False) -> Tensor:
@@ -164,26 +168,35 @@ class Links:
     """How an op is wired to quantizers, for the integer path (kept out of the module tree)."""
 
     inputs: list[Quantizer | None]
-    direct: bool  # every input comes straight from its quantizer (ORT sees DequantizeLinear -> op)
+    # input i reaches the op through value-preserving ops (pad, slice, flatten...): the export re-quantizes
+    # it with a copy of its quantizer right before the op (exact: the values are on that grid), so ORT sees
+    # DequantizeLinear -> op
+    regrid: list[bool] = field(default_factory=list)
     out_q: Quantizer | None = None
     acts: list[Clamp] = field(default_factory=list)
 
+    def inputs_ready(self) -> bool:
+        return ready(*self.inputs) and all(q is not None and in_container(q) for q in self.inputs)
+
+    def input_int8(self, i: int) -> bool:
+        q = self.inputs[i]
+        return q is not None and not self.regrid[i] and stays_int8(q)
+
     def fusable(self) -> bool:
-        """ORT's QDQ fusion conditions, evaluated on the calibrated values: inputs straight from
-        DequantizeLinear, output into one QuantizeLinear, one container type.
+        """ORT's QDQ fusion conditions, evaluated on the calibrated values: inputs from DequantizeLinear,
+        output into one QuantizeLinear at the full container range, one container type.
 
         Clamp activations in between never prevent it: ORT drops the ones it can (:meth:`Clamp.removable`)
         and the export moves the others behind a copy of the output quantizer (:attr:`needs_copy`), which is
         exact because clamping commutes with a monotone quantizer. Either way the op runs as an integer
         kernel and the clamp acts on grid values.
         """
-        if not self.direct or not ready(*self.inputs, self.out_q):
+        if not self.inputs_ready() or not ready(self.out_q):
             return False
         out_q = self.out_q
         assert out_q is not None
         out_int8 = False if self.needs_copy else stays_int8(out_q)
-        return fits_container(out_q) and all(
-            q is not None and in_container(q) and stays_int8(q) == out_int8 for q in self.inputs)
+        return fits_container(out_q) and all(self.input_int8(i) == out_int8 for i in range(len(self.inputs)))
 
     @property
     def needs_copy(self) -> bool:
@@ -224,7 +237,7 @@ def integer_weighted(layer: QuantWeighted, x: Tensor, w: Tensor, b: Tensor | Non
     """QLinearConv / QGemm: exact int32 accumulation, float32 requantization, dequantized output."""
     in_q, wq, out_q = links.inputs[0], layer.weight_quantizer, links.out_q
     assert in_q is not None and wq is not None and out_q is not None
-    kx = torch.div(x.to(torch.float32), _scalar(in_q.scale)).round_()  # x_q - z_x, exact
+    kx = torch.mul(x.to(torch.float32), torch.reciprocal(_scalar(in_q.scale))).round_()  # x_q - z_x (on grid)
     wz = wq.zero_point.to(torch.float32)
     wz = wz.reshape(_weight_axis_shape(w)) if wz.numel() > 1 else wz.reshape(())
     kw = weight_codes(layer, w).to(torch.float32) - wz
@@ -248,14 +261,37 @@ def integer_weighted(layer: QuantWeighted, x: Tensor, w: Tensor, b: Tensor | Non
     return requantize(v, out_q).to(x.dtype)
 
 
+def qgemm_float_output(layer: QuantWeighted, links: Links) -> bool:
+    """ORT turns DequantizeLinear -> Gemm with a float output (the logits) into QGemm with float output."""
+    return layer.is_linear and links.inputs_ready() and _weight_type_ok(layer, links)
+
+
+def integer_linear_float_output(layer: QuantWeighted, x: Tensor, w: Tensor, b: Tensor | None,
+                                links: Links) -> Tensor:
+    """QGemm with float output: ``float32(acc + b_q) * float32(s_x * s_w)`` (MLAS scale-bias post-processor)."""
+    in_q, wq = links.inputs[0], layer.weight_quantizer
+    assert in_q is not None and wq is not None
+    kx = torch.mul(x.to(torch.float32), torch.reciprocal(_scalar(in_q.scale))).round_()
+    wz = wq.zero_point.to(torch.float32)
+    wz = wz.reshape(_weight_axis_shape(w)) if wz.numel() > 1 else wz.reshape(())
+    kw = weight_codes(layer, w).to(torch.float32) - wz
+    acc = F.linear(kx.double(), kw.double())  # exact integers
+    if b is not None:
+        acc = acc + quantize_bias(b, bias_scale(layer, in_q)).double()
+    scale = bias_scale(layer, in_q)  # float32(s_x * s_w)
+    return (acc.float() * scale).to(x.dtype)
+
+
 def weighted_forward(layer: QuantWeighted, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     """A quantized layer at inference: int32 bias always, the integer kernel where ORT fuses."""
     links: Links | None = getattr(layer, "qb_links", None)
     in_q = links.inputs[0] if links is not None else None
     if links is None or in_q is None or not ready(in_q, layer.weight_quantizer) or in_q.scale.numel() != 1:
         return layer._compute(x, w, b)
-    if links.fusable() and _weight_type_ok(layer, in_q):
+    if links.fusable() and _weight_type_ok(layer, links):
         return integer_weighted(layer, x, w, b, links)
+    if links.out_q is None and qgemm_float_output(layer, links):
+        return integer_linear_float_output(layer, x, w, b, links)
     if b is not None:
         sb = bias_scale(layer, in_q)
         b = quantize_bias(b, sb) * sb.expand_as(b)
@@ -288,15 +324,18 @@ class IntAdd(nn.Module):
         assert qa is not None and qb is not None and qy is not None
         sy = _scalar(qy.scale)
         ra, rb = _scalar(qa.scale) / sy, _scalar(qb.scale) / sy  # float32 ratios
-        za, zb, zy = (float(q.zero_point.reshape(-1)[0]) for q in (qa, qb, qy))
+        # int8 tensors ORT turned into uint8 (stays_int8 False) run with codes and zero-points + 128: the same
+        # values, but this float kernel rounds differently with the shifted zero-points
+        out_int8 = False if links.needs_copy else stays_int8(qy)
+        shift = 128.0 if qy.qmin < 0 and not out_int8 else 0.0
+        za, zb, zy = (float(q.zero_point.reshape(-1)[0]) + shift for q in (qa, qb, qy))
         # c = z_y - (r_a z_a + r_b z_b): the compiler contracts the sum into fma(r_a, z_a, r_b z_b)
         inner = (ra.double() * za + (rb * zb).double()).float()
         fixed = torch.tensor(zy, dtype=torch.float32) - inner
         f64 = torch.float64
-        ca = torch.div(a.to(f64), _scalar(qa.scale).to(f64)).round_().add_(za)  # integer codes, exact
-        cb = torch.div(b.to(f64), _scalar(qb.scale).to(f64)).round_().add_(zb)
+        ca, cb = codes(a, qa).to(f64).add_(shift), codes(b, qb).to(f64).add_(shift)  # integer codes
         t = cb.mul_(rb.to(f64)).add_(fixed.to(f64)).float()  # fma(b, r_b, c): exact in float64, one rounding
-        v = ca.mul_(ra.to(f64)).add_(t.to(f64)).float()  # fma(a, r_a, t)
+        v = ca.mul_(ra.to(f64)).add_(t.to(f64)).float().sub_(shift)  # fma(a, r_a, t), back to int8 codes
         return requantize(v, qy, with_zero_point=True).to(a.dtype)
 
 
@@ -325,24 +364,18 @@ class IntGlobalAvgPool(nn.Module):
 
 # ------------------------------------------------------------------------------------------ linking
 ADD_TARGETS = (operator.add, operator.iadd, torch.add)
-# value-preserving ops between a quantizer and its consumer that keep ORT's DequantizeLinear "direct":
-# the exporter emits nothing for them, or ORT's QDQPropagationTransformer re-inserts Q/DQ after them
-# (Reshape, Transpose, Squeeze, Unsqueeze, Slice). Others (Flatten, Pad, Split...) leave the consumer in float.
-_TRANSPARENT_MODULES: tuple[type[nn.Module], ...] = (nn.Identity, nn.Dropout)
-_TRANSPARENT_FUNCTIONS: tuple[object, ...] = (F.dropout, torch.reshape, torch.transpose)
-_TRANSPARENT_METHODS = frozenset({"contiguous", "view", "reshape", "transpose", "permute", "squeeze", "unsqueeze"})
+# modules and methods the ONNX exporter emits nothing for
+_VANISHING_MODULES: tuple[type[nn.Module], ...] = (nn.Identity, nn.Dropout)
+_VANISHING_METHODS = frozenset({"contiguous"})
 
 
-def _keeps_dq_direct(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+def vanishes(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` leaves no trace in the exported ONNX graph."""
     if node.op == "call_module":
-        return isinstance(modules[str(node.target)], _TRANSPARENT_MODULES)
+        return isinstance(modules.get(str(node.target)), _VANISHING_MODULES)
     if node.op == "call_method":
-        return str(node.target) in _TRANSPARENT_METHODS
-    if node.op == "call_function" and node.target is operator.getitem:  # basic slicing exports as Slice
-        idx = node.args[1]
-        items = idx if isinstance(idx, tuple) else (idx,)
-        return all(isinstance(i, slice) or i is Ellipsis for i in items)
-    return node.op == "call_function" and node.target in _TRANSPARENT_FUNCTIONS
+        return str(node.target) in _VANISHING_METHODS
+    return node.op == "call_function" and node.target is F.dropout
 
 
 class _Linker:
@@ -358,15 +391,16 @@ class _Linker:
         return None
 
     def source_quantizer(self, n: fx.Node) -> tuple[Quantizer | None, bool]:
-        """The quantizer producing ``n`` (through value-preserving ops) and whether it is ``n`` itself."""
-        direct = True
+        """The quantizer producing ``n`` (through value-preserving ops) and whether ops the export keeps
+        lie in between (then the export re-quantizes the input right before its reader)."""
+        regrid = False
         while self.quantizer(n) is None and op_kind(n, self.modules) is OpKind.PASS:
             ins = tensor_inputs(n)
             if not ins:
                 break
-            direct = direct and _keeps_dq_direct(n, self.modules)
+            regrid = regrid or not vanishes(n, self.modules)
             n = ins[0]
-        return self.quantizer(n), direct
+        return self.quantizer(n), regrid
 
     def output_chain(self, n: fx.Node) -> tuple[Quantizer | None, list[Clamp]]:
         """Follow single users through clamp activations to a quantizer."""
@@ -386,7 +420,7 @@ class _Linker:
     def links(self, node: fx.Node, inputs: list[fx.Node]) -> Links:
         srcs = [self.source_quantizer(a) for a in inputs]
         out_q, acts = self.output_chain(node)
-        return Links([q for q, _ in srcs], all(d for _, d in srcs), out_q, acts)
+        return Links([q for q, _ in srcs], [r for _, r in srcs], out_q, acts)
 
     def replace(self, node: fx.Node, module: nn.Module, args: tuple) -> None:
         if not hasattr(self.gm, "qb_int"):
@@ -402,8 +436,7 @@ class _Linker:
         """How many ONNX nodes will read ``n`` (modules the exporter drops are looked through)."""
         count = 0
         for u in n.users:
-            vanishes = u.op == "call_module" and isinstance(self.modules.get(str(u.target)), _TRANSPARENT_MODULES)
-            count += self.onnx_readers(u) if vanishes else 1
+            count += self.onnx_readers(u) if vanishes(u, self.modules) else 1
         return count
 
     def mark_int8_tensors(self) -> None:
@@ -413,7 +446,7 @@ class _Linker:
             if q is None or q.qmin >= 0:
                 continue
             src = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
-            fused_producer = src is not None and op_kind(src, self.modules) in (OpKind.WEIGHTED, OpKind.ADD) or (
+            fused_producer = (src is not None and op_kind(src, self.modules) in (OpKind.WEIGHTED, OpKind.ADD)) or (
                 src is not None and op_kind(src, self.modules) is OpKind.POOL and self._is_global_avg_pool(src))
             if fused_producer and self.onnx_readers(n) > 1:
                 q.ort_int8 = True
@@ -422,9 +455,11 @@ class _Linker:
         self.mark_int8_tensors()
         for node in list(self.gm.graph.nodes):
             kind = op_kind(node, self.modules)
-            if kind is OpKind.WEIGHTED:
-                layer = self.modules[str(node.target)]
-                object.__setattr__(layer, "qb_links", self.links(node, tensor_inputs(node)[:1]))
+            module = self.modules.get(str(node.target)) if node.op == "call_module" else None
+            if isinstance(module, (IntAdd, IntGlobalAvgPool)):  # linked before (re-linking after a module swap)
+                object.__setattr__(module, "qb_links", self.links(node, tensor_inputs(node)))
+            elif kind is OpKind.WEIGHTED:
+                object.__setattr__(module, "qb_links", self.links(node, tensor_inputs(node)[:1]))
             elif kind is OpKind.ADD and self._is_binary_add(node):
                 ins = tensor_inputs(node)
                 links = self.links(node, ins)
@@ -477,7 +512,8 @@ def integer_groups(gm: nn.Module) -> dict[str, str]:
             if links.fusable():
                 out[name] = "QLinearAdd" if isinstance(m, IntAdd) else "QLinearGlobalAveragePool"
             continue
-        in_q = links.inputs[0]
-        if in_q is not None and links.fusable() and ready(m.weight_quantizer) and _weight_type_ok(m, in_q):
+        if links.fusable() and ready(m.weight_quantizer) and _weight_type_ok(m, links):
             out[name] = "QGemm" if m.is_linear else "QLinearConv"
+        elif links.out_q is None and ready(m.weight_quantizer) and qgemm_float_output(m, links):
+            out[name] = "QGemm"
     return out
