@@ -16,8 +16,9 @@ from quantbench.observers import OBSERVERS
 Policy = Literal["quantized", "fp"]
 
 
-class PTQConfig(BaseModel):
-    """Everything a post-training quantization run needs."""
+class QuantRunConfig(BaseModel):
+    """What every quantization run shares: the model, data, backend and its overrides, the calibrators, the
+    device. Names are checked against their registries, so a typo fails before any work starts."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -27,15 +28,13 @@ class PTQConfig(BaseModel):
     backend: str = "academic"
     w_bits: int | None = Field(None, ge=1, le=16, description="override the backend's weight bits")
     a_bits: int | None = Field(None, ge=1, le=16, description="override the backend's activation bits")
-    w_observer: str = "mse"
-    a_observer: str = "mse"
+    w_observer: str | None = None
+    a_observer: str | None = None
     w_observer_options: dict[str, Any] = Field(default_factory=dict)
     a_observer_options: dict[str, Any] = Field(default_factory=dict)
     calib_size: int = Field(256, ge=1)
     calib_batch_size: int = Field(64, ge=1)
     eval_batch_size: int = Field(256, ge=1)
-    bn_calib: bool = False
-    bn_calib_size: int | None = Field(None, ge=1, description="images for BN re-calibration (default: calib_size)")
     first_last: Literal["same", "fp"] | int | None = Field(None, description="None: the backend's default")
     residual: Policy | None = None
     skip: Policy | None = None
@@ -46,8 +45,9 @@ class PTQConfig(BaseModel):
 
     @field_validator("w_observer", "a_observer")
     @classmethod
-    def _observer_known(cls, v: str) -> str:
-        OBSERVERS.get(v)  # raises UnknownNameError listing the valid names
+    def _observer_known(cls, v: str | None) -> str | None:
+        if v is not None:
+            OBSERVERS.get(v)  # raises UnknownNameError listing the valid names
         return v
 
     @field_validator("model")
@@ -70,7 +70,7 @@ class PTQConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _device_available(self) -> PTQConfig:
+    def _device_available(self) -> QuantRunConfig:
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but no CUDA GPU is available: use --device cpu")
         return self
@@ -84,3 +84,12 @@ class PTQConfig(BaseModel):
             )
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
+
+
+class PTQConfig(QuantRunConfig):
+    """Everything a post-training quantization run needs."""
+
+    w_observer: str = "mse"
+    a_observer: str = "mse"
+    bn_calib: bool = False
+    bn_calib_size: int | None = Field(None, ge=1, description="images for BN re-calibration (default: calib_size)")

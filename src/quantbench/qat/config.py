@@ -5,15 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
-from quantbench.backends import load_backend
-from quantbench.backends.spec import BackendSpec
+from quantbench.config import QuantRunConfig
 from quantbench.errors import ConfigError
-from quantbench.models import get_entry
-from quantbench.observers import OBSERVERS
 from quantbench.qat.prepare import check_compatible
 from quantbench.qat.quantizers import ALGORITHMS
 from quantbench.qat.recipe import recipe_defaults
@@ -22,33 +18,14 @@ from quantbench.qat.recipe import recipe_defaults
 NON_RESULT_FIELDS = frozenset({"out_dir", "eval_batch_size", "max_test", "log_every", "eval_every"})
 
 
-class QATConfig(BaseModel):
+class QATConfig(QuantRunConfig):
     """Everything a QAT run needs. Unset recipe values (``lr``, ``weight_decay``...) come from the model
-    family (seed 001 A); see :meth:`resolved`."""
+    family (seed 001 A); see :meth:`resolved`. Calibrators left unset are the algorithm's defaults."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    # what to quantize, for which backend
-    model: str
-    weights: str | None = None
-    data: str = "digits"
-    backend: str = "academic"
-    w_bits: int | None = Field(None, ge=1, le=16)
-    a_bits: int | None = Field(None, ge=1, le=16)
-    first_last: Literal["same", "fp"] | int | None = None
-    residual: Literal["quantized", "fp"] | None = None
-    skip: Literal["quantized", "fp"] | None = None
-    width_mult: float = Field(1.0, gt=0)
     # the algorithm and its initialisation (seed 001 C.4: a PTQ calibrator initialises QAT)
     algorithm: str = "lsq"
     algorithm_options: dict[str, Any] = Field(default_factory=dict)
     init: Literal["calibrator", "paper"] = "calibrator"
-    w_observer: str | None = Field(None, description="calibrator for weights (default: the algorithm's)")
-    a_observer: str | None = Field(None, description="calibrator for activations (default: the algorithm's)")
-    w_observer_options: dict[str, Any] = Field(default_factory=dict)
-    a_observer_options: dict[str, Any] = Field(default_factory=dict)
-    calib_size: int = Field(256, ge=1)
-    calib_batch_size: int = Field(64, ge=1)
     bn_fold: int = Field(3, ge=0, le=4, description="BN folding strategy 0..4 (backends that fold BN)")
     bn_freeze_step: int | None = Field(None, ge=0, description="freeze BN statistics after this many steps")
     # the recipe
@@ -68,37 +45,14 @@ class QATConfig(BaseModel):
     amp: Literal["none", "bf16"] = "none"
     fused_kernels: bool = Field(False, description="torch.compile-fused LSQ fake quantization (C++ on CPU, "
                                                    "Triton on CUDA); compiles once per process")
-    device: Literal["cpu", "cuda"] = "cpu"
-    seed: int = 0
     log_every: int = Field(50, ge=1, description="K: train accuracy every K iterations (EMA, momentum 0.3)")
     eval_every: int | None = Field(None, ge=1, description="test accuracy every K iterations (default log_every)")
-    eval_batch_size: int = Field(256, ge=1)
-    max_test: int | None = Field(None, ge=1)
     out_dir: str = "qat-out"
-
-    @field_validator("model")
-    @classmethod
-    def _model_known(cls, v: str) -> str:
-        get_entry(v)
-        return v
-
-    @field_validator("backend")
-    @classmethod
-    def _backend_known(cls, v: str) -> str:
-        load_backend(v)
-        return v
 
     @field_validator("algorithm")
     @classmethod
     def _algorithm_known(cls, v: str) -> str:
         ALGORITHMS.get(v)
-        return v
-
-    @field_validator("w_observer", "a_observer")
-    @classmethod
-    def _observer_known(cls, v: str | None) -> str | None:
-        if v is not None:
-            OBSERVERS.get(v)
         return v
 
     @field_validator("algorithm_options")
@@ -115,26 +69,12 @@ class QATConfig(BaseModel):
             raise ValueError(f"{name} options: {problems}") from None
         return v
 
-    @model_validator(mode="after")
-    def _device_available(self) -> QATConfig:
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but no CUDA GPU is available: use --device cpu")
-        return self
-
     def check(self) -> QATConfig:
         """Cross-checks that need the backend: the algorithm and BN strategy must suit it (ConfigError)."""
         check_compatible(self.algorithm, self.resolved_backend(), self.bn_fold)
         return self
 
     # ------------------------------------------------------------------------------------ resolution
-    def resolved_backend(self) -> BackendSpec:
-        try:
-            return load_backend(self.backend).configure(
-                w_bits=self.w_bits, a_bits=self.a_bits, first_last=self.first_last, residual=self.residual,
-                skip=self.skip)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from exc
-
     def observers(self) -> tuple[str, str]:
         w, a = ALGORITHMS.get(self.algorithm).default_observers
         return self.w_observer or w, self.a_observer or a
