@@ -12,24 +12,31 @@ from rich.console import Console
 from rich.table import Table
 
 from quantbench.cli.errors import friendly_errors
+from quantbench.cli.options import (
+    ABitsOpt,
+    AObserverOpt,
+    BnCalibOpt,
+    CalibSizeOpt,
+    DataOpt,
+    FirstLastOpt,
+    MaxTestOpt,
+    ModelOpt,
+    QuietOpt,
+    ResidualOpt,
+    SeedOpt,
+    SkipOpt,
+    WBitsOpt,
+    WeightsOpt,
+    WidthMultOpt,
+    WObserverOpt,
+    parse_first_last,
+    policy,
+)
+from quantbench.config import PTQConfig
 from quantbench.utils.io import atomic_write_json
 
+PTQ_DEFAULTS = PTQConfig.model_fields  # export calibrates exactly as `quantbench ptq` does
 console = Console(width=None if sys.stdout.isatty() else 160)
-
-ModelOpt = Annotated[str | None, typer.Option(help="model name (see `quantbench models`)")]
-DataOpt = Annotated[str | None, typer.Option(help="dataset: cifar10:PATH, imagefolder:PATH or digits")]
-WeightsOpt = Annotated[str | None, typer.Option(help=".safetensors or torch checkpoint")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
-
-
-def _first_last(value: str | None) -> str | int | None:
-    if value is None or value in ("same", "fp"):
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise typer.BadParameter(f"--first-last takes 'same', 'fp' or a bit-width, got {value!r}") from None
-
 
 def _artefact_names(value: str) -> list[str] | None:
     if value == "auto":
@@ -55,17 +62,17 @@ def export(
     data: DataOpt = None,
     weights: WeightsOpt = None,
     backend: Annotated[str, typer.Option(help="backend name or a spec .yaml")] = "onnxruntime",
-    w_bits: Annotated[int | None, typer.Option(help="weight bits (default: the backend's)")] = None,
-    a_bits: Annotated[int | None, typer.Option(help="activation bits (default: the backend's)")] = None,
-    w_observer: Annotated[str, typer.Option(help="weight calibrator")] = "minmax",
-    a_observer: Annotated[str, typer.Option(help="activation calibrator")] = "mse",
-    calib_size: Annotated[int, typer.Option(help="calibration images")] = 256,
-    bn_calib: Annotated[bool, typer.Option("--bn-calib", help="re-estimate BN statistics (seed 001 C.3)")] = False,
-    first_last: Annotated[str | None, typer.Option(help="first/last layer: same, fp or bits")] = None,
-    residual: Annotated[str | None, typer.Option(help="residual add output: quantized or fp")] = None,
-    skip: Annotated[str | None, typer.Option(help="branches entering an add: quantized or fp")] = None,
-    width_mult: Annotated[float, typer.Option(help="width multiplier")] = 1.0,
-    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    w_bits: WBitsOpt = None,
+    a_bits: ABitsOpt = None,
+    w_observer: WObserverOpt = PTQ_DEFAULTS["w_observer"].default,
+    a_observer: AObserverOpt = PTQ_DEFAULTS["a_observer"].default,
+    calib_size: CalibSizeOpt = 256,
+    bn_calib: BnCalibOpt = False,
+    first_last: FirstLastOpt = None,
+    residual: ResidualOpt = None,
+    skip: SkipOpt = None,
+    width_mult: WidthMultOpt = 1.0,
+    seed: SeedOpt = 0,
     reduce_range: Annotated[bool, typer.Option(
         "--reduce-range", help="7-bit weights: no int16 overflow in ONNX Runtime on AVX2 without VNNI")] = False,
     opset: Annotated[int, typer.Option(help="ONNX opset (13-18)")] = 13,
@@ -78,7 +85,6 @@ def export(
 ) -> None:
     """Export a PTQ- or QAT-quantized model to ONNX (QuantizeLinear/DequantizeLinear, BN folded) with the
     simulation checkpoint and the backend's artefacts beside it."""
-    from quantbench.config import PTQConfig
     from quantbench.deploy.checkpoint import load_simulation, save_simulation, simulation_path
     from quantbench.deploy.export import export_onnx
     from quantbench.deploy.lower import check_exportable, check_spec
@@ -101,7 +107,8 @@ def export(
             raise typer.BadParameter("give --model and --data (or --from a saved simulation)")
         cfg = PTQConfig(model=model, weights=weights, data=data, backend=backend, w_bits=w_bits, a_bits=a_bits,
                         w_observer=w_observer, a_observer=a_observer, calib_size=calib_size, bn_calib=bn_calib,
-                        first_last=_first_last(first_last), residual=residual, skip=skip, width_mult=width_mult,
+                        first_last=parse_first_last(first_last), residual=policy(residual), skip=policy(skip),
+                        width_mult=width_mult,
                         seed=seed)
         check_spec(resolved_spec(cfg, reduce_range))  # refuse before any calibration work
         cal = calibrated_model(cfg, reduce_range, progress=not quiet)
@@ -148,7 +155,7 @@ def verify(
     data: Annotated[str, typer.Option(help="dataset: cifar10:PATH, imagefolder:PATH or digits")],
     out: Annotated[Path | None, typer.Option(help="write the result as JSON here")] = None,
     sim: Annotated[Path | None, typer.Option(help="simulation checkpoint (default: the one named in the ONNX)")] = None,
-    max_test: Annotated[int | None, typer.Option(help="use the first N test images")] = None,
+    max_test: MaxTestOpt = None,
     batch_size: Annotated[int, typer.Option(help="images per batch")] = 256,
     x64_quant_precision: Annotated[bool, typer.Option(
         "--x64-quant-precision", help="ORT session.x64quantprecision=1 (exact u8u8 kernels on AVX2)")] = False,
@@ -241,7 +248,7 @@ def latency(
     model: Annotated[str, typer.Option(help="model name (see `quantbench models`)")],
     weights: WeightsOpt = None,
     data: Annotated[str | None, typer.Option(help="calibration images for the int8 runtimes (default: random)")] = None,
-    width_mult: Annotated[float, typer.Option(help="width multiplier")] = 1.0,
+    width_mult: WidthMultOpt = 1.0,
     input_size: Annotated[str | None, typer.Option(help="C,H,W (default: the model's)")] = None,
     batch_sizes: Annotated[str, typer.Option(help="comma-separated batch sizes")] = "1,8",
     runtimes: Annotated[str | None, typer.Option(help="comma-separated runtimes (default: all)")] = None,
@@ -305,7 +312,7 @@ def size(
     a_bits: Annotated[int, typer.Option(help="activation bits")] = 8,
     first_last: Annotated[int | None, typer.Option(help="bits of the first and last layer (default: --w-bits)")] = None,
     layer_bits: Annotated[str | None, typer.Option(help="per-layer bits: name=bits,... or a .json file")] = None,
-    width_mult: Annotated[float, typer.Option(help="width multiplier")] = 1.0,
+    width_mult: WidthMultOpt = 1.0,
     input_size: Annotated[str | None, typer.Option(help="C,H,W (default: the model's)")] = None,
     out: Annotated[Path | None, typer.Option(help="write the result as JSON here")] = None,
 ) -> None:

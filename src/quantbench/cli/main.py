@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -14,6 +13,25 @@ from rich.table import Table
 
 from quantbench.backends import backend_names, load_backend
 from quantbench.cli.errors import friendly_errors
+from quantbench.cli.options import (
+    ABitsOpt,
+    AObserverOpt,
+    BnCalibOpt,
+    CalibSizeOpt,
+    Device,
+    FirstLastOpt,
+    MaxTestOpt,
+    QuietOpt,
+    ResidualOpt,
+    SeedOpt,
+    SkipOpt,
+    WBitsOpt,
+    WeightsOpt,
+    WidthMultOpt,
+    WObserverOpt,
+    parse_first_last,
+    policy,
+)
 from quantbench.cli.tables import backends_table, results_table
 from quantbench.config import PTQConfig
 from quantbench.utils.io import atomic_write_json
@@ -23,48 +41,29 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console(width=None if sys.stdout.isatty() else 160)
 
 
-class Device(str, Enum):
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-class PolicyOpt(str, Enum):
-    quantized = "quantized"
-    fp = "fp"
-
-
-def _first_last(value: str | None) -> str | int | None:
-    if value is None or value in ("same", "fp"):
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise typer.BadParameter(f"--first-last takes 'same', 'fp' or a bit-width, got {value!r}") from None
-
-
 @app.command()
 @friendly_errors
 def ptq(
     model: Annotated[str, typer.Option(help="model name (see `quantbench models`)")],
     data: Annotated[str, typer.Option(help="dataset: cifar10:PATH, imagefolder:PATH or digits")],
-    weights: Annotated[str | None, typer.Option(help=".safetensors or torch checkpoint")] = None,
+    weights: WeightsOpt = None,
     backend: Annotated[str, typer.Option(help="backend name or a spec .yaml")] = "academic",
-    w_bits: Annotated[int | None, typer.Option(help="weight bits (default: the backend's)")] = None,
-    a_bits: Annotated[int | None, typer.Option(help="activation bits (default: the backend's)")] = None,
-    w_observer: Annotated[str, typer.Option(help="weight calibrator")] = "mse",
-    a_observer: Annotated[str, typer.Option(help="activation calibrator")] = "mse",
-    calib_size: Annotated[int, typer.Option(help="calibration images")] = 256,
-    bn_calib: Annotated[bool, typer.Option("--bn-calib", help="re-estimate BN statistics (seed 001 C.3)")] = False,
-    first_last: Annotated[str | None, typer.Option(help="first/last layer: same, fp or bits")] = None,
-    residual: Annotated[PolicyOpt | None, typer.Option(help="residual add output: quantized or fp")] = None,
-    skip: Annotated[PolicyOpt | None, typer.Option(help="branches entering an add: quantized or fp")] = None,
-    width_mult: Annotated[float, typer.Option(help="width multiplier")] = 1.0,
+    w_bits: WBitsOpt = None,
+    a_bits: ABitsOpt = None,
+    w_observer: WObserverOpt = PTQConfig.model_fields["w_observer"].default,
+    a_observer: AObserverOpt = PTQConfig.model_fields["a_observer"].default,
+    calib_size: CalibSizeOpt = 256,
+    bn_calib: BnCalibOpt = False,
+    first_last: FirstLastOpt = None,
+    residual: ResidualOpt = None,
+    skip: SkipOpt = None,
+    width_mult: WidthMultOpt = 1.0,
     device: Annotated[Device, typer.Option(help="cpu or cuda")] = Device.cpu,
-    seed: Annotated[int, typer.Option(help="random seed")] = 0,
-    max_test: Annotated[int | None, typer.Option(help="evaluate on the first N test images")] = None,
+    seed: SeedOpt = 0,
+    max_test: MaxTestOpt = None,
     out: Annotated[Path | None, typer.Option(help="write the result as JSON here")] = None,
     list_quantizers: Annotated[bool, typer.Option("--list-quantizers", help="print every quantizer")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Post-training quantization of one model for one backend; prints a table, writes JSON."""
     from quantbench.ptq.pipeline import run_ptq
@@ -72,8 +71,8 @@ def ptq(
     cfg = PTQConfig(
         model=model, weights=weights, data=data, backend=backend, w_bits=w_bits, a_bits=a_bits,
         w_observer=w_observer, a_observer=a_observer, calib_size=calib_size, bn_calib=bn_calib,
-        first_last=_first_last(first_last), residual=residual.value if residual else None,
-        skip=skip.value if skip else None, width_mult=width_mult, device=device.value, seed=seed,
+        first_last=parse_first_last(first_last), residual=policy(residual), skip=policy(skip),
+        width_mult=width_mult, device=device.value, seed=seed,
         max_test=max_test,
     )
     cfg.resolved_backend()  # validate overrides before any work

@@ -1,12 +1,15 @@
-"""Options shared by the sweep and results commands (``--out``, ``--store``), and the store they open."""
+"""Options shared by the CLI commands: the quantization options (model, data, bits, policies...) and those of
+the sweep and results commands (``--out``, ``--store``, and the store they open)."""
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from quantbench.errors import ConfigError
 from quantbench.store import ResultsStore, open_store, resolve_store_url
 
 DEFAULT_OUT = Path("quantbench-out")
@@ -20,3 +23,46 @@ StoreOpt = Annotated[str | None, typer.Option(
 def open_results(out: Path, store: str | None, create: bool) -> ResultsStore:
     """The store the user pointed at; read-only commands (``create`` False) never create one."""
     return open_store(resolve_store_url(store, out), create=create)
+
+
+# ------------------------------------------------------------------- options of the quantization commands
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class PolicyOpt(str, Enum):
+    quantized = "quantized"
+    fp = "fp"
+
+
+ModelOpt = Annotated[str | None, typer.Option(help="model name (see `quantbench models`)")]
+DataOpt = Annotated[str | None, typer.Option(help="dataset: cifar10:PATH, imagefolder:PATH or digits")]
+WeightsOpt = Annotated[str | None, typer.Option(help=".safetensors or torch checkpoint")]
+WBitsOpt = Annotated[int | None, typer.Option(help="weight bits (default: the backend's)")]
+ABitsOpt = Annotated[int | None, typer.Option(help="activation bits (default: the backend's)")]
+WObserverOpt = Annotated[str, typer.Option(help="weight calibrator (see `quantbench observers`)")]
+AObserverOpt = Annotated[str, typer.Option(help="activation calibrator (see `quantbench observers`)")]
+CalibSizeOpt = Annotated[int, typer.Option(help="calibration images")]
+BnCalibOpt = Annotated[bool, typer.Option("--bn-calib", help="re-estimate BN statistics (seed 001 C.3)")]
+FirstLastOpt = Annotated[str | None, typer.Option(help="first/last layer: same, fp or bits")]
+ResidualOpt = Annotated[PolicyOpt | None, typer.Option(help="residual add output: quantized or fp")]
+SkipOpt = Annotated[PolicyOpt | None, typer.Option(help="branches entering an add: quantized or fp")]
+WidthMultOpt = Annotated[float, typer.Option(help="width multiplier")]
+SeedOpt = Annotated[int, typer.Option(help="random seed")]
+MaxTestOpt = Annotated[int | None, typer.Option(help="evaluate on the first N test images")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
+
+
+def parse_first_last(value: str | None) -> str | int | None:
+    """``--first-last``: 'same', 'fp' or a bit-width."""
+    if value is None or value in ("same", "fp"):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"--first-last takes 'same', 'fp' or a bit-width, got {value!r}") from None
+
+
+def policy(value: PolicyOpt | None) -> str | None:
+    return value.value if value is not None else None

@@ -11,7 +11,17 @@ import typer
 from rich.console import Console
 
 from quantbench.cli.errors import friendly_errors
-from quantbench.errors import ConfigError
+from quantbench.cli.options import (
+    ABitsOpt,
+    DataOpt,
+    FirstLastOpt,
+    MaxTestOpt,
+    ModelOpt,
+    QuietOpt,
+    WBitsOpt,
+    WeightsOpt,
+    parse_first_last,
+)
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 
@@ -21,25 +31,16 @@ class Amp(str, Enum):
     bf16 = "bf16"
 
 
-def _first_last(value: str | None) -> str | int | None:
-    if value is None or value in ("same", "fp"):
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(f"--first-last takes 'same', 'fp' or a bit-width, got {value!r}") from None
-
-
 @friendly_errors
 def qat(
     config: Annotated[Path | None, typer.Option("--config", help="YAML run file (flags override it)")] = None,
-    model: Annotated[str | None, typer.Option(help="model name (see `quantbench models`)")] = None,
-    weights: Annotated[str | None, typer.Option(help=".safetensors or torch checkpoint")] = None,
-    data: Annotated[str | None, typer.Option(help="dataset: cifar10:PATH, imagefolder:PATH or digits")] = None,
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    data: DataOpt = None,
     backend: Annotated[str | None, typer.Option(help="backend name or a spec .yaml (default academic)")] = None,
     algorithm: Annotated[str | None, typer.Option(help="lsq, lsq+, pact, dsq, dorefa, apot, qil or fixed")] = None,
-    w_bits: Annotated[int | None, typer.Option(help="weight bits (default: the backend's)")] = None,
-    a_bits: Annotated[int | None, typer.Option(help="activation bits (default: the backend's)")] = None,
+    w_bits: WBitsOpt = None,
+    a_bits: ABitsOpt = None,
     epochs: Annotated[int | None, typer.Option(help="training epochs (default 3)")] = None,
     batch_size: Annotated[int | None, typer.Option(help="global batch size (default 128)")] = None,
     lr: Annotated[float | None, typer.Option(help="learning rate (default: the model family's)")] = None,
@@ -51,9 +52,9 @@ def qat(
     init: Annotated[str | None, typer.Option(help="calibrator (PTQ init, default) or paper")] = None,
     w_observer: Annotated[str | None, typer.Option(help="weight calibrator for the init")] = None,
     a_observer: Annotated[str | None, typer.Option(help="activation calibrator for the init")] = None,
-    first_last: Annotated[str | None, typer.Option(help="first/last layer: same, fp or bits")] = None,
+    first_last: FirstLastOpt = None,
     max_train: Annotated[int | None, typer.Option(help="train on the first N training images")] = None,
-    max_test: Annotated[int | None, typer.Option(help="evaluate on the first N test images")] = None,
+    max_test: MaxTestOpt = None,
     log_every: Annotated[int | None, typer.Option(help="log train accuracy every K iterations")] = None,
     eval_every: Annotated[int | None, typer.Option(help="test accuracy every K iterations")] = None,
     amp: Annotated[Amp | None, typer.Option(help="none or bf16 (autocast)")] = None,
@@ -65,7 +66,7 @@ def qat(
     out: Annotated[Path | None, typer.Option(help="write the result as JSON here")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from OUT_DIR/checkpoint.pt")] = False,
     threads: Annotated[int | None, typer.Option(help="CPU threads per process (torch.set_num_threads)")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Quantization-aware training (seed 001's unified recipe); prints a table, writes JSON.
 
@@ -86,7 +87,7 @@ def qat(
         "w_bits": w_bits, "a_bits": a_bits, "epochs": epochs, "batch_size": batch_size, "lr": lr,
         "weight_decay": weight_decay, "quantizer_weight_decay": quantizer_weight_decay,
         "label_smoothing": label_smoothing, "bn_fold": bn_fold, "bn_freeze_step": bn_freeze_step, "init": init,
-        "w_observer": w_observer, "a_observer": a_observer, "first_last": _first_last(first_last),
+        "w_observer": w_observer, "a_observer": a_observer, "first_last": parse_first_last(first_last),
         "max_train": max_train, "max_test": max_test, "log_every": log_every, "eval_every": eval_every,
         "amp": amp.value if amp else None, "fused_kernels": True if fused else None, "device": device,
         "seed": seed, "out_dir": out_dir,
