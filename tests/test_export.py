@@ -98,10 +98,15 @@ def test_every_quantizer_is_one_qdq_pair_with_its_own_parameters(tmpdir_module):
     acts = dict(activation_quantizers(gm))
     own = [a for a in record["activations"] if a["copy_of"] is None]
     assert len(own) == len(acts) == 30
-    # copies re-quantize (exactly) the inputs that reach an integer op through Pad (2 option-A shortcuts)
-    # and Flatten (the classifier), so ORT sees DequantizeLinear -> op
-    regrids = [a["name"] for a in record["activations"] if a["copy_of"] is not None]
-    assert len(regrids) == 3 and all("__regrid_" in n for n in regrids) and len(q_nodes) == 33
+    # inputs that reach an integer op through Pad (2 option-A shortcuts) and Flatten (the classifier) get a
+    # re-quantizing copy; for uint8 the Slice/Pad/Flatten then run on the codes, so no QDQ pair is left for it
+    regrids = [a for a in record["activations"] if a["copy_of"] is not None]
+    assert len(regrids) == 3 and all("__regrid_" in a["name"] for a in regrids) and len(q_nodes) == 30
+    assert sorted(tuple(a["on_codes"]) for a in regrids) == [("Flatten",), ("Slice", "Slice", "Pad"),
+                                                             ("Slice", "Slice", "Pad")]
+    assert all(a["quantize"] is None for a in regrids)
+    pads = [n for n in model.graph.node if n.op_type == "Pad"]
+    assert len(pads) == 2 and all(inits[p.input[2]].dtype == np.uint8 for p in pads)  # fill = zero-point code
     for n in q_nodes:
         q = acts["qb_act." + n.name.split("/")[0].split("__")[0]]
         assert inits[n.input[1]] == float(q.scale)

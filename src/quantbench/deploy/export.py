@@ -12,6 +12,7 @@ QuantizeLinear only for QuantizeLinear versions 10 and 13, and the simulation as
 
 from __future__ import annotations
 
+import copy
 import io
 import warnings
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from quantbench.deploy.lower import check_exportable, lower_for_export
 from quantbench.deploy.metadata import write_metadata
 from quantbench.deploy.onnx_graph import name_qdq_nodes, op_counts
 from quantbench.deploy.qdq import ExportQDQ, ExportWeighted, recording
+from quantbench.deploy.sink import sink_dequantize
 from quantbench.graph.qmodules import QuantWeighted
 from quantbench.graph.requant import integer_groups
 
@@ -174,12 +176,17 @@ def export_onnx(gm: fx.GraphModule, example_input: torch.Tensor, path: str | Pat
     emod = lower_for_export(gm).to("cpu")
     model, emitted = _run_exporter(emod, example, opset)
     where = name_qdq_nodes(model, emitted, _expected(emod))
+    before_sinking = copy.deepcopy(model)  # the artefacts' float model comes from the plain QDQ graph
+    for qnode, ops in sink_dequantize(model).items():
+        name = qnode.rsplit("/", 1)[0]
+        where[name] = {**where[name], "quantize": None, "on_codes": ops}
     record = _record(gm, emod, where, opset, example, extra or {})
     write_metadata(model, record)
     model.producer_name, model.producer_version = "quantbench", __version__
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
-    written = write_artefacts(names, model, record, path)  # raises (writing nothing) if a format cannot hold it
+    # raises (writing nothing) if a format cannot hold it
+    written = write_artefacts(names, before_sinking, record, path)
     tmp = path.with_name(f".{path.name}.tmp")
     onnx.save(model, str(tmp))
     tmp.replace(path)
