@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -22,10 +23,17 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def environment() -> dict[str, Any]:
+    """Versions and the CPU features that decide which int8 kernels run (VNNI or not)."""
+    import onnxruntime
+
+    from quantbench.deploy.hazards import cpu_features
+
     return {
         "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
         "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_features(),
+        "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
