@@ -1,8 +1,8 @@
 """Simulation vs ONNX Runtime int8 on the shared ResNet-20 for every deployable backend.
 
 Each backend is calibrated as ``quantbench ptq`` and ``quantbench export`` do by default (mse weights and
-activations, 256 images), exported, and run on the 932 CIFAR-10 test images in ONNX Runtime's CPU provider in three ways:
-full 8-bit weights in the default session, full 8-bit weights with ``session.x64quantprecision=1``, and
+activations, 256 images), exported, and run on the 932 CIFAR-10 test images in ONNX Runtime's CPU provider
+in three ways: full 8-bit weights in the default session, full 8-bit weights with ``session.x64quantprecision=1``, and
 7-bit weights (``--reduce-range``) in the default session.
 
     python benchmarks/deploy_agreement.py [--backends onnxruntime,fbgemm,...] [--a-observer mse] [--out FILE]

@@ -4,7 +4,8 @@ For each activation type -- uint8 (our ``onnxruntime`` backend vs quantize_stati
 int8 (our ``tensorrt`` backend vs quantize_static QInt8 symmetric activations) -- both models get int8
 symmetric per-channel weights and are calibrated with MinMax on the same images. Latency is measured in
 alternating rounds (ours, theirs, ours, ...) so machine load hits both alike; top-1 of each on the test
-set is reported too. Goal: ratio = their latency / ours >= 1.0.
+set is reported too. Goal: ratio = their latency / ours >= 1.0; the ratio is the median of the per-round
+ratios (each round times both models back to back), with a bootstrap 95 % interval of that median.
 
     python benchmarks/export_speed.py [--model resnet20_cifar] [--batch-sizes 1,8] [--repeats 50]
         [--threads 1] [--out FILE]
@@ -13,7 +14,6 @@ set is reported too. Goal: ratio = their latency / ours >= 1.0.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 import warnings
@@ -63,9 +63,9 @@ def top1(path: Path, xs: np.ndarray, ys: np.ndarray) -> float:
     return float(100.0 * (preds == ys).mean())
 
 
-def interleaved_ms(paths: dict[str, Path], x: np.ndarray, repeats: int, warmup: int, threads: int | None
-                   ) -> dict[str, float]:
-    """Median latency per model, timing the models in alternating order each round."""
+def interleaved_times(paths: dict[str, Path], x: np.ndarray, repeats: int, warmup: int, threads: int | None
+                      ) -> dict[str, np.ndarray]:
+    """Seconds per run of each model, the models timed in alternating order each round (paired rounds)."""
     sessions = {k: make_session(p, threads=threads) for k, p in paths.items()}
     feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
     for _ in range(warmup):
@@ -78,7 +78,17 @@ def interleaved_ms(paths: dict[str, Path], x: np.ndarray, repeats: int, warmup: 
             t0 = time.perf_counter()
             sessions[k].run(None, feeds[k])
             times[k].append(time.perf_counter() - t0)
-    return {k: 1000.0 * statistics.median(v) for k, v in times.items()}
+    return {k: np.asarray(v) for k, v in times.items()}
+
+
+def paired_ratio(theirs: np.ndarray, ours: np.ndarray, resamples: int = 2000, seed: int = 0
+                 ) -> tuple[float, float, float]:
+    """Median of the per-round ratios theirs / ours and a bootstrap 95 % interval of that median."""
+    ratios = theirs / ours
+    rng = np.random.default_rng(seed)
+    boot = np.median(rng.choice(ratios, (resamples, len(ratios)), replace=True), axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return float(np.median(ratios)), float(lo), float(hi)
 
 
 def main() -> None:
@@ -114,18 +124,20 @@ def main() -> None:
         acc = {"ours": top1(ours, xs, ys), "quantize_static": top1(theirs, xs, ys), "fp32": top1(fp, xs, ys)}
         for b in batches:
             x = np.ascontiguousarray(np.resize(xs, (b, *xs.shape[1:])))
-            ms = interleaved_ms({"ours": ours, "quantize_static": theirs, "fp32": fp}, x, args.repeats,
-                                args.warmup, args.threads)
-            ratio = ms["quantize_static"] / ms["ours"]
+            t = interleaved_times({"ours": ours, "quantize_static": theirs, "fp32": fp}, x, args.repeats,
+                                  args.warmup, args.threads)
+            ms = {k: 1000.0 * float(np.median(v)) for k, v in t.items()}
+            ratio, lo, hi = paired_ratio(t["quantize_static"], t["ours"])
             results.append({"activation": act, "backend": backend, "batch": b, "ours_ms": ms["ours"],
                             "quantize_static_ms": ms["quantize_static"], "fp32_ms": ms["fp32"], "ratio": ratio,
-                            "top1": acc})
+                            "ratio_ci95": [lo, hi], "top1": acc})
             rows.append([act, f"{backend} / {qtype}", b, ms["ours"], ms["quantize_static"], ms["fp32"],
-                         f"{ratio:.2f}", f"{acc['ours']:.2f} / {acc['quantize_static']:.2f} / {acc['fp32']:.2f}"])
+                         f"{ratio:.3f} [{lo:.3f}, {hi:.3f}]",
+                         f"{acc['ours']:.2f} / {acc['quantize_static']:.2f} / {acc['fp32']:.2f}"])
     print_table(f"{args.model}: our QDQ export vs ONNX Runtime quantize_static (ms, median of {args.repeats}, "
                 f"{args.threads} thread(s))",
                 ["act.", "ours / quantize_static", "batch", "ours ms", "quantize_static ms", "ORT FP32 ms",
-                 "ratio (theirs / ours)", "top-1 ours / theirs / fp32"], rows)
+                 "ratio theirs/ours [95 % CI]", "top-1 ours / theirs / fp32"], rows)
     path = write_json("export_speed", {"model": args.model, "threads": args.threads, "repeats": args.repeats,
                                        "results": results}, args.out)
     print(f"wrote {path}")

@@ -72,6 +72,17 @@ def test_int16_overflow_of_avx2_kernels_is_found_and_named(tmp):
 
 
 @needs_shared
+@pytest.mark.skipif(not cpu_features()["vnni"], reason="needs an x86 CPU with VNNI (exact int32 dot products)")
+def test_vnni_cpus_run_full_range_int8_weights_exactly(tmp):
+    """The complement: where the u8 x s8 dot products accumulate in int32 (VNNI), ORT's default session runs
+    the full 8-bit weights bit for bit like the simulation, and verify raises no overflow warning."""
+    r = _verify("onnxruntime", False, False, tmp, 300)
+    assert r.int16_overflow_risk["at_risk"]  # the weights would overflow int16 pair sums without VNNI
+    assert r.agreement == 1.0 and r.max_abs_logit_diff < 1e-4
+    assert not any("--reduce-range" in n for n in r.notes)
+
+
+@needs_shared
 def test_float_fallbacks_are_reported_with_the_reason(tmp):
     r = _verify("tensorrt", True, False, tmp)
     assert not r.int8_complete and r.status.startswith("partial-int8")
