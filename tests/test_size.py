@@ -72,8 +72,19 @@ def test_cli_prints_both_first_last_variants_and_writes_json(tmp_path):
     out = tmp_path / "size.json"
     res = runner.invoke(app, ["size", "--model", "resnet20_cifar", "--w-bits", "4", "--a-bits", "8", "--out", str(out)])
     assert res.exit_code == 0, res.output
-    assert "C_size" in res.output and "8-bit first/last" in res.output and "App. F" in res.output
+    assert "C_size" in res.output and "first/last 8-bit" in res.output and "App. F" in res.output
     data = json.loads(out.read_text())
-    assert set(data) == {"as given", "8-bit first/last"}
-    assert data["8-bit first/last"]["weight_bytes_packed"] > data["as given"]["weight_bytes_packed"]
-    assert data["as given"]["all_params_bytes_at_w_bits"] * 8 == data["as given"]["fp32_bytes"]
+    assert set(data) == {"first/last 4-bit", "first/last 8-bit"}
+    assert data["first/last 8-bit"]["weight_bytes_packed"] > data["first/last 4-bit"]["weight_bytes_packed"]
+    assert data["first/last 4-bit"]["all_params_bytes_at_w_bits"] * 8 == data["first/last 4-bit"]["fp32_bytes"]
+
+
+def test_cli_with_an_8_bit_first_last_also_shows_the_uniform_model(tmp_path):
+    """--first-last 8 is one of the two variants; the other is every layer at --w-bits."""
+    out = tmp_path / "size.json"
+    res = runner.invoke(app, ["size", "--model", "resnet20_cifar", "--w-bits", "4", "--first-last", "8",
+                              "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert set(data) == {"first/last 8-bit", "first/last 4-bit"}
+    assert data["first/last 8-bit"]["weight_bytes_packed"] > data["first/last 4-bit"]["weight_bytes_packed"]

@@ -105,6 +105,7 @@ def test_cli_export_then_verify_writes_json(tmp_path):
     for suffix in (".onnx", ".qb.safetensors", ".tensorrt.json", ".float.onnx"):
         assert (tmp_path / f"d{suffix}").is_file(), suffix
     assert "QLinearConv" in res.output and "reduce_range" in res.output
+    assert "inside [qmin, qmax]" in res.output  # notes print as plain text (rich took brackets for markup)
     out = tmp_path / "verify.json"
     res = runner.invoke(app, ["verify", "--onnx", str(onnx_path), "--data", "digits", "--max-test", "200",
                               "--out", str(out), "--quiet"])

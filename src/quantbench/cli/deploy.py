@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from quantbench.cli.errors import friendly_errors
 from quantbench.cli.options import (
@@ -46,12 +47,28 @@ def _artefact_names(value: str) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _qdq_pairs(acts: list[dict[str, Any]]) -> str:
+    on_codes = sum(1 for a in acts if a.get("quantize", "") is None)
+    pairs = f"{len(acts) - on_codes}"
+    return pairs + (f" (+{on_codes} re-quantizing copies dropped: their Slice/Pad/Flatten run on uint8 codes)"
+                    if on_codes else "")
+
+
+def _overflow_row(risk: dict[str, Any]) -> str:
+    from quantbench.deploy.hazards import cpu_features
+
+    if not risk["at_risk"]:
+        return "none"
+    affected = "affected: use --reduce-range" if cpu_features()["int16_overflow_possible"] else "not affected"
+    return f"{len(risk['layers'])} layer(s); this CPU ({cpu_features()['cpu']}) is {affected}"
+
+
 def _kv(rows: list[tuple[str, Any]], title: str) -> Table:
     t = Table(title=title, show_header=False)
     t.add_column("what")
     t.add_column("value")
     for k, v in rows:
-        t.add_row(k, str(v))
+        t.add_row(Text(k), Text(str(v)))  # plain text: values hold ranges like [-127, 127]
     return t
 
 
@@ -126,13 +143,13 @@ def export(
     rows = [
         ("backend", f"{be['name']} (W{be['weight']['bits']}A{be['activation']['bits']}"
                     f"{', reduce_range' if be['reduce_range'] else ''})"),
-        ("activation QDQ pairs", len(rec["activations"])),
+        ("activation QDQ pairs", _qdq_pairs(rec["activations"])),
         ("weights", f"{len(rec['weights'])} ({', '.join(sorted({w['dtype'] for w in rec['weights']}))}, "
                     f"{'per-channel' if any(w['per_channel'] for w in rec['weights']) else 'per-tensor'})"),
         ("int32 biases", len(rec["biases"])),
         ("narrow ranges", len(rec["narrow_ranges"]) or "none"),
         ("expected ORT int8 kernels", kernels),
-        ("int16 overflow risk (AVX2, no VNNI)", f"{len(risk['layers'])} layer(s)" if risk["at_risk"] else "none"),
+        ("int16 overflow risk (AVX2, no VNNI)", _overflow_row(risk)),
         ("opset / exporter", f"{rec['exporter']['opset']} / {rec['exporter']['name']}"),
         ("ONNX", f"{result.path} ({result.path.stat().st_size / 1e6:.2f} MB)"),
         ("simulation", sim_file),
@@ -140,7 +157,7 @@ def export(
     ]
     console.print(_kv(rows, "Export"))
     for note in rec["notes"]:
-        console.print(f"note: {note}")
+        console.print(f"note: {note}", markup=False, highlight=False)
 
 
 def _count(kernels: dict[str, str]) -> dict[str, int]:
@@ -204,7 +221,7 @@ def verify(
             t.add_row(f["op"], f["node"], f["reason"])
         console.print(t)
     for note in res.notes:
-        console.print(f"note: {note}")
+        console.print(f"note: {note}", markup=False, highlight=False)
     if out is not None:
         atomic_write_json(out, res.to_dict())
         console.print(f"wrote {out}")
@@ -324,7 +341,9 @@ def size(
     shape = _input_size(model, input_size)
     net = build_model(model, None, width_mult)
     bits = _layer_bits(layer_bits)
-    fl_variants = [("as given", first_last)] + ([("8-bit first/last", 8)] if first_last != 8 else [])
+    given = first_last if first_last is not None else w_bits
+    other = 8 if given != 8 else w_bits  # with and without an 8-bit first/last layer
+    fl_variants = [(f"first/last {fl}-bit", fl) for fl in dict.fromkeys((given, other))]
     reports = [(label, model_size(net, shape, w_bits, a_bits, fl, bits, model)) for label, fl in fl_variants]
     t = Table(title=f"Size of {model} ({'x'.join(map(str, shape))}), W{w_bits}A{a_bits}")
     t.add_column("quantity")
