@@ -251,3 +251,16 @@ def test_qat_graph_exports_and_matches_onnx_runtime(bn_fold, tmp_path):
     res = export_onnx(sim, CALIB[:1], tmp_path / "qat.onnx", artefacts=[])
     r = verify_onnx(res.path, sim, [TEST], x64_quant_precision=True, progress=False)
     assert r.agreement == 1.0 and r.max_abs_logit_diff < 1e-4
+
+
+def test_apot_qat_models_are_refused_with_the_reason():
+    """APoT's levels are sums of powers of two: no integer runtime executes them. The academic QAT graph is
+    refused by the bridge (before any ONNX is written) and a hardware backend by prepare_qat itself."""
+    from quantbench.deploy.qat_bridge import simulation_from_qat
+    from quantbench.errors import ConfigError
+    from quantbench.qat.prepare import prepare_qat
+
+    with pytest.raises(ExportError, match="non-uniform levels"):
+        simulation_from_qat(prepare_qat(calibrated("resnet20_cifar", "academic"), "apot", 0))
+    with pytest.raises(ConfigError, match="non-uniform"):
+        prepare_qat(calibrated("resnet20_cifar", "onnxruntime"), "apot", 3)
