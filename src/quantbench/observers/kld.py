@@ -137,7 +137,14 @@ def kl_divergences(hist: Tensor, a: Tensor, b: Tensor, z0: Tensor, levels: int) 
 
 @register_observer("kld")
 class KLDObserver(HistogramObserver):
-    """Options: ``bins`` (histogram bins, default 2048)."""
+    """Min-KL threshold on a 2048-bin histogram (TensorRT entropy); for activations. Option ``bins``.
+
+    Seed 001 (Table 10) uses KLD for activations only, with MinMax or MSE weights. A weight row holds few
+    values (144 per channel in ResNet-20's first stage): spread over 2048 bins its histogram is mostly empty,
+    and a threshold whose kept bins hold a single nonzero bin has KL = 0, so the search can clip a channel to
+    a hundredth of its range (ResNet-20 W4A8 TensorRT with ``kld`` weights: 30 % top-1; ``mse`` weights with
+    ``kld`` activations: 89 %).
+    """
 
     def __init__(self, scheme: QScheme, is_weight: bool = False, bins: int = 2048,
                  **options: Any) -> None:
