@@ -52,7 +52,8 @@ class PTQParams(MethodParams):
     def observers(self) -> tuple[str, str]:
         if self.calibrator is not None:
             return self.calibrator, self.calibrator
-        return self.w_observer or "minmax", self.a_observer or "mse"
+        fields = PTQConfig.model_fields  # the defaults of `quantbench ptq`
+        return self.w_observer or fields["w_observer"].default, self.a_observer or fields["a_observer"].default
 
     def default_label(self) -> str:
         w, a = self.observers
