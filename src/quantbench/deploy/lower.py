@@ -11,6 +11,7 @@ from quantbench.backends.spec import BackendSpec
 from quantbench.deploy.errors import ExportError
 from quantbench.deploy.qdq import ExportQDQ, ExportWeighted, PlainAdd, PlainGlobalAvgPool
 from quantbench.graph import requant
+from quantbench.graph.linking import vanishes
 from quantbench.graph.qmodules import QuantWeighted
 from quantbench.graph.quantize import activation_quantizers, weight_layers
 from quantbench.graph.requant import IntAdd, IntGlobalAvgPool, Links
@@ -76,7 +77,8 @@ def lower_for_export(gm: fx.GraphModule) -> fx.GraphModule:
     out = copy.deepcopy(gm).eval()
     linked = {name: m for name, m in out.named_modules() if getattr(m, "qb_links", None) is not None}
     moves = {name: m.qb_links for name, m in linked.items() if m.qb_links.needs_copy and m.qb_links.fusable()}
-    regrids = {name: m.qb_links for name, m in linked.items() if any(m.qb_links.regrid) and _fuses(m)}
+    regrids = {name: m.qb_links for name, m in linked.items()
+               if any(m.qb_links.regrid) and requant.integer_kernel(m) is not None}
     for name, m in list(out.named_modules()):
         if isinstance(m, QuantWeighted) and m.weight_quantizer is not None:
             _set(out, name, ExportWeighted(m, name))
@@ -94,15 +96,6 @@ def lower_for_export(gm: fx.GraphModule) -> fx.GraphModule:
     _one_int8_pair_per_consumer(out)
     out.recompile()
     return out
-
-
-def _fuses(m: nn.Module) -> bool:
-    """Whether ORT runs this op as an integer kernel once its inputs come from DequantizeLinear."""
-    links = m.qb_links
-    if isinstance(m, QuantWeighted):
-        return (links.fusable() and requant._weight_type_ok(m, links)) or (
-            links.out_q is None and requant.qgemm_float_output(m, links))
-    return links.fusable()
 
 
 def _regrid_inputs(out: fx.GraphModule, regrids: dict[str, Links]) -> None:
@@ -136,7 +129,7 @@ def _readers(out: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
     modules = dict(out.named_modules())
     found: list[fx.Node] = []
     for u in node.users:
-        found.extend(_readers(out, u) if requant.vanishes(u, modules) else [u])
+        found.extend(_readers(out, u) if vanishes(u, modules) else [u])
     return found
 
 
@@ -172,7 +165,7 @@ def _one_int8_pair_per_consumer(out: fx.GraphModule) -> None:
 def _ancestors_through_vanish(out: fx.GraphModule, n: fx.Node) -> list[fx.Node]:
     modules = dict(out.named_modules())
     chain = []
-    while requant.vanishes(n, modules) and n.all_input_nodes:
+    while vanishes(n, modules) and n.all_input_nodes:
         n = n.all_input_nodes[0]
         chain.append(n)
     return chain

@@ -20,8 +20,8 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from quantbench.deploy.errors import ExportError
+from quantbench.graph.linking import link_integer_arithmetic
 from quantbench.graph.qmodules import QuantWeighted
-from quantbench.graph.requant import link_integer_arithmetic
 from quantbench.quant.quantizer import Quantizer
 
 GRID_TOLERANCE = 1e-3  # in units of the step: a weight this close to a grid point is on it

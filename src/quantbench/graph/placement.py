@@ -17,8 +17,8 @@ import torch.fx as fx
 from torch import nn
 
 from quantbench.backends.spec import BackendSpec
+from quantbench.graph.linking import link_integer_arithmetic
 from quantbench.graph.ops import OpKind, is_tensor_node, op_kind, tensor_inputs
-from quantbench.graph.requant import link_integer_arithmetic
 from quantbench.quant.quantizer import Quantizer
 
 REQUANT_KINDS = (OpKind.WEIGHTED, OpKind.ADD, OpKind.POOL, OpKind.BN, OpKind.OTHER, OpKind.ACT)
@@ -214,7 +214,7 @@ def place_activation_quantizers(
     ``make_quantizer(name, consumer_node_names)`` builds the quantizer for a site (or returns
     None to leave that tensor in float, e.g. when every consumer is a layer kept in FP). Backends
     simulated with ONNX Runtime's arithmetic then get their layers, adds and global pools wired to
-    their quantizers (:func:`quantbench.graph.requant.link_integer_arithmetic`).
+    their quantizers (:func:`quantbench.graph.linking.link_integer_arithmetic`).
     """
     sites = _Placer(gm, spec, make_quantizer).run()
     if spec.arithmetic == "onnxruntime":

@@ -19,6 +19,7 @@ computes:
   + z_y)``.
 * **QuantizeLinear** (everything left in float): ``rne(x / s) + z`` -- a division, as ONNX specifies.
 
+Which quantizers feed and follow each op is worked out on the fx graph by :mod:`quantbench.graph.linking`.
 Which ops fuse follows ORT's rules on the calibrated values (:meth:`Links.fusable`): inputs from
 DequantizeLinear, output into one QuantizeLinear at the full 8-bit container range (narrow and sub-8-bit
 ranges are exported with a Clip, which ORT keeps in float), one container type. The export makes the rest
@@ -35,16 +36,13 @@ enabled (QAT) every module falls back to fake quantization with the straight-thr
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from quantbench.graph.ops import OpKind, is_tensor_node, op_kind, tensor_inputs
 from quantbench.quant.fake_quant import quantize
 from quantbench.quant.quantizer import Quantizer
 
@@ -69,7 +67,8 @@ def stays_int8(q: Quantizer) -> bool:
     128, same values) when the QuantizeLinear has one consumer. The export gives each extra reader of an int8
     tensor its own pair, except where the tensor comes straight out of an op ORT could fuse (a second
     QuantizeLinear on that op's output would stop the fusion): such a tensor stays int8, and an op fuses
-    only when all its tensors end up in the same type (set by :func:`link_integer_arithmetic`)."""
+    only when all its tensors end up in the same type (set by
+    :func:`quantbench.graph.linking.link_integer_arithmetic`)."""
     return bool(getattr(q, "ort_int8", False))
 
 
@@ -134,29 +133,6 @@ class Clamp:
         lower = float(s * float(cmin - z))
         upper = float(s * float(cmax - z))
         return self.lo - lower <= _EPS32 and upper - self.hi <= _EPS32
-
-
-def clamp_of(node: fx.Node, modules: dict[str, nn.Module]) -> Clamp | None:
-    """The :class:`Clamp` an activation node computes, or None if it is not a clamp."""
-    if node.op == "call_module":
-        m = modules[str(node.target)]
-        if isinstance(m, nn.ReLU6):
-            return Clamp("clip", 0.0, 6.0)
-        if isinstance(m, nn.ReLU):
-            return Clamp("relu")
-        if isinstance(m, nn.Hardtanh):
-            return Clamp("clip", float(m.min_val), float(m.max_val))
-        return None
-    if (node.op == "call_function" and node.target in (F.relu, torch.relu)) or (
-            node.op == "call_method" and node.target in ("relu", "relu_")):
-        return Clamp("relu")
-    if node.op == "call_function" and node.target is F.relu6:
-        return Clamp("clip", 0.0, 6.0)
-    if node.op == "call_function" and node.target is F.hardtanh:
-        lo = node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0)
-        hi = node.kwargs.get("max_val", node.args[2] if len(node.args) > 2 else 1.0)
-        return Clamp("clip", float(lo), float(hi))
-    return None
 
 
 def chain_removable(acts: list[Clamp], q: Quantizer) -> bool:
@@ -233,14 +209,21 @@ def _weight_axis_shape(w: Tensor) -> list[int]:
     return [-1] + [1] * (w.dim() - 1)
 
 
+def _centered_codes(layer: QuantWeighted, x: Tensor, w: Tensor, in_q: Quantizer) -> tuple[Tensor, Tensor]:
+    """``x_q - z_x`` and ``w_q - z_w`` as integer-valued float32 (``x`` is on ``in_q``'s grid)."""
+    wq = layer.weight_quantizer
+    assert wq is not None
+    kx = torch.mul(x.to(torch.float32), torch.reciprocal(_scalar(in_q.scale))).round_()
+    wz = wq.zero_point.to(torch.float32)
+    wz = wz.reshape(_weight_axis_shape(w)) if wz.numel() > 1 else wz.reshape(())
+    return kx, weight_codes(layer, w).to(torch.float32) - wz
+
+
 def integer_weighted(layer: QuantWeighted, x: Tensor, w: Tensor, b: Tensor | None, links: Links) -> Tensor:
     """QLinearConv / QGemm: exact int32 accumulation, float32 requantization, dequantized output."""
     in_q, wq, out_q = links.inputs[0], layer.weight_quantizer, links.out_q
     assert in_q is not None and wq is not None and out_q is not None
-    kx = torch.mul(x.to(torch.float32), torch.reciprocal(_scalar(in_q.scale))).round_()  # x_q - z_x (on grid)
-    wz = wq.zero_point.to(torch.float32)
-    wz = wz.reshape(_weight_axis_shape(w)) if wz.numel() > 1 else wz.reshape(())
-    kw = weight_codes(layer, w).to(torch.float32) - wz
+    kx, kw = _centered_codes(layer, x, w, in_q)
     bq = quantize_bias(b, bias_scale(layer, in_q)) if b is not None else None
     zx = int(in_q.zero_point.reshape(-1)[0])
     x_bound = max(abs(in_q.qmin - zx), abs(in_q.qmax - zx))  # |x_q - z_x| never exceeds the range
@@ -263,22 +246,19 @@ def integer_weighted(layer: QuantWeighted, x: Tensor, w: Tensor, b: Tensor | Non
 
 def qgemm_float_output(layer: QuantWeighted, links: Links) -> bool:
     """ORT turns DequantizeLinear -> Gemm with a float output (the logits) into QGemm with float output."""
-    return layer.is_linear and links.inputs_ready() and _weight_type_ok(layer, links)
+    return layer.is_linear and links.inputs_ready() and weight_type_ok(layer)
 
 
 def integer_linear_float_output(layer: QuantWeighted, x: Tensor, w: Tensor, b: Tensor | None,
                                 links: Links) -> Tensor:
     """QGemm with float output: ``float32(acc + b_q) * float32(s_x * s_w)`` (MLAS scale-bias post-processor)."""
-    in_q, wq = links.inputs[0], layer.weight_quantizer
-    assert in_q is not None and wq is not None
-    kx = torch.mul(x.to(torch.float32), torch.reciprocal(_scalar(in_q.scale))).round_()
-    wz = wq.zero_point.to(torch.float32)
-    wz = wz.reshape(_weight_axis_shape(w)) if wz.numel() > 1 else wz.reshape(())
-    kw = weight_codes(layer, w).to(torch.float32) - wz
+    in_q = links.inputs[0]
+    assert in_q is not None
+    kx, kw = _centered_codes(layer, x, w, in_q)
     acc = F.linear(kx.double(), kw.double())  # exact integers
-    if b is not None:
-        acc = acc + quantize_bias(b, bias_scale(layer, in_q)).double()
     scale = bias_scale(layer, in_q)  # float32(s_x * s_w)
+    if b is not None:
+        acc = acc + quantize_bias(b, scale).double()
     return (acc.float() * scale).to(x.dtype)
 
 
@@ -288,7 +268,7 @@ def weighted_forward(layer: QuantWeighted, x: Tensor, w: Tensor, b: Tensor | Non
     in_q = links.inputs[0] if links is not None else None
     if links is None or in_q is None or not ready(in_q, layer.weight_quantizer) or in_q.scale.numel() != 1:
         return layer._compute(x, w, b)
-    if links.fusable() and _weight_type_ok(layer, links):
+    if links.fusable() and weight_type_ok(layer):
         return integer_weighted(layer, x, w, b, links)
     if links.out_q is None and qgemm_float_output(layer, links):
         return integer_linear_float_output(layer, x, w, b, links)
@@ -298,7 +278,7 @@ def weighted_forward(layer: QuantWeighted, x: Tensor, w: Tensor, b: Tensor | Non
     return layer._compute(x, w, b)
 
 
-def _weight_type_ok(layer: QuantWeighted, in_q: Quantizer) -> bool:
+def weight_type_ok(layer: QuantWeighted) -> bool:
     """8-bit weights at most (int8 activations run as uint8 in ORT, see the module docstring, so any
     8-bit weight type fuses)."""
     wq = layer.weight_quantizer
@@ -362,158 +342,24 @@ class IntGlobalAvgPool(nn.Module):
         return requantize(v, qy).to(x.dtype)
 
 
-# ------------------------------------------------------------------------------------------ linking
-ADD_TARGETS = (operator.add, operator.iadd, torch.add)
-# modules and methods the ONNX exporter emits nothing for
-_VANISHING_MODULES: tuple[type[nn.Module], ...] = (nn.Identity, nn.Dropout)
-_VANISHING_METHODS = frozenset({"contiguous"})
-
-
-def vanishes(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """Whether ``node`` leaves no trace in the exported ONNX graph."""
-    if node.op == "call_module":
-        return isinstance(modules.get(str(node.target)), _VANISHING_MODULES)
-    if node.op == "call_method":
-        return str(node.target) in _VANISHING_METHODS
-    return node.op == "call_function" and node.target is F.dropout
-
-
-class _Linker:
-    def __init__(self, gm: fx.GraphModule) -> None:
-        self.gm = gm
-        self.modules = dict(gm.named_modules())
-
-    def quantizer(self, n: fx.Node) -> Quantizer | None:
-        if n.op == "call_module":
-            m = self.modules.get(str(n.target))
-            if isinstance(m, Quantizer):
-                return m
+def integer_kernel(m: nn.Module) -> str | None:
+    """The ORT integer kernel a linked op runs as after calibration (None: it stays in float)."""
+    links: Links | None = getattr(m, "qb_links", None)
+    if links is None:
         return None
-
-    def source_quantizer(self, n: fx.Node) -> tuple[Quantizer | None, bool]:
-        """The quantizer producing ``n`` (through value-preserving ops) and whether ops the export keeps
-        lie in between (then the export re-quantizes the input right before its reader)."""
-        regrid = False
-        while self.quantizer(n) is None and op_kind(n, self.modules) is OpKind.PASS:
-            ins = tensor_inputs(n)
-            if not ins:
-                break
-            regrid = regrid or not vanishes(n, self.modules)
-            n = ins[0]
-        return self.quantizer(n), regrid
-
-    def output_chain(self, n: fx.Node) -> tuple[Quantizer | None, list[Clamp]]:
-        """Follow single users through clamp activations to a quantizer."""
-        acts: list[Clamp] = []
-        while len(n.users) == 1:
-            u = next(iter(n.users))
-            q = self.quantizer(u)
-            if q is not None:
-                return q, acts
-            c = clamp_of(u, self.modules)
-            if c is None:
-                return None, acts
-            acts.append(c)
-            n = u
-        return None, acts
-
-    def links(self, node: fx.Node, inputs: list[fx.Node]) -> Links:
-        srcs = [self.source_quantizer(a) for a in inputs]
-        out_q, acts = self.output_chain(node)
-        return Links([q for q, _ in srcs], [r for _, r in srcs], out_q, acts)
-
-    def replace(self, node: fx.Node, module: nn.Module, args: tuple) -> None:
-        if not hasattr(self.gm, "qb_int"):
-            self.gm.add_module("qb_int", nn.Module())
-        self.gm.get_submodule("qb_int").add_module(node.name, module)
-        with self.gm.graph.inserting_before(node):
-            new = self.gm.graph.call_module(f"qb_int.{node.name}", args)
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        self.gm.graph.erase_node(node)
-
-    def onnx_readers(self, n: fx.Node) -> int:
-        """How many ONNX nodes will read ``n`` (modules the exporter drops are looked through)."""
-        count = 0
-        for u in n.users:
-            count += self.onnx_readers(u) if vanishes(u, self.modules) else 1
-        return count
-
-    def mark_int8_tensors(self) -> None:
-        """Set ``ort_int8`` on int8 quantizers whose tensor ORT keeps in int8 (:func:`stays_int8`)."""
-        for n in self.gm.graph.nodes:
-            q = self.quantizer(n)
-            if q is None or q.qmin >= 0:
-                continue
-            src = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
-            fused_producer = (src is not None and op_kind(src, self.modules) in (OpKind.WEIGHTED, OpKind.ADD)) or (
-                src is not None and op_kind(src, self.modules) is OpKind.POOL and self._is_global_avg_pool(src))
-            if fused_producer and self.onnx_readers(n) > 1:
-                q.ort_int8 = True
-
-    def run(self) -> None:
-        self.mark_int8_tensors()
-        for node in list(self.gm.graph.nodes):
-            kind = op_kind(node, self.modules)
-            module = self.modules.get(str(node.target)) if node.op == "call_module" else None
-            if isinstance(module, (IntAdd, IntGlobalAvgPool)):  # linked before (re-linking after a module swap)
-                object.__setattr__(module, "qb_links", self.links(node, tensor_inputs(node)))
-            elif kind is OpKind.WEIGHTED:
-                object.__setattr__(module, "qb_links", self.links(node, tensor_inputs(node)[:1]))
-            elif kind is OpKind.ADD and self._is_binary_add(node):
-                ins = tensor_inputs(node)
-                links = self.links(node, ins)
-                if links.out_q is not None and all(links.inputs):
-                    self.replace(node, IntAdd(links), (node.args[0], node.args[1]))
-            elif kind is OpKind.POOL and self._is_global_avg_pool(node):
-                links = self.links(node, tensor_inputs(node)[:1])
-                if links.out_q is not None and links.inputs[0] is not None:
-                    self.replace(node, IntGlobalAvgPool(links), (tensor_inputs(node)[0],))
-        self.gm.graph.lint()
-        self.gm.recompile()
-
-    @staticmethod
-    def _is_binary_add(node: fx.Node) -> bool:
-        target_ok = (node.op == "call_function" and node.target in ADD_TARGETS) or (
-            node.op == "call_method" and node.target == "add")
-        return (target_ok and len(node.args) == 2 and not node.kwargs
-                and all(isinstance(a, fx.Node) and is_tensor_node(a) for a in node.args))
-
-    def _is_global_avg_pool(self, node: fx.Node) -> bool:
-        def is_one(v: object) -> bool:
-            return v == 1 or v in ((1, 1), [1, 1])
-
-        if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
-            size = node.kwargs.get("output_size", node.args[1] if len(node.args) > 1 else None)
-            return is_one(size)
-        if node.op == "call_module":
-            m = self.modules[str(node.target)]
-            return isinstance(m, nn.AdaptiveAvgPool2d) and is_one(m.output_size)
-        return False
-
-
-def link_integer_arithmetic(gm: fx.GraphModule) -> None:
-    """Wire layers, adds and global pools to their quantizers and switch activation quantizers to
-    QuantizeLinear's ``x / s`` (in place; called by placement for ``arithmetic: onnxruntime`` backends)."""
-    for m in gm.modules():
-        if isinstance(m, Quantizer) and not m.is_weight:
-            m.onnx_rounding = True
-    _Linker(gm).run()
+    if isinstance(m, (IntAdd, IntGlobalAvgPool)):
+        if not links.fusable():
+            return None
+        return "QLinearAdd" if isinstance(m, IntAdd) else "QLinearGlobalAveragePool"
+    if not ready(m.weight_quantizer):
+        return None
+    if links.fusable() and weight_type_ok(m):
+        return "QGemm" if m.is_linear else "QLinearConv"
+    if links.out_q is None and qgemm_float_output(m, links):
+        return "QGemm"
+    return None
 
 
 def integer_groups(gm: nn.Module) -> dict[str, str]:
     """Which ops the simulation ran as ORT integer kernels, by module name (after calibration)."""
-    out: dict[str, str] = {}
-    for name, m in gm.named_modules():
-        links: Links | None = getattr(m, "qb_links", None)
-        if links is None:
-            continue
-        if isinstance(m, (IntAdd, IntGlobalAvgPool)):
-            if links.fusable():
-                out[name] = "QLinearAdd" if isinstance(m, IntAdd) else "QLinearGlobalAveragePool"
-            continue
-        if links.fusable() and ready(m.weight_quantizer) and _weight_type_ok(m, links):
-            out[name] = "QGemm" if m.is_linear else "QLinearConv"
-        elif links.out_q is None and ready(m.weight_quantizer) and qgemm_float_output(m, links):
-            out[name] = "QGemm"
-    return out
+    return {name: k for name, m in gm.named_modules() if (k := integer_kernel(m)) is not None}
