@@ -176,7 +176,8 @@ def export_onnx(gm: fx.GraphModule, example_input: torch.Tensor, path: str | Pat
     emod = lower_for_export(gm).to("cpu")
     model, emitted = _run_exporter(emod, example, opset)
     where = name_qdq_nodes(model, emitted, _expected(emod))
-    before_sinking = copy.deepcopy(model)  # the artefacts' float model comes from the plain QDQ graph
+    # the artefacts' float model comes from the plain QDQ graph (copied only when an artefact needs it)
+    before_sinking = copy.deepcopy(model) if names else model
     for qnode, ops in sink_dequantize(model).items():
         name = qnode.rsplit("/", 1)[0]
         where[name] = {**where[name], "quantize": None, "on_codes": ops}
