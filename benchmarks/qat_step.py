@@ -30,8 +30,8 @@ from quantbench.backends import load_backend
 from quantbench.graph.quantize import prepare
 from quantbench.models import build_model
 from quantbench.ptq import calibrate
-from quantbench.qat.prepare import prepare_qat
-from quantbench.qat.quantizers.lsq_kernel import lsq_fake_quant, use_fused
+from quantbench.qat.prepare import prepare_qat, set_fused_kernels
+from quantbench.qat.quantizers.lsq_kernel import lsq_fake_quant
 
 
 def sync(device: str) -> None:
@@ -54,11 +54,13 @@ def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool, devi
     return step
 
 
-def lsq_model(base: nn.Module, x: torch.Tensor, bits: int) -> nn.Module:
+def lsq_model(base: nn.Module, x: torch.Tensor, bits: int, fused: bool = False) -> nn.Module:
     spec = load_backend("tensorrt").configure(w_bits=bits, a_bits=bits)
     gm = prepare(base, spec, x[:1], "minmax", "minmax")
     calibrate(gm, [x], x.device, progress=False)
-    return prepare_qat(gm, "lsq", 3)
+    gm = prepare_qat(gm, "lsq", 3)
+    set_fused_kernels(gm, fused)
+    return gm
 
 
 def torch_qat_model(base: nn.Module, x: torch.Tensor) -> nn.Module:
@@ -79,8 +81,8 @@ def bandwidth(device: str, n: int, repeats: int) -> dict[str, Any]:
     z = torch.zeros(1, device=device)
     fac = 1.0 / (n * 7) ** 0.5
 
-    def ours() -> None:
-        lsq_fake_quant(xg, s, z, -8, 7, fac, None, False, True).backward(g)
+    def ours(fused: bool = False) -> None:
+        lsq_fake_quant(xg, s, z, -8, 7, fac, None, False, True, fused).backward(g)
         sync(device)
 
     def builtin() -> None:
@@ -88,11 +90,7 @@ def bandwidth(device: str, n: int, repeats: int) -> dict[str, Any]:
         sync(device)
 
     t_ours = median_time(ours, repeats, warmup=2)
-    use_fused(True)
-    try:
-        t_fused = median_time(ours, repeats, warmup=2)
-    finally:
-        use_fused(False)
+    t_fused = median_time(lambda: ours(True), repeats, warmup=2)
     t_builtin = median_time(builtin, repeats, warmup=2)
 
     def frac(t: float) -> float:
@@ -126,7 +124,7 @@ def main() -> None:
     builders: dict[str, Callable[[], nn.Module]] = {
         "FP": lambda: copy.deepcopy(base),
         "quantbench LSQ W4A4": lambda: lsq_model(base, x, 4),
-        "quantbench LSQ W4A4 fused": lambda: lsq_model(base, x, 4),
+        "quantbench LSQ W4A4 fused": lambda: lsq_model(base, x, 4, fused=True),
         "quantbench LSQ W8A8": lambda: lsq_model(base, x, 8),
         "PyTorch prepare_qat_fx W8A8": lambda: torch_qat_model(base, x),
     }
@@ -135,14 +133,11 @@ def main() -> None:
     for name, build in builders.items():
         for bf16 in (False, True):
             t0 = time.perf_counter()
-            use_fused(name.endswith("fused"))
             try:
                 ms = 1e3 * median_time(step_fn(build().to(dev), x, y, bf16, dev), args.repeats, warmup=2)
                 err = ""
             except Exception as exc:  # a failing configuration is a result (PyTorch QAT under bf16)
                 ms, err = float("nan"), f"{type(exc).__name__}: {str(exc).splitlines()[0][:90]}"
-            finally:
-                use_fused(False)
             if name == "FP":
                 fp_ms[bf16] = ms
             ratio = ms / fp_ms[bf16] if fp_ms.get(bf16) else float("nan")

@@ -156,7 +156,7 @@ def test_weights_are_int8_codes_with_per_channel_axis_and_int32_bias(tmpdir_modu
         np.testing.assert_array_equal(inits[wdq.input[1]], layer.weight_quantizer.scale.numpy())
         bdq = dqs[f"{name}/bias/DequantizeLinear"]
         assert inits[bdq.input[0]].dtype == np.int32 and not inits[bdq.input[2]].any()
-        in_q = layer.qb_links.inputs[0]
+        in_q = layer.links.inputs[0]
         np.testing.assert_array_equal(inits[bdq.input[1]], (in_q.scale * layer.weight_quantizer.scale).numpy())
     assert len(record["weights"]) == len(record["biases"]) == len(layers) == 20
     assert all(w["per_channel"] and w["dtype"] == "int8" for w in record["weights"])
@@ -236,7 +236,7 @@ def test_prepared_model_moves_between_devices():
 # ------------------------------------------------------------------------------------ QAT models
 @pytest.mark.parametrize("bn_fold", [3, 4])
 def test_qat_graph_exports_and_matches_onnx_runtime(bn_fold, tmp_path):
-    from quantbench.deploy.qat_bridge import simulation_from_qat
+    from quantbench.deploy.lower import bake_for_export
     from quantbench.qat.prepare import prepare_qat
 
     gm = prepare_qat(calibrated("resnet20_cifar", "onnxruntime"), "lsq", bn_fold)
@@ -245,7 +245,7 @@ def test_qat_graph_exports_and_matches_onnx_runtime(bn_fold, tmp_path):
         for p in gm.parameters():  # a "trained" step away from the PTQ initialisation
             p.add_(0.01 * torch.randn_like(p))
         qat_out = gm(TEST)
-    sim = simulation_from_qat(gm)
+    sim = bake_for_export(gm)
     with torch.no_grad():
         assert (sim(TEST).argmax(1) == qat_out.argmax(1)).float().mean() >= 0.9  # int32 bias, integer requant
     res = export_onnx(sim, CALIB[:1], tmp_path / "qat.onnx", artefacts=[])
@@ -255,12 +255,12 @@ def test_qat_graph_exports_and_matches_onnx_runtime(bn_fold, tmp_path):
 
 def test_apot_qat_models_are_refused_with_the_reason():
     """APoT's levels are sums of powers of two: no integer runtime executes them. The academic QAT graph is
-    refused by the bridge (before any ONNX is written) and a hardware backend by prepare_qat itself."""
-    from quantbench.deploy.qat_bridge import simulation_from_qat
+    refused when its grids are baked (before any ONNX is written) and a hardware backend by prepare_qat itself."""
+    from quantbench.deploy.lower import bake_for_export
     from quantbench.errors import ConfigError
     from quantbench.qat.prepare import prepare_qat
 
     with pytest.raises(ExportError, match="non-uniform levels"):
-        simulation_from_qat(prepare_qat(calibrated("resnet20_cifar", "academic"), "apot", 0))
+        bake_for_export(prepare_qat(calibrated("resnet20_cifar", "academic"), "apot", 0))
     with pytest.raises(ConfigError, match="non-uniform"):
         prepare_qat(calibrated("resnet20_cifar", "onnxruntime"), "apot", 3)

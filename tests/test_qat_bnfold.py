@@ -12,13 +12,12 @@ from torch import nn
 
 from quantbench.backends import load_backend
 from quantbench.errors import ConfigError
+from quantbench.graph.bnfold import BN_FOLD, set_bn_fold
 from quantbench.graph.qmodules import QuantWeighted
 from quantbench.graph.quantize import prepare
 from quantbench.models import build_model
 from quantbench.ptq import calibrate
-from quantbench.qat.bnfold import BN_FOLD
 from quantbench.qat.prepare import check_compatible, prepare_qat, qat_layers
-from quantbench.qat.quantizers import ALGORITHMS, QuantizerContext
 from quantbench.quant.fake_quant import fake_quantize
 from quantbench.quant.quantizer import Quantizer
 from quantbench.quant.scheme import QScheme
@@ -44,13 +43,14 @@ def conv_bn(seed: int = 0) -> QuantWeighted:
 
 
 def qat_layer(strategy: int, algorithm: str = "lsq", freeze: int | None = None):  # type: ignore[no-untyped-def]
+    """A calibrated PTQ layer switched in place to BN-fold ``strategy`` with a learning weight quantizer."""
     layer = conv_bn()
-    alg = ALGORITHMS.get(algorithm)
-    wq = alg.build(QuantizerContext.from_quantizer(layer.weight_quantizer, True), alg.parse_options({}))
-    factor = BN_FOLD[strategy].quantizer_input_factor(layer)
-    q = layer.weight_quantizer
-    wq.init_from_qparams(q.scale if factor is None else q.scale / factor, q.zero_point)
-    return BN_FOLD[strategy].from_layer(copy.deepcopy(layer), wq, freeze), layer
+    m = copy.deepcopy(layer)
+    factor = BN_FOLD[strategy].quantizer_input_factor(m)
+    set_bn_fold(m, strategy, freeze)
+    q = m.weight_quantizer
+    q.enable_learning(algorithm, None, hardware=True, init_scale=None if factor is None else q.scale / factor)
+    return m, layer
 
 
 X = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(1))
@@ -80,7 +80,7 @@ def test_eval_after_training_is_the_bn_folded_quantized_layer(strategy: int) -> 
     m.eval()
     with torch.no_grad():
         out = m(X)
-        s, z = m.weight_quantizer.export_qparams()
+        s, z = m.weight_quantizer.rule.export_qparams()
         w = m.module.weight.double()
         if m.bn is None:  # strategy 0: the folded weight and bias are the parameters
             w_fold, b_fold, s_fold = w, m.module.bias.double(), s

@@ -309,8 +309,8 @@ def test_unknown_algorithm_and_option_are_named() -> None:
 
 
 def test_lsq_kernel_equals_the_op_by_op_ste_form_per_channel_asymmetric() -> None:
-    from quantbench.qat.quantizers.functional import fake_quant_ste, grad_scale, round_ste
     from quantbench.qat.quantizers.lsq_kernel import lsq_fake_quant
+    from quantbench.quant.ste import fake_quant_ste, grad_scale, round_ste
 
     x = data(3, 4, 5, 5).requires_grad_(True)
     s = torch.tensor([0.1, 0.2, 0.15], dtype=torch.float64, requires_grad=True)
@@ -357,22 +357,18 @@ def test_lsq_power_of_two_scales_for_tvm() -> None:
                     reason="torch.compile needs a C++ compiler on CPU")
 @pytest.mark.parametrize("zero", [0.0, -3.0])
 def test_fused_lsq_kernel_equals_the_reference_path(zero: float) -> None:
-    from quantbench.qat.quantizers.lsq_kernel import lsq_fake_quant, use_fused
+    from quantbench.qat.quantizers.lsq_kernel import lsq_fake_quant
 
     x = torch.randn(4, 8, 16, 16, generator=torch.Generator().manual_seed(3))
     g = torch.randn(4, 8, 16, 16, generator=torch.Generator().manual_seed(4))
     out = []
     for fused in (False, True):
-        use_fused(fused)
-        try:
-            xi = x.clone().requires_grad_(True)
-            s = torch.tensor([0.2], requires_grad=True)
-            z = torch.tensor([zero], requires_grad=True)
-            y = lsq_fake_quant(xi, s, z, -8, 7, 0.05, None, zero != 0.0, zero == 0.0)
-            y.backward(g)
-            out.append((y.detach(), xi.grad, s.grad, z.grad))
-        finally:
-            use_fused(False)
+        xi = x.clone().requires_grad_(True)
+        s = torch.tensor([0.2], requires_grad=True)
+        z = torch.tensor([zero], requires_grad=True)
+        y = lsq_fake_quant(xi, s, z, -8, 7, 0.05, None, zero != 0.0, zero == 0.0, fused=fused)
+        y.backward(g)
+        out.append((y.detach(), xi.grad, s.grad, z.grad))
     for ref, fused_t in zip(out[0], out[1], strict=True):
         if ref is not None:
             torch.testing.assert_close(fused_t, ref, rtol=1e-5, atol=1e-5)

@@ -111,10 +111,11 @@ def export(
         import torch
 
         if from_.suffix == ".pt" or (from_ / "final.pt").is_file():  # a `quantbench qat` run
-            from quantbench.deploy.qat_bridge import load_qat_run, simulation_from_qat
+            from quantbench.deploy.lower import bake_for_export
+            from quantbench.qat.load import load_qat_run
 
             gm_qat, config = load_qat_run(from_)
-            gm = simulation_from_qat(gm_qat)
+            gm = bake_for_export(gm_qat)
         else:
             gm, config = load_simulation(from_)
             config.pop("_path", None)

@@ -10,10 +10,11 @@ from torch import nn
 from quantbench.backends.spec import BackendSpec
 from quantbench.deploy.errors import ExportError
 from quantbench.deploy.qdq import ExportQDQ, ExportWeighted, PlainAdd, PlainGlobalAvgPool
+from quantbench.errors import QuantbenchError
 from quantbench.graph import requant
 from quantbench.graph.linking import vanishes
 from quantbench.graph.qmodules import QuantWeighted
-from quantbench.graph.quantize import activation_quantizers, weight_layers
+from quantbench.graph.quantize import activation_quantizers, bake, weight_layers
 from quantbench.graph.requant import IntAdd, IntGlobalAvgPool, Links
 from quantbench.quant.quantizer import Quantizer
 
@@ -66,6 +67,16 @@ def check_exportable(gm: fx.GraphModule) -> BackendSpec:
     return spec
 
 
+def bake_for_export(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` with every learned grid baked into static parameters (a QAT or reconstructed graph;
+    a PTQ graph is copied unchanged), refused with the reason where a rule has no integer grid."""
+    out = copy.deepcopy(gm).eval()
+    try:
+        return bake(out)
+    except QuantbenchError as exc:
+        raise ExportError(str(exc)) from exc
+
+
 def _set(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, attr = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, attr, module)
@@ -75,10 +86,10 @@ def lower_for_export(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``gm`` whose quantizers and quantized layers emit ONNX QDQ nodes when exported."""
     check_exportable(gm)
     out = copy.deepcopy(gm).eval()
-    linked = {name: m for name, m in out.named_modules() if getattr(m, "qb_links", None) is not None}
-    moves = {name: m.qb_links for name, m in linked.items() if m.qb_links.needs_copy and m.qb_links.fusable()}
-    regrids = {name: m.qb_links for name, m in linked.items()
-               if any(m.qb_links.regrid) and requant.integer_kernel(m) is not None}
+    linked = {name: m.links for name, m in requant.linked_ops(out).items()}
+    moves = {name: links for name, links in linked.items() if links.needs_copy and links.fusable()}
+    regrids = {name: links for name, links in linked.items()
+               if any(links.regrid) and requant.integer_kernel(out.get_submodule(name)) is not None}
     for name, m in list(out.named_modules()):
         if isinstance(m, QuantWeighted) and m.weight_quantizer is not None:
             _set(out, name, ExportWeighted(m, name))

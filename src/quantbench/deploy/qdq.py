@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from quantbench.graph import requant
 from quantbench.graph.qmodules import QuantWeighted
-from quantbench.quant.quantizer import Quantizer, quantize_div
+from quantbench.quant.fake_quant import quantize_div
+from quantbench.quant.quantizer import Quantizer
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ class ExportWeighted(nn.Module):
         self.lname = name
         self.module = layer.module
         self.bias_quantized = False
-        links = getattr(layer, "qb_links", None)
+        links = layer.links
         in_q = links.inputs[0] if links is not None else None
         if b is not None and in_q is not None and in_q.scale.numel() == 1:
             sb = requant.bias_scale(layer, in_q)

@@ -132,10 +132,8 @@ class _Linker:
         for node in list(self.gm.graph.nodes):
             kind = op_kind(node, self.modules)
             module = self.modules.get(str(node.target)) if node.op == "call_module" else None
-            if isinstance(module, (IntAdd, IntGlobalAvgPool)):  # linked before (re-linking after a module swap)
-                object.__setattr__(module, "qb_links", self.links(node, tensor_inputs(node)))
-            elif kind is OpKind.WEIGHTED:
-                object.__setattr__(module, "qb_links", self.links(node, tensor_inputs(node)[:1]))
+            if kind is OpKind.WEIGHTED:
+                module.links = self.links(node, tensor_inputs(node)[:1])
             elif kind is OpKind.ADD and self._is_binary_add(node):
                 ins = tensor_inputs(node)
                 links = self.links(node, ins)

@@ -164,3 +164,19 @@ def _info(q: Quantizer, role: str, nodes: list[str], consumers: list[str]) -> Qu
         scale=q.scale.flatten().tolist() if q.calibrated else [],
         zero_point=q.zero_point.flatten().tolist() if q.calibrated else [], calibrated=q.calibrated,
     )
+
+
+def bake(gm: fx.GraphModule) -> fx.GraphModule:
+    """Write every learned grid back as static quantization parameters (in place; returns ``gm``).
+
+    Each learning quantizer keeps its place and becomes the PTQ quantizer of the grid its rule learned; each
+    layer whose weight quantizer learned gets its deployed weight (BN folded) on that grid. The graph then
+    evaluates as it did while learning, runs ONNX Runtime's integer arithmetic where its backend simulates it,
+    and exports like a PTQ model. Rules with non-uniform levels (APoT) are refused.
+    """
+    for _, layer in weight_layers(gm):
+        layer.bake()
+    for _, q in activation_quantizers(gm):
+        q.bake()
+    gm.meta.pop("quantbench_qat", None)
+    return gm

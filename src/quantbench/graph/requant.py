@@ -69,7 +69,7 @@ def stays_int8(q: Quantizer) -> bool:
     QuantizeLinear on that op's output would stop the fusion): such a tensor stays int8, and an op fuses
     only when all its tensors end up in the same type (set by
     :func:`quantbench.graph.linking.link_integer_arithmetic`)."""
-    return bool(getattr(q, "ort_int8", False))
+    return q.ort_int8
 
 
 def fits_container(q: Quantizer) -> bool:
@@ -84,8 +84,9 @@ def in_container(q: Quantizer) -> bool:
 
 
 def ready(*qs: Quantizer | None) -> bool:
-    """Every quantizer exists, is calibrated and is quantizing."""
-    return all(q is not None and q.quantizing and q.calibrated for q in qs)
+    """Every quantizer exists, is calibrated and is quantizing with its static grid (not learning: a learning
+    rule's grid moves every step, so the layer runs fake quantization until it is baked)."""
+    return all(q is not None and q.quantizing and q.calibrated and not q.learning for q in qs)
 
 
 def integer_mode() -> bool:
@@ -141,7 +142,8 @@ def chain_removable(acts: list[Clamp], q: Quantizer) -> bool:
 
 @dataclass
 class Links:
-    """How an op is wired to quantizers, for the integer path (kept out of the module tree)."""
+    """How an op is wired to quantizers, for the integer path: a plain field of the op (``op.links``) that refers
+    to quantizers living elsewhere in the module tree."""
 
     inputs: list[Quantizer | None]
     # input i reaches the op through value-preserving ops (pad, slice, flatten...): the export re-quantizes
@@ -234,7 +236,7 @@ def integer_weighted(layer: QuantWeighted, x: Tensor, w: Tensor, b: Tensor | Non
     # are direct or GEMM-based); otherwise (or on GPU, where Winograd / TF32 may round) use float64
     exact32 = x.device.type == "cpu" and bound < EXACT_FLOAT32
     dt = torch.float32 if exact32 else torch.float64
-    acc = layer._compute(kx.to(dt), kw.to(dt), None)
+    acc = layer.compute(kx.to(dt), kw.to(dt), None)
     if bq is not None:
         acc.add_(_broadcast_channels(bq.to(dt), acc))
     if not exact32:
@@ -264,10 +266,10 @@ def integer_linear_float_output(layer: QuantWeighted, x: Tensor, w: Tensor, b: T
 
 def weighted_forward(layer: QuantWeighted, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     """A quantized layer at inference: int32 bias always, the integer kernel where ORT fuses."""
-    links: Links | None = getattr(layer, "qb_links", None)
+    links = layer.links
     in_q = links.inputs[0] if links is not None else None
     if links is None or in_q is None or not ready(in_q, layer.weight_quantizer) or in_q.scale.numel() != 1:
-        return layer._compute(x, w, b)
+        return layer.compute(x, w, b)
     if links.fusable() and weight_type_ok(layer):
         return integer_weighted(layer, x, w, b, links)
     if links.out_q is None and qgemm_float_output(layer, links):
@@ -275,7 +277,7 @@ def weighted_forward(layer: QuantWeighted, x: Tensor, w: Tensor, b: Tensor | Non
     if b is not None:
         sb = bias_scale(layer, in_q)
         b = quantize_bias(b, sb) * sb.expand_as(b)
-    return layer._compute(x, w, b)
+    return layer.compute(x, w, b)
 
 
 def weight_type_ok(layer: QuantWeighted) -> bool:
@@ -294,10 +296,10 @@ class IntAdd(nn.Module):
 
     def __init__(self, links: Links) -> None:
         super().__init__()
-        object.__setattr__(self, "qb_links", links)
+        self.links = links
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        links: Links = self.qb_links  # type: ignore[attr-defined]
+        links = self.links
         if not (integer_mode() and links.fusable()):
             return a + b
         qa, qb, qy = links.inputs[0], links.inputs[1], links.out_q
@@ -326,10 +328,10 @@ class IntGlobalAvgPool(nn.Module):
 
     def __init__(self, links: Links) -> None:
         super().__init__()
-        object.__setattr__(self, "qb_links", links)
+        self.links = links
 
     def forward(self, x: Tensor) -> Tensor:
-        links: Links = self.qb_links  # type: ignore[attr-defined]
+        links = self.links
         if not (integer_mode() and links.fusable()):
             return F.adaptive_avg_pool2d(x, 1)
         qx, qy = links.inputs[0], links.out_q
@@ -342,11 +344,25 @@ class IntGlobalAvgPool(nn.Module):
         return requantize(v, qy).to(x.dtype)
 
 
+def linked_ops(gm: nn.Module) -> dict[str, nn.Module]:
+    """Every op wired to ONNX Runtime's integer arithmetic (layers, adds, global pools), by module name."""
+    from quantbench.graph.qmodules import QuantWeighted
+
+    return {name: m for name, m in gm.named_modules()
+            if isinstance(m, (QuantWeighted, IntAdd, IntGlobalAvgPool)) and m.links is not None}
+
+
 def integer_kernel(m: nn.Module) -> str | None:
-    """The ORT integer kernel a linked op runs as after calibration (None: it stays in float)."""
-    links: Links | None = getattr(m, "qb_links", None)
-    if links is None:
+    """The ORT integer kernel a linked op runs as after calibration (None: it stays in float).
+
+    The one decision of which op runs as which kernel: the simulation (:func:`weighted_forward`,
+    :class:`IntAdd`, :class:`IntGlobalAvgPool`) and the exporter (:mod:`quantbench.deploy.lower`) both ask it.
+    """
+    from quantbench.graph.qmodules import QuantWeighted
+
+    if not isinstance(m, (QuantWeighted, IntAdd, IntGlobalAvgPool)) or m.links is None:
         return None
+    links = m.links
     if isinstance(m, (IntAdd, IntGlobalAvgPool)):
         if not links.fusable():
             return None

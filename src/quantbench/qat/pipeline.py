@@ -24,8 +24,7 @@ from quantbench.qat.config import QATConfig
 from quantbench.qat.data import TrainBatches
 from quantbench.qat.diagnostics import plot_clipping_ranges, plot_curves
 from quantbench.qat.distributed import DistContext, init_distributed
-from quantbench.qat.prepare import initialize_from_data, prepare_qat, quantizer_table
-from quantbench.qat.quantizers.lsq_kernel import use_fused
+from quantbench.qat.prepare import initialize_from_data, prepare_qat, quantizer_table, set_fused_kernels
 from quantbench.qat.train import Trainer
 from quantbench.utils.io import atomic_write_json, atomic_write_text
 
@@ -80,7 +79,6 @@ def prepare_run(cfg: QATConfig, ctx: DistContext, progress: bool = True) -> Prep
     """Load model and data, prepare the backend's graph, calibrate it (the PTQ init) and swap in QAT modules."""
     main = ctx.is_main
     seed_everything(cfg.seed)
-    use_fused(cfg.fused_kernels)
     entry = get_entry(cfg.model)
     bundle = load_data(cfg.data, entry.mean, entry.std, entry.input_size, augment=False)
     model = build_model(cfg.model, cfg.weights, cfg.width_mult, num_classes=bundle.num_classes).to(ctx.device)
@@ -99,6 +97,7 @@ def prepare_run(cfg: QATConfig, ctx: DistContext, progress: bool = True) -> Prep
     calibrate(gm, calib_loader, ctx.device, progress and main)
     calib_seconds = time.perf_counter() - t0
     prepare_qat(gm, cfg.algorithm, cfg.bn_fold, cfg.init, cfg.algorithm_options, cfg.bn_freeze_step)
+    set_fused_kernels(gm, cfg.fused_kernels)
     initialize_from_data(gm, next(iter(calib_loader))[0].to(ctx.device))
     init_top1 = 0.0
     if main:

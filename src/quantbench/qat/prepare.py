@@ -1,4 +1,5 @@
-"""From a calibrated PTQ graph to a QAT graph: swap quantizers and layers, keep the backend's placement."""
+"""From a calibrated PTQ graph to a QAT graph, in place: the same quantizers learn, the same layers fold BN
+their QAT way; the backend's placement is untouched."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from torch import Tensor, nn
 
 from quantbench.backends.spec import BackendSpec
 from quantbench.errors import ConfigError
+from quantbench.graph.bnfold import BN_FOLD, set_bn_fold
 from quantbench.graph.qmodules import QuantWeighted
-from quantbench.qat.bnfold import BN_FOLD, QATWeighted
-from quantbench.qat.quantizers import ALGORITHMS, Algorithm, QATQuantizer, QuantizerContext
+from quantbench.graph.quantize import activation_quantizers, weight_layers
+from quantbench.qat.quantizers import ALGORITHMS, Algorithm, LearningRule
 from quantbench.quant.quantizer import Quantizer
 
 Init = Literal["calibrator", "paper"]
@@ -42,27 +44,15 @@ def check_compatible(algorithm: str, spec: BackendSpec, bn_fold: int) -> Algorit
     return alg
 
 
-def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
-    parent_name, _, attr = target.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, attr, module)
-
-
-def _replace_everywhere(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    for name, m in list(root.named_modules(remove_duplicate=False)):
-        if m is old:
-            _set_submodule(root, name, new)
-
-
 def prepare_qat(gm: fx.GraphModule, algorithm: str = "lsq", bn_fold: int = 3, init: Init = "calibrator",
                 options: dict[str, Any] | None = None, bn_freeze_step: int | None = None) -> fx.GraphModule:
-    """Turn a PTQ-prepared and calibrated graph (:func:`quantbench.graph.quantize.prepare` then
-    :func:`quantbench.ptq.calibrate`) into a QAT graph, in place.
+    """Switch a PTQ-prepared and calibrated graph (:func:`quantbench.graph.quantize.prepare` then
+    :func:`quantbench.ptq.calibrate`) to quantization-aware training, in place.
 
-    Every activation ``Quantizer`` becomes the algorithm's activation quantizer and every ``QuantWeighted``
-    the strategy ``bn_fold``'s layer with the algorithm's weight quantizer, where the backend placed them.
-    ``init="calibrator"`` starts each quantizer from its PTQ calibration (seed 001 C.4); ``"paper"`` from the
-    algorithm's own rule, applied on the first batch (call :func:`initialize_from_data`).
+    No module is swapped: every quantizer the backend placed hosts the algorithm's learning rule
+    (:meth:`~quantbench.quant.quantizer.Quantizer.enable_learning`) and every quantized layer switches to BN-fold
+    strategy ``bn_fold``. ``init="calibrator"`` starts each rule from its PTQ calibration (seed 001 C.4);
+    ``"paper"`` from the algorithm's own rule, applied on the first batch (call :func:`initialize_from_data`).
     """
     meta = gm.meta.get("quantbench")
     if meta is None:
@@ -74,40 +64,39 @@ def prepare_qat(gm: fx.GraphModule, algorithm: str = "lsq", bn_fold: int = 3, in
     if init == "calibrator" and not all(q.calibrated for q in gm.modules() if isinstance(q, Quantizer)):
         raise ConfigError("init='calibrator' needs a calibrated graph: run quantbench.ptq.calibrate first")
 
-    for _, q in [(n, m) for n, m in gm.named_modules() if isinstance(m, Quantizer) and not m.is_weight]:
-        new = alg.build(QuantizerContext.from_quantizer(q, hardware), opts)
-        if init == "calibrator":
-            new.init_from_quantizer(q)
-        q.quantizing = False  # integer-arithmetic links may still point at it: keep it inert
-        _replace_everywhere(gm, q, new)
-
-    fold = BN_FOLD[bn_fold]
-    for name, layer in [(n, m) for n, m in gm.named_modules() if isinstance(m, QuantWeighted)]:
-        wq = None
-        if layer.weight_quantizer is not None:
-            q = layer.weight_quantizer
-            wq = alg.build(QuantizerContext.from_quantizer(q, hardware), opts)
-            if init == "calibrator":
-                factor = fold.quantizer_input_factor(layer)
-                scale = q.scale if factor is None else q.scale / factor.clamp_min(torch.finfo(torch.float32).tiny)
-                wq.init_from_qparams(scale, q.zero_point)
-        _set_submodule(gm, name, fold.from_layer(layer, wq, bn_freeze_step))
+    for _, q in activation_quantizers(gm):
+        q.enable_learning(alg, opts, hardware, init)
+    strategy = BN_FOLD[bn_fold]
+    for _, layer in weight_layers(gm):
+        factor = strategy.quantizer_input_factor(layer)
+        set_bn_fold(layer, bn_fold, bn_freeze_step)
+        q = layer.weight_quantizer
+        if q is not None:
+            scale = None if factor is None else q.scale / factor.clamp_min(torch.finfo(torch.float32).tiny)
+            q.enable_learning(alg, opts, hardware, init, init_scale=scale)
     gm.delete_all_unused_submodules()  # the BN aliases the PTQ graph kept at their original paths
     gm.meta["quantbench_qat"] = {"algorithm": algorithm, "bn_fold": bn_fold, "init": init,
                                  "options": opts.model_dump()}
-    gm.recompile()
     return gm
 
 
-def qat_quantizers(gm: nn.Module) -> Iterator[tuple[str, QATQuantizer]]:
-    for name, m in gm.named_modules():
-        if isinstance(m, QATQuantizer):
-            yield name, m
+def set_fused_kernels(gm: nn.Module, on: bool) -> None:
+    """Let the learning rules use their ``torch.compile``-fused kernels (LSQ / LSQ+ per tensor)."""
+    for _, rule in qat_quantizers(gm):
+        rule.fused_kernels = bool(on)
 
 
-def qat_layers(gm: nn.Module) -> Iterator[tuple[str, QATWeighted]]:
+def qat_quantizers(gm: nn.Module) -> Iterator[tuple[str, LearningRule]]:
+    """The learning rule of every learning quantizer, named after its quantizer."""
     for name, m in gm.named_modules():
-        if isinstance(m, QATWeighted):
+        if isinstance(m, Quantizer) and m.rule is not None:
+            yield name, m.rule
+
+
+def qat_layers(gm: nn.Module) -> Iterator[tuple[str, QuantWeighted]]:
+    """The quantized layers of a QAT graph (the ones whose weight quantizer learns, or that are kept float)."""
+    for name, m in weight_layers(gm):
+        if m.weight_quantizer is None or m.weight_quantizer.rule is not None:
             yield name, m
 
 

@@ -21,8 +21,8 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in _NARROW_FLOATS else x.dtype
 
 
-def _broadcast(p: Tensor, x: Tensor, axis: int | None) -> Tensor:
-    """Shape a per-channel parameter to broadcast along ``axis`` of ``x`` (scalar: unchanged)."""
+def broadcast(p: Tensor, x: Tensor, axis: int | None) -> Tensor:
+    """Shape a per-channel parameter ``(C,)`` to broadcast along ``axis`` of ``x`` (one value: a scalar)."""
     if axis is None or p.numel() == 1:
         return p.reshape(())
     shape = [1] * x.dim()
@@ -34,16 +34,16 @@ def quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
              axis: int | None = None) -> Tensor:
     """Integer codes of ``x`` (returned in x's float dtype, integral-valued)."""
     dt = _compute_dtype(x)
-    s = _broadcast(scale, x, axis).to(dt)
-    z = _broadcast(zero_point, x, axis).to(dt)
+    s = broadcast(scale, x, axis).to(dt)
+    z = broadcast(zero_point, x, axis).to(dt)
     return torch.clamp(torch.round(x.to(dt) * torch.reciprocal(s)) + z, qmin, qmax).to(x.dtype)
 
 
 def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int | None = None) -> Tensor:
     """Real values of integer codes ``q``."""
     dt = _compute_dtype(q)
-    s = _broadcast(scale, q, axis).to(dt)
-    z = _broadcast(zero_point, q, axis).to(dt)
+    s = broadcast(scale, q, axis).to(dt)
+    z = broadcast(zero_point, q, axis).to(dt)
     return ((q.to(dt) - z) * s).to(q.dtype)
 
 
@@ -51,8 +51,8 @@ class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, axis):  # type: ignore[override]
         dt = _compute_dtype(x)
-        s = _broadcast(scale, x, axis).to(dt)
-        z = _broadcast(zero_point, x, axis).to(dt)
+        s = broadcast(scale, x, axis).to(dt)
+        z = broadcast(zero_point, x, axis).to(dt)
         q = torch.round(x.to(dt) * torch.reciprocal(s)) + z
         mask = (q >= qmin) & (q <= qmax)
         ctx.save_for_backward(mask)
@@ -68,3 +68,17 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax:
                   axis: int | None = None) -> Tensor:
     """``dequantize(quantize(x))`` with the straight-through estimator for the gradient of ``x``."""
     return _FakeQuantSTE.apply(x, scale, zero_point, qmin, qmax, axis)
+
+
+def quantize_div(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
+                 axis: int | None = None) -> Tensor:
+    """ONNX QuantizeLinear then DequantizeLinear: ``(clamp(rne(x / s) + z) - z) * s`` computed in float32.
+
+    ONNX (and ONNX Runtime's MLAS kernel) divides by the scale; :func:`fake_quantize` multiplies by its
+    reciprocal like torch's native kernels. The two differ by an ulp, which decides a rounding tie now
+    and then; backends simulated with ONNX Runtime's arithmetic use this form at inference.
+    """
+    s = broadcast(scale, x, axis).to(torch.float32)
+    z = broadcast(zero_point, x, axis).to(torch.float32)
+    qv = torch.div(x.to(torch.float32), s).round_().add_(z).clamp_(qmin, qmax)
+    return qv.sub_(z).mul_(s).to(x.dtype)

@@ -8,7 +8,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from quantbench.qat.quantizers.base import Algorithm, QATQuantizer, QuantizerContext, register_algorithm
+from quantbench.quant.learning import Algorithm, LearningRule, QuantizerContext, register_algorithm
 
 #: APoT's additive terms per magnitude bit-width (the authors' ``build_power_value``): each level is one
 #: term from each list, normalised so the largest level is 1
@@ -71,7 +71,7 @@ class APoTOptions(BaseModel):
     rescale: bool = True
 
 
-class APoTQuantizer(QATQuantizer):
+class APoTQuantizer(LearningRule):
     """Levels ``α · {sums of powers of two}`` (non-uniform). Weights are first normalised,
     ``(w - mean) / std`` (statistics without gradient), and use a sign bit plus ``bits - 1`` magnitude bits;
     unsigned activations use all ``bits``. α is learned (one per tensor)."""

@@ -6,8 +6,9 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-from quantbench.qat.quantizers.base import Algorithm, QATQuantizer, QuantizerContext, register_algorithm
-from quantbench.qat.quantizers.functional import per_channel_rows, quant_error_ste, range_qparams
+from quantbench.quant.learning import Algorithm, LearningRule, QuantizerContext, register_algorithm
+from quantbench.quant.qparams import range_qparams
+from quantbench.quant.ste import per_channel_rows, quant_error_ste
 
 
 class DoReFaOptions(BaseModel):
@@ -18,7 +19,7 @@ class DoReFaOptions(BaseModel):
     rescale: bool = True
 
 
-class DoReFaWeight(QATQuantizer):
+class DoReFaWeight(LearningRule):
     """``w~ = tanh(w) / max|tanh(w)|`` (eq. 14), ``w^ = dequantize(quantize(w~))`` (eq. 15).
 
     Scale ``2 / (N_max - N_min)`` for symmetric schemes, ``(max w~ - min w~) / (N_max - N_min)`` with
@@ -70,7 +71,7 @@ class DoReFaWeight(QATQuantizer):
         return self.last_scale.clone(), self.last_zero_point.clone()
 
 
-class DoReFaActivation(QATQuantizer):
+class DoReFaActivation(LearningRule):
     """Clip to ``[0, 1]`` (academic setting, unsigned tensors) or ``[-1, 1]`` (hardware settings, and signed
     academic tensors such as the input image), then quantize that fixed range; STE inside, 0 outside."""
 

@@ -8,8 +8,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from quantbench.qat.quantizers.base import Algorithm, QATQuantizer, QuantizerContext, register_algorithm
-from quantbench.qat.quantizers.functional import per_channel_rows, range_qparams
+from quantbench.quant.learning import Algorithm, LearningRule, QuantizerContext, register_algorithm
+from quantbench.quant.qparams import range_qparams
+from quantbench.quant.ste import per_channel_rows
 
 
 class DSQOptions(BaseModel):
@@ -29,7 +30,7 @@ def dsq_round(v: Tensor, alpha: float) -> Tensor:
     return soft + (torch.round(v) - soft).detach()
 
 
-class _DSQBase(QATQuantizer):
+class _DSQBase(LearningRule):
     """``x_hat = (dsq_round(clamp(x / s + z, N_min, N_max)) - z) * s`` with ``s, z`` from a clipping range
     that is observed, not learned (symmetric ``s = max(-lo, hi) / ((N_max - N_min) / 2)``, asymmetric
     ``s = (hi - lo) / (N_max - N_min)``, ``z = N_min - floor(lo / s)``). The symmetric divisor is half the

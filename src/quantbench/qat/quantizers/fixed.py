@@ -6,12 +6,13 @@ import torch
 from pydantic import BaseModel
 from torch import Tensor
 
-from quantbench.qat.quantizers.base import Algorithm, QATQuantizer, QuantizerContext, register_algorithm
-from quantbench.qat.quantizers.functional import per_channel_rows, range_qparams
 from quantbench.quant.fake_quant import fake_quantize
+from quantbench.quant.learning import Algorithm, LearningRule, QuantizerContext, register_algorithm
+from quantbench.quant.qparams import range_qparams
+from quantbench.quant.ste import per_channel_rows
 
 
-class FixedQuantizer(QATQuantizer):
+class FixedQuantizer(LearningRule):
     """``x_hat = (clamp(round(x / s) + z) - z) * s`` with the observer-calibrated ``s, z`` (buffers, not
     learned); the gradient of ``x`` is passed straight through inside the range (the PTQ fake quantizer).
     Only the network's weights learn (QAT of weights only). Without a calibrator it takes the min/max of
@@ -31,9 +32,7 @@ class FixedQuantizer(QATQuantizer):
 
     def init_from_range(self, lo: Tensor, hi: Tensor) -> None:
         s, z = range_qparams(lo.to(torch.float32), hi.to(torch.float32), self.qmin, self.qmax,
-                             self.ctx.scheme.symmetric)
-        if self.ctx.scheme.scale_type == "pow2":
-            s = torch.exp2(torch.ceil(torch.log2(s)))
+                             self.ctx.scheme.symmetric, pow2=self.pow2)
         self.init_from_qparams(s, z.to(torch.int32))
 
     def init_from_tensor(self, x: Tensor) -> None:

@@ -8,9 +8,10 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-from quantbench.qat.quantizers.base import Algorithm, QATQuantizer, QuantizerContext, register_algorithm
-from quantbench.qat.quantizers.functional import per_channel_rows, pow2_ste, range_qparams
 from quantbench.qat.quantizers.lsq_kernel import lsq_fake_quant
+from quantbench.quant.learning import Algorithm, LearningRule, QuantizerContext, register_algorithm
+from quantbench.quant.qparams import pow2_scale, range_qparams
+from quantbench.quant.ste import per_channel_rows, pow2_ste
 
 
 class LSQOptions(BaseModel):
@@ -19,7 +20,7 @@ class LSQOptions(BaseModel):
     grad_scale: bool = True  # scale the step-size gradient by 1/sqrt(M * N_max)
 
 
-class LSQQuantizer(QATQuantizer):
+class LSQQuantizer(LearningRule):
     """``x_hat = (round(clamp(x / s + z, N_min, N_max)) - z) * s`` with a learnable step size ``s``.
 
     The round is passed straight through (one autograd function, :mod:`.lsq_kernel`), so
@@ -92,10 +93,10 @@ class LSQQuantizer(QATQuantizer):
             self._set_grad_factor(x)
         learn_z = self.learn_zero_point and not self.ctx.scheme.symmetric
         return lsq_fake_quant(x, self.effective_scale(), self.effective_zero_point(), self.qmin, self.qmax,
-                              self._g, self.axis, learn_z, self.ctx.scheme.symmetric)
+                              self._g, self.axis, learn_z, self.ctx.scheme.symmetric, self.fused_kernels)
 
     def export_qparams(self) -> tuple[Tensor, Tensor]:
-        s = torch.exp2(torch.ceil(torch.log2(self.scale))) if self.pow2 else self.scale
+        s = pow2_scale(self.scale) if self.pow2 else self.scale
         z = torch.round(self.zero_point.clamp(self.qmin, self.qmax))
         return s.detach(), z.detach()
 

@@ -11,7 +11,7 @@ Forward: ``y = (round(clamp(x / s + z, N_min, N_max)) - z) * s``. Backward (LSQ 
 summed per channel for per-channel parameters. Only ``x`` is saved (the output may be modified in place by
 the graph, e.g. a residual ``+=``).
 
-Op by op, PyTorch makes a pass over memory per operation. :func:`use_fused` compiles the per-tensor forward and
+Op by op, PyTorch makes a pass over memory per operation. ``fused=True`` compiles the per-tensor forward and
 backward with ``torch.compile`` (one C++/OpenMP loop on CPU, one Triton kernel on CUDA) into about the memory
 traffic of a copy; the op-by-op path stays the reference and the fallback.
 """
@@ -24,13 +24,8 @@ from functools import cache
 import torch
 from torch import Tensor
 
-_FUSED = {"on": False}
-
-
-def use_fused(on: bool = True) -> None:
-    """Use ``torch.compile``-fused kernels for per-tensor float32 LSQ (needs a C++ compiler on CPU, Triton on
-    CUDA; the first call of each kind compiles)."""
-    _FUSED["on"] = bool(on)
+from quantbench.quant.fake_quant import broadcast
+from quantbench.quant.ste import per_channel_rows as _rows
 
 
 def _fwd_math(x: Tensor, s: Tensor, z: Tensor, qmin: int, qmax: int) -> Tensor:
@@ -50,28 +45,20 @@ def _compiled() -> tuple[Callable[..., Tensor], Callable[..., tuple[Tensor, Tens
     return torch.compile(_fwd_math, dynamic=True), torch.compile(_bwd_math, dynamic=True)
 
 
-def _fused(x: Tensor, axis: int | None) -> bool:
-    return _FUSED["on"] and axis is None and x.dtype == torch.float32
-
-
-def _rows(t: Tensor, axis: int | None) -> Tensor:
-    return t.reshape(1, -1) if axis is None else t.movedim(axis, 0).reshape(t.shape[axis], -1)
+def _fused(on: bool, x: Tensor, axis: int | None) -> bool:
+    return on and axis is None and x.dtype == torch.float32
 
 
 def _shape(p: Tensor, x: Tensor, axis: int | None) -> Tensor:
-    if axis is None:
-        return p.reshape(())
-    shape = [1] * x.dim()
-    shape[axis] = -1
-    return p.reshape(shape)
+    return p.reshape(()) if axis is None else broadcast(p, x, axis)
 
 
 class LSQFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, grad_factor, axis, learn_z, zero_z):  # type: ignore[override]
+    def forward(ctx, x, scale, zero_point, qmin, qmax, grad_factor, axis, learn_z, zero_z, fused):  # type: ignore[override]
         ctx.save_for_backward(x, scale, zero_point)
-        ctx.cfg = (qmin, qmax, grad_factor, axis, learn_z, zero_z)
-        if _fused(x, axis):
+        ctx.cfg = (qmin, qmax, grad_factor, axis, learn_z, zero_z, fused)
+        if _fused(fused, x, axis):
             return _compiled()[0](x, scale.reshape(()), zero_point.reshape(()).to(x.dtype), qmin, qmax)
         s = _shape(scale, x, axis).to(x.dtype)
         v = x / s
@@ -85,11 +72,11 @@ class LSQFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         x, scale, zero_point = ctx.saved_tensors
-        qmin, qmax, g, axis, learn_z, zero_z = ctx.cfg
-        if _fused(x, axis):
+        qmin, qmax, g, axis, learn_z, zero_z, fused = ctx.cfg
+        if _fused(fused, x, axis):
             gx, gs, outside = _compiled()[1](x, scale.reshape(()), zero_point.reshape(()).to(x.dtype), grad, qmin, qmax)
             gz = (-outside * scale * g).reshape(zero_point.shape).to(zero_point.dtype) if learn_z else None
-            return gx, (gs * g).reshape(scale.shape).to(scale.dtype), gz, None, None, None, None, None, None
+            return gx, (gs * g).reshape(scale.shape).to(scale.dtype), gz, None, None, None, None, None, None, None
         s = _shape(scale, x, axis).to(x.dtype)
         z = None if zero_z else _shape(zero_point, x, axis).to(x.dtype)
         xs = x / s  # x / s = v - z
@@ -105,7 +92,7 @@ class LSQFunction(torch.autograd.Function):
         if learn_z:
             outside = _rows(grad, axis).sum(1) - _rows(gx, axis).sum(1)
             gz = (-outside * scale.reshape(-1).to(x.dtype) * g).reshape(zero_point.shape).to(zero_point.dtype)
-        return gx, gs.reshape(scale.shape).to(scale.dtype), gz, None, None, None, None, None, None
+        return gx, gs.reshape(scale.shape).to(scale.dtype), gz, None, None, None, None, None, None, None
 
 
 def _dot(a: Tensor, b: Tensor, axis: int | None) -> Tensor:
@@ -117,8 +104,11 @@ def _dot(a: Tensor, b: Tensor, axis: int | None) -> Tensor:
 
 
 def lsq_fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, grad_factor: float,
-                   axis: int | None, learn_zero_point: bool = False, zero_is_zero: bool = False) -> Tensor:
+                   axis: int | None, learn_zero_point: bool = False, zero_is_zero: bool = False,
+                   fused: bool = False) -> Tensor:
     """LSQ fake quantization with gradient scale ``grad_factor`` on ``scale`` (and ``zero_point`` when
     learned). ``scale``/``zero_point`` have one entry, or one per channel of ``axis``; ``zero_is_zero`` (symmetric
-    schemes) skips the zero-point arithmetic."""
-    return LSQFunction.apply(x, scale, zero_point, qmin, qmax, grad_factor, axis, learn_zero_point, zero_is_zero)
+    schemes) skips the zero-point arithmetic; ``fused`` uses the ``torch.compile``-fused kernels for per-tensor
+    float32 tensors (needs a C++ compiler on CPU, Triton on CUDA; the first call of each kind compiles)."""
+    return LSQFunction.apply(x, scale, zero_point, qmin, qmax, grad_factor, axis, learn_zero_point, zero_is_zero,
+                             fused)

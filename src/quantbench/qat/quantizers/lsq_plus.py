@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from quantbench.qat.quantizers.base import Algorithm, register_algorithm
-from quantbench.qat.quantizers.functional import round_ste
 from quantbench.qat.quantizers.lsq import LSQOptions, LSQQuantizer
+from quantbench.quant.learning import Algorithm, register_algorithm
+from quantbench.quant.ste import round_ste
 
 
 class LSQPlusQuantizer(LSQQuantizer):

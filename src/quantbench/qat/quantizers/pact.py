@@ -6,9 +6,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from quantbench.qat.quantizers.base import Algorithm, QATQuantizer, QuantizerContext, register_algorithm
 from quantbench.qat.quantizers.dorefa import DoReFaWeight
-from quantbench.qat.quantizers.functional import quant_error_ste, range_qparams
+from quantbench.quant.learning import Algorithm, LearningRule, QuantizerContext, register_algorithm
+from quantbench.quant.qparams import range_qparams
+from quantbench.quant.ste import quant_error_ste
 
 
 class PACTOptions(BaseModel):
@@ -19,7 +20,7 @@ class PACTOptions(BaseModel):
     rescale: bool = True  # for the DoReFa weight quantizer PACT uses
 
 
-class PACTActivation(QATQuantizer):
+class PACTActivation(LearningRule):
     """Clip to ``[lo, α]`` with a learnable α, then quantize that range (scale not differentiated).
 
     ``lo`` is 0 for unsigned tensors, ``-α`` for symmetric signed ones and a learnable ``β`` for asymmetric

@@ -8,8 +8,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from quantbench.qat.quantizers.base import Algorithm, QATQuantizer, QuantizerContext, register_algorithm
-from quantbench.qat.quantizers.functional import grad_scale, per_channel_rows, quant_error_ste, range_qparams
+from quantbench.quant.learning import Algorithm, LearningRule, QuantizerContext, register_algorithm
+from quantbench.quant.qparams import range_qparams
+from quantbench.quant.ste import grad_scale, per_channel_rows, quant_error_ste
 
 
 class QILOptions(BaseModel):
@@ -22,7 +23,7 @@ class QILOptions(BaseModel):
     rescale: bool = True
 
 
-class QILQuantizer(QATQuantizer):
+class QILQuantizer(LearningRule):
     """Interval transformer ``x~ = sign(x) clip((α|x| + β)^γ, 0, 1)`` with ``α = 1/(2D)``,
     ``β = -C/(2D) + 1/2`` (eq. 16), then ``dequantize(quantize(x~))`` on ``[-1, 1]`` (eq. 17).
 

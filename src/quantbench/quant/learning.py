@@ -1,18 +1,27 @@
-"""The QAT quantizer interface, its construction context and the algorithm registry."""
+"""Learning rules of the one quantizer: the interface, its construction context and the algorithm registry.
+
+A :class:`~quantbench.quant.quantizer.Quantizer` optionally hosts one :class:`LearningRule` (``quantizer.rule``):
+none for PTQ; LSQ, LSQ+, PACT, DSQ, DoReFa, APoT, QIL or ``fixed`` for QAT (registered in ``ALGORITHMS`` by the
+modules of :mod:`quantbench.qat.quantizers`, one file each); room for reconstruction's learned rounding. While
+the host is *learning*, its forward is the rule's; :meth:`Quantizer.bake` writes the grid the rule learned back
+into the host's static scale and zero-point, so PTQ, QAT and export share one module.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-from quantbench.qat.quantizers.functional import broadcast
-from quantbench.quant.quantizer import Quantizer
+from quantbench.quant.fake_quant import broadcast
 from quantbench.quant.scheme import QScheme
 from quantbench.utils.registry import Registry
+
+if TYPE_CHECKING:
+    from quantbench.quant.quantizer import Quantizer
 
 _NARROW_FLOATS = (torch.float16, torch.bfloat16)
 
@@ -25,7 +34,7 @@ class NoOptions(BaseModel):
 
 @dataclass(frozen=True)
 class QuantizerContext:
-    """What a QAT quantizer needs to know about the tensor it quantizes.
+    """What a learning rule needs to know about the tensor its quantizer quantizes.
 
     ``qmin``/``qmax`` are the resolved integer range (adaptive signedness already decided by calibration);
     ``channels`` is the number of per-channel parameters (1 per tensor); ``hardware`` is False in the
@@ -42,7 +51,7 @@ class QuantizerContext:
 
     @classmethod
     def from_quantizer(cls, q: Quantizer, hardware: bool) -> QuantizerContext:
-        """The context of a calibrated PTQ quantizer."""
+        """The context of a calibrated quantizer."""
         channels = q.scale.numel() if q.scheme.per_channel else 1
         return cls(q.scheme, q.qmin, q.qmax, q.is_weight, q.name, hardware, channels)
 
@@ -51,8 +60,8 @@ class QuantizerContext:
         return self.qmin < 0
 
 
-class QATQuantizer(nn.Module):
-    """A learnable (or fixed) fake quantizer for quantization-aware training.
+class LearningRule(nn.Module):
+    """How a quantizer learns (or keeps fixed) its quantization function, e.g. LSQ's step size.
 
     Subclasses implement :meth:`quantize` (the paper's forward with its gradient), :meth:`init_from_range`
     (initialisation from a PTQ calibrator's clipping range, seed 001 C.4) and :meth:`init_from_tensor` (the
@@ -70,6 +79,8 @@ class QATQuantizer(nn.Module):
         self.register_buffer("initialized", torch.tensor(False))
         self._ready = False
         self.quantizing = True
+        #: use ``torch.compile``-fused kernels where the rule has them (LSQ / LSQ+ per tensor)
+        self.fused_kernels = False
 
     # ------------------------------------------------------------------ properties
     @property
@@ -104,7 +115,7 @@ class QATQuantizer(nn.Module):
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()
     def init_from_quantizer(self, q: Quantizer) -> None:
-        """Start from a calibrated PTQ quantizer: its clipping range ``[(N_min - z) s, (N_max - z) s]``."""
+        """Start from a calibrated quantizer: its clipping range ``[(N_min - z) s, (N_max - z) s]``."""
         self.init_from_qparams(q.scale, q.zero_point)
 
     @torch.no_grad()
@@ -175,11 +186,11 @@ class QATQuantizer(nn.Module):
 
 @dataclass(frozen=True)
 class Algorithm:
-    """A registered QAT algorithm: its weight and activation quantizers and its options."""
+    """A registered QAT algorithm: its weight and activation learning rules and its options."""
 
     name: str
-    weight: type[QATQuantizer]
-    activation: type[QATQuantizer]
+    weight: type[LearningRule]
+    activation: type[LearningRule]
     options: type[BaseModel] = NoOptions
     description: str = ""
     #: non-empty: the reason it runs only in the academic setting (no BN folding, not deployable)
@@ -190,7 +201,7 @@ class Algorithm:
     #: False: the weight scale follows a normalisation (max|w|, C + D...) and cannot be held to powers of two
     pow2_scales: bool = True
 
-    def build(self, ctx: QuantizerContext, options: BaseModel) -> QATQuantizer:
+    def build(self, ctx: QuantizerContext, options: BaseModel) -> LearningRule:
         cls = self.weight if ctx.is_weight else self.activation
         return cls(ctx, options)
 
