@@ -30,6 +30,7 @@ from quantbench.cli.options import (
     WeightsOpt,
     WidthMultOpt,
     WObserverOpt,
+    check_out,
     parse_first_last,
     policy,
 )
@@ -107,6 +108,8 @@ def export(
     from quantbench.deploy.lower import check_exportable, check_spec
     from quantbench.deploy.pipeline import calibrated_model, resolved_spec
 
+    check_out(out)  # before any work
+    check_out(simulation_path(out), "the simulation beside --out")
     if from_ is not None:
         import torch
 
@@ -188,6 +191,7 @@ def verify(
     from quantbench.deploy.verify import verify_onnx
     from quantbench.errors import ConfigError
 
+    check_out(out)  # before any work
     record = read_metadata(load_onnx(str(onnx)), str(onnx))
     sim_path = sim or onnx.with_name(record.get("simulation", {}).get("file", ""))
     if not sim_path.is_file():
@@ -282,6 +286,8 @@ def latency(
     from quantbench.deploy.latency import DEFAULT_RUNTIMES, RUNTIMES, bar_chart, make_context, measure
     from quantbench.models import build_model, get_entry
 
+    check_out(out)  # before any work
+    check_out(png, "--png")
     size = _input_size(model, input_size)
     names = [r.strip() for r in runtimes.split(",")] if runtimes else list(DEFAULT_RUNTIMES)
     for n in names:
@@ -338,6 +344,7 @@ def size(
     from quantbench.deploy.size import model_size
     from quantbench.models import build_model
 
+    check_out(out)  # before any work
     shape = _input_size(model, input_size)
     net = build_model(model, None, width_mult)
     bits = _layer_bits(layer_bits)

@@ -29,6 +29,7 @@ from quantbench.cli.options import (
     WeightsOpt,
     WidthMultOpt,
     WObserverOpt,
+    check_out,
     parse_first_last,
     policy,
 )
@@ -67,6 +68,8 @@ def ptq(
 ) -> None:
     """Post-training quantization of one model for one backend; prints a table, writes JSON."""
     from quantbench.ptq.pipeline import run_ptq
+
+    check_out(out)  # before any work
 
     cfg = PTQConfig(
         model=model, weights=weights, data=data, backend=backend, w_bits=w_bits, a_bits=a_bits,
