@@ -152,6 +152,24 @@ def test_a_missing_parent_folder_is_created(tmp_path):
     assert json.loads((tmp_path / "a" / "b" / "r.json").read_text())["model"] == "digits_cnn"
 
 
+# ------------------------------------------------------------------------------- ptq --out onto a file
+@pytest.mark.fault(input="ptq --out onto an existing file that is not a quantbench ptq result",
+                   message="--out PATH exists and is not a quantbench ptq result; refusing to overwrite it: choose "
+                           "another path or pass --force", exit_code=2, kept="the existing file")
+@pytest.mark.parametrize("content", ["my notes, not JSON\n", '{"some": "other json"}\n', "[1, 2]\n"])
+def test_ptq_refuses_to_overwrite_a_foreign_file(tmp_path, monkeypatch, content):
+    path = tmp_path / "notes.txt"
+    path.write_text(content)
+    with monkeypatch.context() as m:
+        _no_work(m)
+        res = runner.invoke(app, [*PTQ, "--out", str(path)])
+    assert res.exit_code == 2 and "is not a quantbench ptq result" in res.output and "--force" in res.output
+    assert path.read_text() == content
+    res = runner.invoke(app, [*PTQ, "--out", str(path), "--force"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(path.read_text())["model"] == "digits_cnn"
+
+
 def test_ptq_replaces_its_own_previous_result_and_writes_through_a_symlink(tmp_path):
     real = tmp_path / "real.json"
     link = tmp_path / "r.json"
