@@ -93,7 +93,7 @@ def export(
     seed: SeedOpt = 0,
     reduce_range: Annotated[bool, typer.Option(
         "--reduce-range", help="7-bit weights: no int16 overflow in ONNX Runtime on AVX2 without VNNI")] = False,
-    opset: Annotated[int, typer.Option(help="ONNX opset (13-18)")] = 13,
+    opset: Annotated[int, typer.Option(help="ONNX opset, 13-18 (per-channel QDQ needs >= 13)")] = 13,
     artefacts: Annotated[str, typer.Option(
         help="backend artefacts: auto (the backend's), none, or tensorrt_clip_ranges,snpe_encodings")] = "auto",
     from_: Annotated[Path | None, typer.Option(
@@ -104,12 +104,13 @@ def export(
     """Export a PTQ- or QAT-quantized model to ONNX (QuantizeLinear/DequantizeLinear, BN folded) with the
     simulation checkpoint and the backend's artefacts beside it."""
     from quantbench.deploy.checkpoint import load_simulation, save_simulation, simulation_path
-    from quantbench.deploy.export import export_onnx
+    from quantbench.deploy.export import check_opset, export_onnx
     from quantbench.deploy.lower import check_exportable, check_spec
     from quantbench.deploy.pipeline import calibrated_model, resolved_spec
 
     check_out(out)  # before any work
     check_out(simulation_path(out), "the simulation beside --out")
+    check_opset(opset)
     if from_ is not None:
         import torch
 
@@ -138,7 +139,7 @@ def export(
     from quantbench.deploy.checkpoint import sha256
 
     result = export_onnx(gm, example, out, extra={"model": config, "simulation": {
-        "file": sim_file.name, "sha256": sha256(sim_file)}}, artefacts=_artefact_names(artefacts))
+        "file": sim_file.name, "sha256": sha256(sim_file)}}, opset=opset, artefacts=_artefact_names(artefacts))
     rec = result.record
     risk = rec["int16_overflow_risk"]
     be = rec["backend"]

@@ -153,6 +153,15 @@ def _record(gm: fx.GraphModule, emod: fx.GraphModule, where: dict[str, dict], op
     }
 
 
+def check_opset(opset: int) -> int:
+    """Refuse an opset the QDQ export does not support (call it before calibrating)."""
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"--opset {opset} is not supported: use {MIN_OPSET}..{MAX_OPSET} (per-channel QDQ, "
+                          f"QuantizeLinear's axis, needs >= {MIN_OPSET}; ONNX Runtime's Clip/QuantizeLinear fusion, "
+                          f"which the simulation assumes, only matches QuantizeLinear up to opset {MAX_OPSET})")
+    return opset
+
+
 def export_onnx(gm: fx.GraphModule, example_input: torch.Tensor, path: str | Path, *, opset: int = DEFAULT_OPSET,
                 extra: dict[str, Any] | None = None, artefacts: list[str] | None = None) -> ExportResult:
     """Write ``gm`` (prepared and calibrated for a deployable backend) as a QDQ ONNX model at ``path``.
@@ -161,10 +170,7 @@ def export_onnx(gm: fx.GraphModule, example_input: torch.Tensor, path: str | Pat
     the simulation checkpoint there). ``artefacts`` names backend artefact writers (default: the
     backend's own, e.g. TensorRT clip ranges); pass ``[]`` for none.
     """
-    if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ExportError(f"opset {opset} is not supported: use {MIN_OPSET}..{MAX_OPSET} (per-channel QDQ needs "
-                          f">= {MIN_OPSET}; ONNX Runtime's Clip/QuantizeLinear fusion, which the simulation "
-                          "assumes, only matches QuantizeLinear up to opset 18)")
+    check_opset(opset)
     spec = check_exportable(gm)
     from quantbench.deploy.artefacts import ARTEFACTS, write_artefacts
 
@@ -194,4 +200,4 @@ def export_onnx(gm: fx.GraphModule, example_input: torch.Tensor, path: str | Pat
     return ExportResult(path, record, op_counts(model.graph.node), written)
 
 
-__all__ = ["DEFAULT_OPSET", "EXPORTER", "ExportResult", "export_onnx"]
+__all__ = ["DEFAULT_OPSET", "EXPORTER", "ExportResult", "check_opset", "export_onnx"]
