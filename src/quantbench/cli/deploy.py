@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -103,10 +104,11 @@ def export(
 ) -> None:
     """Export a PTQ- or QAT-quantized model to ONNX (QuantizeLinear/DequantizeLinear, BN folded) with the
     simulation checkpoint and the backend's artefacts beside it."""
-    from quantbench.deploy.checkpoint import load_simulation, save_simulation, simulation_path
+    from quantbench.deploy.checkpoint import load_simulation, simulation_bytes, simulation_path
     from quantbench.deploy.export import check_opset, export_onnx
     from quantbench.deploy.lower import check_exportable, check_spec
     from quantbench.deploy.pipeline import calibrated_model, resolved_spec
+    from quantbench.utils.io import AtomicGroup
 
     check_out(out)  # before any work
     check_out(simulation_path(out), "the simulation beside --out")
@@ -135,11 +137,13 @@ def export(
         cal = calibrated_model(cfg, reduce_range, progress=not quiet)
         gm, config, example = cal.gm, cal.config, cal.example
     check_exportable(gm)
-    sim_file = save_simulation(gm, simulation_path(out), config)
-    from quantbench.deploy.checkpoint import sha256
-
-    result = export_onnx(gm, example, out, extra={"model": config, "simulation": {
-        "file": sim_file.name, "sha256": sha256(sim_file)}}, opset=opset, artefacts=_artefact_names(artefacts))
+    sim_file = simulation_path(out)
+    sim_bytes = simulation_bytes(gm, config)
+    with AtomicGroup() as group:  # the simulation, the ONNX and the artefacts appear together or not at all
+        group.write(sim_file, lambda f: f.write(sim_bytes))
+        result = export_onnx(gm, example, out, extra={"model": config, "simulation": {
+            "file": sim_file.name, "sha256": hashlib.sha256(sim_bytes).hexdigest()}}, opset=opset,
+            artefacts=_artefact_names(artefacts), group=group)
     rec = result.record
     risk = rec["int16_overflow_risk"]
     be = rec["backend"]

@@ -84,6 +84,18 @@ class AtomicGroup:
 
     def __init__(self) -> None:
         self._staged: list[tuple[Path, Path]] = []
+        self._cleanups: list[Callable[[], None]] = []
+
+    def defer(self, cleanup: Callable[[], None]) -> None:
+        """Run ``cleanup`` after the commit or abort (e.g. remove a staging folder)."""
+        self._cleanups.append(cleanup)
+
+    def adopt(self, tmp: str | Path, path: str | Path) -> None:
+        """Stage a file already written at ``tmp`` (same file system as ``path``) to be renamed to ``path``."""
+        target = resolve_output(path)
+        mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o666 & ~_umask()
+        os.chmod(tmp, mode)
+        self._staged.append((Path(tmp), target))
 
     def write(self, path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
         """Stage ``path``: call ``write`` on a temp file beside it and fsync it; returns the temp file."""
@@ -115,16 +127,27 @@ class AtomicGroup:
 
     def commit(self) -> list[Path]:
         done = []
-        for tmp, target in self._staged:
-            os.replace(tmp, target)
-            done.append(target)
+        try:
+            for tmp, target in self._staged:
+                os.replace(tmp, target)
+                done.append(target)
+        except BaseException:
+            self.abort()
+            raise
         self._staged = []
+        self._close()
         return done
 
     def abort(self) -> None:
         for tmp, _ in self._staged:
             tmp.unlink(missing_ok=True)
         self._staged = []
+        self._close()
+
+    def _close(self) -> None:
+        cleanups, self._cleanups = self._cleanups, []
+        for fn in cleanups:
+            fn()
 
     def __enter__(self) -> AtomicGroup:
         return self
