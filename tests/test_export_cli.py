@@ -56,6 +56,27 @@ def _copy(src, dst):
     return dst / "d.onnx", dst / "d.qb.safetensors"
 
 
+@pytest.mark.fault(input="verify with an altered .qb.safetensors (not the one export recorded)", exit_code=2,
+                   message="the simulation PATH has SHA-256 <actual>, but the ONNX was exported with <recorded>: ...; "
+                           "re-export", kept="both files; nothing is compared or written")
+def test_verify_refuses_an_altered_simulation_naming_both_hashes(exported, tmp_path):
+    from quantbench.deploy.checkpoint import sha256
+    from quantbench.deploy.metadata import load_onnx, read_metadata
+
+    onnx_path, sim = _copy(exported, tmp_path)
+    recorded = read_metadata(load_onnx(str(onnx_path)))["simulation"]["sha256"]
+    assert sha256(sim) == recorded
+    data = bytearray(sim.read_bytes())
+    data[-1] ^= 0x01  # one bit of the last tensor: the file still loads
+    sim.write_bytes(bytes(data))
+    res = runner.invoke(app, ["verify", "--onnx", str(onnx_path), "--data", "digits", "--quiet",
+                              "--out", str(tmp_path / "v.json")])
+    assert res.exit_code == 2, res.output
+    out = " ".join(res.output.split())
+    assert recorded in out and sha256(sim) in out and "re-export" in out
+    assert not (tmp_path / "v.json").exists()
+
+
 @pytest.mark.fault(input="export that fails half-way (an artefact the backend cannot hold, a bad --from run)",
                    exit_code=2, message="the exporter's error (e.g. TensorRT clip ranges need symmetric int8 ...)",
                    kept="nothing new is written: no .qb.safetensors, .onnx or artefact; old files unchanged")

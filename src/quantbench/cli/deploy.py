@@ -193,7 +193,7 @@ def verify(
     from quantbench.data import load_data, make_loader
     from quantbench.deploy.checkpoint import load_simulation
     from quantbench.deploy.metadata import load_onnx, read_metadata
-    from quantbench.deploy.verify import verify_onnx
+    from quantbench.deploy.verify import check_simulation_hash, verify_onnx
     from quantbench.errors import ConfigError
 
     check_out(out)  # before any work
@@ -202,6 +202,7 @@ def verify(
     if not sim_path.is_file():
         raise ConfigError(f"the simulation checkpoint {sim_path} is missing: keep it beside the ONNX (export writes "
                           "it) or pass --sim PATH")
+    check_simulation_hash(record, sim_path)
     gm, config = load_simulation(sim_path)
     bundle = load_data(data, config["mean"], config["std"], config["input_size"])
     test = bundle.test

@@ -15,6 +15,7 @@ from torch import nn
 from quantbench.deploy.hazards import cpu_features
 from quantbench.deploy.metadata import load_onnx, read_metadata
 from quantbench.deploy.ort import ort_version, session_with_report
+from quantbench.errors import QuantbenchError
 from quantbench.utils.progress import track
 
 
@@ -59,6 +60,25 @@ def _notes(record: dict[str, Any], report_int8: dict[str, int], expected: dict[s
         notes.append(f"ONNX Runtime built int8 kernels {report_int8} but the simulation assumed {expected}: where "
                      "they differ the simulation's arithmetic is not what ran")
     return notes
+
+
+class SimulationMismatchError(QuantbenchError, ValueError):
+    """The simulation checkpoint is not the one the ONNX was exported with."""
+
+
+def check_simulation_hash(record: dict[str, Any], sim_path: str | Path) -> None:
+    """Refuse a simulation file whose SHA-256 differs from the one ``export`` recorded in the ONNX."""
+    from quantbench.deploy.checkpoint import sha256
+
+    expected = record.get("simulation", {}).get("sha256")
+    if expected is None:
+        return  # exported through the Python API without a simulation record: nothing to compare
+    actual = sha256(sim_path)
+    if actual != expected:
+        raise SimulationMismatchError(
+            f"the simulation {sim_path} has SHA-256 {actual}, but the ONNX was exported with {expected}: the file "
+            "was changed or belongs to another export, so a comparison would not test this model; re-export "
+            "(quantbench export) to get a matching pair")
 
 
 @torch.no_grad()
