@@ -97,3 +97,41 @@ def test_a_failed_export_writes_nothing_and_keeps_the_old_files(tmp_path):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
+@pytest.fixture
+def digits5(monkeypatch):
+    """A dataset kind like digits with 5 classes (labels mod 5): same images and shape, other classes."""
+    from quantbench.data.registry import DATASETS, DatasetKind, _build_digits
+
+    def build(path, **kw):
+        b = _build_digits(path, **kw)
+        b.test.labels = b.test.labels % 5  # type: ignore[attr-defined]
+        b.num_classes = 5
+        return b
+    monkeypatch.setitem(DATASETS._items, "digits5", DatasetKind("digits5", build, 1, False, "digits, 5 classes"))
+
+
+@pytest.mark.fault(input="verify with a dataset of another class count or image shape than the export's",
+                   exit_code=2, message="--data digits5 has 5 classes but the model was exported for 10 (exported "
+                                        "with --data digits): top-1 against these labels would be meaningless; ...",
+                   kept="everything; nothing is compared or written")
+def test_verify_refuses_data_with_another_class_count(exported, tmp_path, digits5):
+    onnx_path, _ = _copy(exported, tmp_path)
+    res = runner.invoke(app, ["verify", "--onnx", str(onnx_path), "--data", "digits5", "--quiet"])
+    assert res.exit_code == 2, res.output
+    out = " ".join(res.output.split())
+    assert "has 5 classes but the model was exported for 10" in out and "--data digits" in out
+
+
+def test_verify_refuses_images_of_another_shape(exported):
+    from types import SimpleNamespace
+
+    import torch
+
+    from quantbench.deploy.metadata import load_onnx, read_metadata
+    from quantbench.deploy.verify import SimulationMismatchError, check_data
+
+    record = read_metadata(load_onnx(str(exported / "d.onnx")))
+    assert record["output"]["classes"] == 10 and record["input"]["shape"] == [None, 1, 8, 8]
+    bundle = SimpleNamespace(num_classes=10, test=[(torch.zeros(1, 16, 16), 0)])
+    with pytest.raises(SimulationMismatchError, match=r"shape \[1, 16, 16\] but the model was exported for \[1, 8, 8\]"):
+        check_data(record, {"data": "digits"}, bundle, "other")

@@ -193,7 +193,7 @@ def verify(
     from quantbench.data import load_data, make_loader
     from quantbench.deploy.checkpoint import load_simulation
     from quantbench.deploy.metadata import load_onnx, read_metadata
-    from quantbench.deploy.verify import check_simulation_hash, verify_onnx
+    from quantbench.deploy.verify import check_data, check_simulation_hash, verify_onnx
     from quantbench.errors import ConfigError
 
     check_out(out)  # before any work
@@ -205,6 +205,7 @@ def verify(
     check_simulation_hash(record, sim_path)
     gm, config = load_simulation(sim_path)
     bundle = load_data(data, config["mean"], config["std"], config["input_size"])
+    check_data(record, config, bundle, data)
     test = bundle.test
     if max_test is not None and max_test < len(test):  # type: ignore[arg-type]
         test = torch.utils.data.Subset(test, range(max_test))

@@ -148,7 +148,7 @@ def _record(gm: fx.GraphModule, emod: fx.GraphModule, where: dict[str, dict], op
         "exporter": {**EXPORTER, "torch": torch.__version__, "onnx": onnx.__version__, "opset": opset},
         "backend": spec.model_dump(mode="json"),
         "input": {"name": INPUT_NAME, "shape": [None, *example.shape[1:]]},
-        "output": {"name": OUTPUT_NAME},
+        "output": {"name": OUTPUT_NAME, "classes": classes},
         "activations": acts,
         "weights": weights,
         "biases": biases,
