@@ -133,5 +133,5 @@ def test_verify_refuses_images_of_another_shape(exported):
     record = read_metadata(load_onnx(str(exported / "d.onnx")))
     assert record["output"]["classes"] == 10 and record["input"]["shape"] == [None, 1, 8, 8]
     bundle = SimpleNamespace(num_classes=10, test=[(torch.zeros(1, 16, 16), 0)])
-    with pytest.raises(SimulationMismatchError, match=r"shape \[1, 16, 16\] but the model was exported for \[1, 8, 8\]"):
+    with pytest.raises(SimulationMismatchError, match=r"shape \[1, 16, 16\] but .* exported for \[1, 8, 8\]"):
         check_data(record, {"data": "digits"}, bundle, "other")
