@@ -84,7 +84,7 @@ def _expected(emod: fx.GraphModule) -> dict[str, dict[str, Any]]:
 
 def _run_exporter(emod: fx.GraphModule, example: torch.Tensor, opset: int) -> tuple[onnx.ModelProto, list]:
     buf = io.BytesIO()
-    with recording() as emitted, warnings.catch_warnings(), torch.no_grad():
+    with recording(emod) as emitted, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice and tracer warnings
         try:
             torch.onnx.export(
