@@ -307,8 +307,8 @@ def latency(
         calib_set = calibration_subset(load_data(data, entry.mean, entry.std, size), 32, 0)
         calib = torch.stack([calib_set[i][0] for i in range(len(calib_set))])
     net = build_model(model, weights, width_mult)
-    ctx = make_context(net, size, calib, threads)
-    report = measure(ctx, names, _ints(batch_sizes, "--batch-sizes"), repeats, warmup, not quiet, model)
+    with make_context(net, size, calib, threads) as ctx:  # removes its temp folder
+        report = measure(ctx, names, _ints(batch_sizes, "--batch-sizes"), repeats, warmup, not quiet, model)
     console.print(latency_table(report))
     if out is not None:
         atomic_write_json(out, report.to_dict())
