@@ -135,3 +135,30 @@ def test_verify_refuses_images_of_another_shape(exported):
     bundle = SimpleNamespace(num_classes=10, test=[(torch.zeros(1, 16, 16), 0)])
     with pytest.raises(SimulationMismatchError, match=r"shape \[1, 16, 16\] but .* exported for \[1, 8, 8\]"):
         check_data(record, {"data": "digits"}, bundle, "other")
+
+
+@pytest.mark.fault(input="disk full while saving a simulation checkpoint (save_simulation)", exit_code=2,
+                   message="could not write PATH: No space left on device; the previous file is unchanged; ...",
+                   kept="the previous .qb.safetensors, byte for byte")
+def test_save_simulation_is_atomic(exported, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from quantbench.deploy.checkpoint import load_simulation, save_simulation
+    from quantbench.utils import io
+    from quantbench.utils.io import OutputError
+
+    gm, config = load_simulation(exported / "d.qb.safetensors")
+    config.pop("_path")
+    path = tmp_path / "s.qb.safetensors"
+    path.write_bytes(b"old")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with monkeypatch.context() as m:
+        m.setattr(io.os, "fsync", full)
+        with pytest.raises(OutputError, match="No space left"):
+            save_simulation(gm, path, config)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["s.qb.safetensors"]
+    save_simulation(gm, path, config)
+    assert load_simulation(path)[1]["model"] == "digits_cnn"
