@@ -348,8 +348,8 @@ def size(
 ) -> None:
     """Model size (C_size, packed weight bytes) and single-image inference memory, with and without an
     8-bit first/last layer (seed 003 eq. 6 and Appendix F)."""
-    from quantbench.deploy.size import model_size
     from quantbench.models import build_model
+    from quantbench.size import model_size
 
     check_out(out)  # before any work
     shape = _input_size(model, input_size)
