@@ -28,6 +28,14 @@ class OutputError(QuantbenchError, OSError):
 
 
 def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (other threads never see a wrong one)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -46,7 +54,7 @@ def resolve_output(path: str | Path, what: str = "output") -> Path:
     given = Path(path)
     target = Path(os.path.realpath(given))
     if target.exists() and not target.is_file():
-        via = f" (via the symlink {given})" if target != given.absolute() else ""
+        via = f" (via the symlink {given})" if given.is_symlink() else ""
         raise OutputError(f"{what} {target}{via} is {_kind(target.stat().st_mode)}, not a regular file; "
                           "give a file path to write")
     return target
