@@ -3,6 +3,7 @@ refusals, and ONNX Runtime agrees with the simulation for every deployable backe
 
 from __future__ import annotations
 
+import io
 import sys
 import warnings
 from functools import cache
@@ -85,7 +86,7 @@ def test_exporter_is_torchscript_and_needs_no_onnxscript(monkeypatch, tmp_path):
 
 
 def test_opset_outside_13_to_18_is_refused(tmp_path):
-    with pytest.raises(ExportError, match=r"13\.\.18"):
+    with pytest.raises(ExportError, match=r"13\.\.18.*per-channel"):
         export_onnx(calibrated("resnet20_cifar", "onnxruntime"), CALIB[:1], tmp_path / "m.onnx", opset=19)
 
 
@@ -264,3 +265,21 @@ def test_apot_qat_models_are_refused_with_the_reason():
         bake_for_export(prepare_qat(calibrated("resnet20_cifar", "academic"), "apot", 0))
     with pytest.raises(ConfigError, match="non-uniform"):
         prepare_qat(calibrated("resnet20_cifar", "onnxruntime"), "apot", 3)
+
+
+def test_qdq_recording_is_per_export_not_module_global():
+    """Two exports in flight at once (nested here) each get exactly their own symbolic calls."""
+    from quantbench.deploy import qdq
+    from quantbench.deploy.export import _run_exporter
+    from quantbench.deploy.lower import lower_for_export
+
+    a = lower_for_export(calibrated("resnet20_cifar", "onnxruntime"))
+    b = lower_for_export(calibrated("resnet20_cifar", "tensorrt"))
+    with qdq.recording(a) as rec_a:
+        _, alone_b = _run_exporter(b, CALIB[:1], 13)  # a whole export of another model in between
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(a, (CALIB[:1],), io.BytesIO(), dynamo=False, opset_version=13)
+    _, alone_a = _run_exporter(a, CALIB[:1], 13)
+    assert rec_a == alone_a and len(alone_b) > 0
+    assert not any(isinstance(v, list) for k, v in vars(qdq).items() if k.startswith("_"))  # no global record

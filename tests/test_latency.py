@@ -34,3 +34,35 @@ def test_latency_table_json_and_png(tmp_path):
 def test_unknown_runtime_lists_the_valid_ones():
     res = runner.invoke(app, ["latency", "--model", "resnet20_cifar", "--runtimes", "tflite"])
     assert res.exit_code == 2 and "valid runtimes" in res.output and "ort-fp32" in res.output
+
+
+def test_measure_restores_torch_settings_and_removes_its_temp_folder(tmp_path, monkeypatch):
+    """The x86 int8 runtime switches the quantized engine and --threads the thread count: both come back, and the
+    scratch folder (the exported ONNX files) is gone after the command."""
+    import tempfile
+
+    from quantbench.deploy.latency import make_context, measure
+    from quantbench.models import build_model
+
+    other = next((e for e in ("fbgemm", "qnnpack", "onednn") if e in torch.backends.quantized.supported_engines
+                  and e != "x86"), None)
+    old_engine, old_threads = torch.backends.quantized.engine, torch.get_num_threads()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    try:
+        if other:
+            torch.backends.quantized.engine = other
+        torch.set_num_threads(2)
+        net = build_model("resnet20_cifar", width_mult=0.25)
+        with make_context(net, (3, 32, 32), threads=1) as ctx:
+            report = measure(ctx, ["torch-int8-x86", "ort-int8-onnxruntime"], [1], 1, 0, False, "r20")
+            assert ctx.workdir.parent == tmp_path and any(ctx.workdir.iterdir())
+            assert torch.get_num_threads() == 2 and torch.backends.quantized.engine == (other or old_engine)
+        assert report.threads == 1 and list(tmp_path.iterdir()) == []
+        res = runner.invoke(app, ["latency", "--model", "resnet20_cifar", "--width-mult", "0.25", "--batch-sizes",
+                                  "1", "--repeats", "1", "--warmup", "0", "--threads", "1", "--runtimes",
+                                  "ort-int8-onnxruntime", "--quiet"])
+        assert res.exit_code == 0, res.output
+        assert list(tmp_path.iterdir()) == [] and torch.get_num_threads() == 2
+    finally:
+        torch.backends.quantized.engine = old_engine
+        torch.set_num_threads(old_threads)

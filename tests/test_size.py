@@ -10,9 +10,9 @@ from torch import nn
 from typer.testing import CliRunner
 
 from quantbench.cli.main import app
-from quantbench.deploy.size import model_size
 from quantbench.errors import ConfigError
 from quantbench.models import build_model
+from quantbench.size import model_size
 
 runner = CliRunner()
 
@@ -88,3 +88,43 @@ def test_cli_with_an_8_bit_first_last_also_shows_the_uniform_model(tmp_path):
     data = json.loads(out.read_text())
     assert set(data) == {"first/last 8-bit", "first/last 4-bit"}
     assert data["first/last 8-bit"]["weight_bytes_packed"] > data["first/last 4-bit"]["weight_bytes_packed"]
+
+
+# seed 003 eq. 6 reference: ResNet-20, 100-way head, first and last layer at 8 bits, C_size in 10^6 bits
+C_SIZE_REFERENCE = [(1.0, 4, 1.1237), (1.0, 2, 0.5892), (1.0, 1, 0.3219), (2.0, 4, 4.3855), (2.0, 2, 2.2474),
+                    (2.0, 1, 1.1784), (2.8, 2, 4.3472), (3.9, 1, 4.2876)]
+
+
+@pytest.mark.parametrize(("width", "bits", "c_size"), C_SIZE_REFERENCE)
+def test_c_size_matches_the_reference_values(width, bits, c_size):
+    net = build_model("resnet20_cifar", width_mult=width, num_classes=100)
+    assert round(model_size(net, (3, 32, 32), bits, 4, first_last_bits=8).c_size_bits / 1e6, 4) == c_size
+
+
+@pytest.mark.parametrize(("width", "bits", "c_size"), [r for r in C_SIZE_REFERENCE if r[1] > 1])
+def test_cards_and_report_use_the_same_c_size(width, bits, c_size):
+    """The prepared model's size (cards, report, the sweep's model_size_bytes) is eq. 6 too: weights only."""
+    from quantbench.backends import load_backend
+    from quantbench.graph.quantize import prepare
+    from quantbench.report.size import model_size as report_size
+
+    net = build_model("resnet20_cifar", width_mult=width, num_classes=100)
+    gm = prepare(net, load_backend("academic").configure(w_bits=bits, a_bits=4, first_last=8),
+                 torch.zeros(1, 3, 32, 32), "minmax", "minmax")
+    size = report_size(gm)
+    assert round(size.quantized_bytes * 8 / 1e6, 4) == c_size
+    assert size.fp32_bytes == 4 * size.weight_params
+    assert size.weight_params == model_size(net, (3, 32, 32)).weight_params
+
+
+def test_depthwise_convs_count_c_in_over_groups_in_both_paths():
+    from quantbench.backends import load_backend
+    from quantbench.graph.quantize import prepare
+    from quantbench.size import prepared_size
+
+    net = build_model("mobilenet_v2", width_mult=0.5, num_classes=10)
+    r = model_size(net, (3, 32, 32), w_bits=8)
+    dw = next(layer for layer in r.layers if layer.kind == "Conv2d" and layer.fan_in == 9)  # 1 x 3 x 3 per filter
+    assert dw.c_size_bits == 8 * dw.filters * 9 and r.c_size_bits == 8 * r.weight_params
+    gm = prepare(net, load_backend("fbgemm"), torch.zeros(1, 3, 32, 32), "minmax", "minmax")
+    assert prepared_size(gm).c_size_bits == r.c_size_bits

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -30,6 +31,7 @@ from quantbench.cli.options import (
     WeightsOpt,
     WidthMultOpt,
     WObserverOpt,
+    check_out,
     parse_first_last,
     policy,
 )
@@ -92,7 +94,7 @@ def export(
     seed: SeedOpt = 0,
     reduce_range: Annotated[bool, typer.Option(
         "--reduce-range", help="7-bit weights: no int16 overflow in ONNX Runtime on AVX2 without VNNI")] = False,
-    opset: Annotated[int, typer.Option(help="ONNX opset (13-18)")] = 13,
+    opset: Annotated[int, typer.Option(help="ONNX opset, 13-18 (per-channel QDQ needs >= 13)")] = 13,
     artefacts: Annotated[str, typer.Option(
         help="backend artefacts: auto (the backend's), none, or tensorrt_clip_ranges,snpe_encodings")] = "auto",
     from_: Annotated[Path | None, typer.Option(
@@ -102,11 +104,15 @@ def export(
 ) -> None:
     """Export a PTQ- or QAT-quantized model to ONNX (QuantizeLinear/DequantizeLinear, BN folded) with the
     simulation checkpoint and the backend's artefacts beside it."""
-    from quantbench.deploy.checkpoint import load_simulation, save_simulation, simulation_path
-    from quantbench.deploy.export import export_onnx
+    from quantbench.deploy.checkpoint import load_simulation, simulation_bytes, simulation_path
+    from quantbench.deploy.export import check_opset, export_onnx
     from quantbench.deploy.lower import check_exportable, check_spec
     from quantbench.deploy.pipeline import calibrated_model, resolved_spec
+    from quantbench.utils.io import AtomicGroup
 
+    check_out(out)  # before any work
+    check_out(simulation_path(out), "the simulation beside --out")
+    check_opset(opset)
     if from_ is not None:
         import torch
 
@@ -132,11 +138,13 @@ def export(
         cal = calibrated_model(cfg, reduce_range, progress=not quiet)
         gm, config, example = cal.gm, cal.config, cal.example
     check_exportable(gm)
-    sim_file = save_simulation(gm, simulation_path(out), config)
-    from quantbench.deploy.checkpoint import sha256
-
-    result = export_onnx(gm, example, out, extra={"model": config, "simulation": {
-        "file": sim_file.name, "sha256": sha256(sim_file)}}, artefacts=_artefact_names(artefacts))
+    sim_file = simulation_path(out)
+    sim_bytes = simulation_bytes(gm, config)
+    with AtomicGroup() as group:  # the simulation, the ONNX and the artefacts appear together or not at all
+        group.write(sim_file, lambda f: f.write(sim_bytes))
+        result = export_onnx(gm, example, out, extra={"model": config, "simulation": {
+            "file": sim_file.name, "sha256": hashlib.sha256(sim_bytes).hexdigest()}}, opset=opset,
+            artefacts=_artefact_names(artefacts), group=group)
     rec = result.record
     risk = rec["int16_overflow_risk"]
     be = rec["backend"]
@@ -186,16 +194,19 @@ def verify(
     from quantbench.data import load_data, make_loader
     from quantbench.deploy.checkpoint import load_simulation
     from quantbench.deploy.metadata import load_onnx, read_metadata
-    from quantbench.deploy.verify import verify_onnx
+    from quantbench.deploy.verify import check_data, check_simulation_hash, verify_onnx
     from quantbench.errors import ConfigError
 
+    check_out(out)  # before any work
     record = read_metadata(load_onnx(str(onnx)), str(onnx))
     sim_path = sim or onnx.with_name(record.get("simulation", {}).get("file", ""))
     if not sim_path.is_file():
         raise ConfigError(f"the simulation checkpoint {sim_path} is missing: keep it beside the ONNX (export writes "
                           "it) or pass --sim PATH")
+    check_simulation_hash(record, sim_path)
     gm, config = load_simulation(sim_path)
     bundle = load_data(data, config["mean"], config["std"], config["input_size"])
+    check_data(record, config, bundle, data)
     test = bundle.test
     if max_test is not None and max_test < len(test):  # type: ignore[arg-type]
         test = torch.utils.data.Subset(test, range(max_test))
@@ -283,6 +294,8 @@ def latency(
     from quantbench.deploy.latency import DEFAULT_RUNTIMES, RUNTIMES, bar_chart, make_context, measure
     from quantbench.models import build_model, get_entry
 
+    check_out(out)  # before any work
+    check_out(png, "--png")
     size = _input_size(model, input_size)
     names = [r.strip() for r in runtimes.split(",")] if runtimes else list(DEFAULT_RUNTIMES)
     for n in names:
@@ -295,8 +308,8 @@ def latency(
         calib_set = calibration_subset(load_data(data, entry.mean, entry.std, size), 32, 0)
         calib = torch.stack([calib_set[i][0] for i in range(len(calib_set))])
     net = build_model(model, weights, width_mult)
-    ctx = make_context(net, size, calib, threads)
-    report = measure(ctx, names, _ints(batch_sizes, "--batch-sizes"), repeats, warmup, not quiet, model)
+    with make_context(net, size, calib, threads) as ctx:  # removes its temp folder
+        report = measure(ctx, names, _ints(batch_sizes, "--batch-sizes"), repeats, warmup, not quiet, model)
     console.print(latency_table(report))
     if out is not None:
         atomic_write_json(out, report.to_dict())
@@ -336,9 +349,10 @@ def size(
 ) -> None:
     """Model size (C_size, packed weight bytes) and single-image inference memory, with and without an
     8-bit first/last layer (seed 003 eq. 6 and Appendix F)."""
-    from quantbench.deploy.size import model_size
     from quantbench.models import build_model
+    from quantbench.size import model_size
 
+    check_out(out)  # before any work
     shape = _input_size(model, input_size)
     net = build_model(model, None, width_mult)
     bits = _layer_bits(layer_bits)

@@ -20,6 +20,7 @@ from quantbench.cli.options import (
     CalibSizeOpt,
     Device,
     FirstLastOpt,
+    ForceOpt,
     MaxTestOpt,
     QuietOpt,
     ResidualOpt,
@@ -29,6 +30,7 @@ from quantbench.cli.options import (
     WeightsOpt,
     WidthMultOpt,
     WObserverOpt,
+    check_out,
     parse_first_last,
     policy,
 )
@@ -64,9 +66,12 @@ def ptq(
     out: Annotated[Path | None, typer.Option(help="write the result as JSON here")] = None,
     list_quantizers: Annotated[bool, typer.Option("--list-quantizers", help="print every quantizer")] = False,
     quiet: QuietOpt = False,
+    force: ForceOpt = False,
 ) -> None:
     """Post-training quantization of one model for one backend; prints a table, writes JSON."""
     from quantbench.ptq.pipeline import run_ptq
+
+    check_out(out, force=force, ours=is_ptq_result, kind="quantbench ptq result")  # before any work
 
     cfg = PTQConfig(
         model=model, weights=weights, data=data, backend=backend, w_bits=w_bits, a_bits=a_bits,
@@ -85,6 +90,18 @@ def ptq(
         payload["config"] = cfg.model_dump()
         atomic_write_json(out, payload)
         console.print(f"wrote {out}")
+
+
+PTQ_RESULT_KEYS = frozenset({"model", "backend", "w_bits", "a_bits", "fp_top1", "quant_top1", "agreement"})
+
+
+def is_ptq_result(path: Path) -> bool:
+    """Whether ``path`` holds a result ``quantbench ptq --out`` wrote (a JSON object with its keys)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and data.keys() >= PTQ_RESULT_KEYS
 
 
 def _print_quantizers(rows: list[dict]) -> None:

@@ -3,6 +3,7 @@ the sweep and results commands (``--out``, ``--store``, and the store they open)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -11,6 +12,7 @@ import typer
 
 from quantbench.errors import ConfigError
 from quantbench.store import ResultsStore, open_store, resolve_store_url
+from quantbench.utils.io import OutputError, check_output
 
 DEFAULT_OUT = Path("quantbench-out")
 
@@ -52,6 +54,7 @@ WidthMultOpt = Annotated[float, typer.Option(help="width multiplier")]
 SeedOpt = Annotated[int, typer.Option(help="random seed")]
 MaxTestOpt = Annotated[int | None, typer.Option(help="evaluate on the first N test images")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="overwrite --out even if it is not a previous result")]
 
 
 def parse_first_last(value: str | None) -> str | int | None:
@@ -66,3 +69,17 @@ def parse_first_last(value: str | None) -> str | int | None:
 
 def policy(value: PolicyOpt | None) -> str | None:
     return value.value if value is not None else None
+
+
+# ------------------------------------------------------------------------------------------ output files
+def check_out(path: Path | None, what: str = "--out", *, force: bool = False,
+              ours: Callable[[Path], bool] | None = None, kind: str = "quantbench output") -> None:
+    """The pre-flight of every command that writes a file: call it before any work. Refuses a directory,
+    device or FIFO, an unwritable or impossible folder, and (with ``ours``) an existing file that ``ours`` does
+    not recognise as a previous output of the command, unless ``force``."""
+    if path is None:
+        return
+    target = check_output(path, what)
+    if ours is not None and not force and target.is_file() and target.stat().st_size > 0 and not ours(target):
+        raise OutputError(f"{what} {path} exists and is not a {kind}; refusing to overwrite it: choose another "
+                          "path or pass --force")

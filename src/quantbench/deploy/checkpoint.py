@@ -17,11 +17,12 @@ from typing import Any
 import torch
 import torch.fx as fx
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open, save
 
 from quantbench.backends.spec import BackendSpec
 from quantbench.deploy.errors import ExportError
 from quantbench.graph.quantize import prepare, set_quantizing
+from quantbench.utils.io import AtomicGroup, atomic_write
 
 KEY = "quantbench_simulation"
 SUFFIX = ".qb.safetensors"
@@ -40,19 +41,27 @@ def sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def save_simulation(gm: fx.GraphModule, path: str | Path, config: dict[str, Any]) -> Path:
-    """Save a prepared model; ``config`` needs ``model``, ``input_size`` and optionally ``width_mult``,
-    ``num_classes``, ``w_observer``, ``a_observer`` (the backend spec is taken from the model)."""
+def simulation_bytes(gm: fx.GraphModule, config: dict[str, Any]) -> bytes:
+    """The ``.qb.safetensors`` content of a prepared model; ``config`` needs ``model``, ``input_size`` and
+    optionally ``width_mult``, ``num_classes``, ``w_observer``, ``a_observer`` (the backend spec is taken from
+    the model)."""
     missing = {"model", "input_size"} - config.keys()
     if missing:
         raise ExportError(f"save_simulation needs {sorted(missing)} in config")
     spec: BackendSpec = gm.meta["quantbench"]["backend"]
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in gm.state_dict().items()}
     meta = {**config, "backend": spec.model_dump(mode="json")}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata={KEY: json.dumps(meta, sort_keys=True)})
-    return path
+    return save(state, metadata={KEY: json.dumps(meta, sort_keys=True)})
+
+
+def save_simulation(gm: fx.GraphModule, path: str | Path, config: dict[str, Any],
+                    group: AtomicGroup | None = None) -> Path:
+    """Save a prepared model (see :func:`simulation_bytes`) atomically, or stage it in ``group``."""
+    data = simulation_bytes(gm, config)
+    if group is None:
+        return atomic_write(path, lambda f: f.write(data))
+    group.write(path, lambda f: f.write(data))
+    return Path(path)
 
 
 def read_config(path: str | Path) -> dict[str, Any]:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import io
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +36,7 @@ from quantbench.deploy.qdq import ExportQDQ, ExportWeighted, recording
 from quantbench.deploy.sink import sink_dequantize
 from quantbench.graph.qmodules import QuantWeighted
 from quantbench.graph.requant import integer_groups
+from quantbench.utils.io import AtomicGroup
 
 MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 13, 18, 13
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -81,7 +84,7 @@ def _expected(emod: fx.GraphModule) -> dict[str, dict[str, Any]]:
 
 def _run_exporter(emod: fx.GraphModule, example: torch.Tensor, opset: int) -> tuple[onnx.ModelProto, list]:
     buf = io.BytesIO()
-    with recording() as emitted, warnings.catch_warnings(), torch.no_grad():
+    with recording(emod) as emitted, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice and tracer warnings
         try:
             torch.onnx.export(
@@ -98,8 +101,14 @@ def _run_exporter(emod: fx.GraphModule, example: torch.Tensor, opset: int) -> tu
     return onnx.load_model_from_string(buf.getvalue()), emitted
 
 
+def _classes(model: onnx.ModelProto) -> int | None:
+    """The logits' width (class count) of the exported graph, None when it is not static."""
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    return int(dims[-1].dim_value) if len(dims) >= 2 and dims[-1].dim_value > 0 else None
+
+
 def _record(gm: fx.GraphModule, emod: fx.GraphModule, where: dict[str, dict], opset: int,
-            example: torch.Tensor, extra: dict[str, Any]) -> dict[str, Any]:
+            example: torch.Tensor, extra: dict[str, Any], classes: int | None = None) -> dict[str, Any]:
     spec = gm.meta["quantbench"]["backend"]
     acts, weights, biases = [], [], []
     weight_codes: dict[str, np.ndarray] = {}
@@ -139,7 +148,7 @@ def _record(gm: fx.GraphModule, emod: fx.GraphModule, where: dict[str, dict], op
         "exporter": {**EXPORTER, "torch": torch.__version__, "onnx": onnx.__version__, "opset": opset},
         "backend": spec.model_dump(mode="json"),
         "input": {"name": INPUT_NAME, "shape": [None, *example.shape[1:]]},
-        "output": {"name": OUTPUT_NAME},
+        "output": {"name": OUTPUT_NAME, "classes": classes},
         "activations": acts,
         "weights": weights,
         "biases": biases,
@@ -153,20 +162,28 @@ def _record(gm: fx.GraphModule, emod: fx.GraphModule, where: dict[str, dict], op
     }
 
 
+def check_opset(opset: int) -> int:
+    """Refuse an opset the QDQ export does not support (call it before calibrating)."""
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"--opset {opset} is not supported: use {MIN_OPSET}..{MAX_OPSET} (per-channel QDQ, "
+                          f"QuantizeLinear's axis, needs >= {MIN_OPSET}; ONNX Runtime's Clip/QuantizeLinear fusion, "
+                          f"which the simulation assumes, only matches QuantizeLinear up to opset {MAX_OPSET})")
+    return opset
+
+
 def export_onnx(gm: fx.GraphModule, example_input: torch.Tensor, path: str | Path, *, opset: int = DEFAULT_OPSET,
-                extra: dict[str, Any] | None = None, artefacts: list[str] | None = None) -> ExportResult:
+                extra: dict[str, Any] | None = None, artefacts: list[str] | None = None,
+                group: AtomicGroup | None = None) -> ExportResult:
     """Write ``gm`` (prepared and calibrated for a deployable backend) as a QDQ ONNX model at ``path``.
 
     ``extra`` goes into the metadata record (the CLI stores the model, data and calibration settings and
     the simulation checkpoint there). ``artefacts`` names backend artefact writers (default: the
-    backend's own, e.g. TensorRT clip ranges); pass ``[]`` for none.
+    backend's own, e.g. TensorRT clip ranges); pass ``[]`` for none. Every file is written atomically and
+    all together; with ``group`` they are only staged there and appear when the caller commits it.
     """
-    if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ExportError(f"opset {opset} is not supported: use {MIN_OPSET}..{MAX_OPSET} (per-channel QDQ needs "
-                          f">= {MIN_OPSET}; ONNX Runtime's Clip/QuantizeLinear fusion, which the simulation "
-                          "assumes, only matches QuantizeLinear up to opset 18)")
+    check_opset(opset)
     spec = check_exportable(gm)
-    from quantbench.deploy.artefacts import ARTEFACTS, write_artefacts
+    from quantbench.deploy.artefacts import ARTEFACTS
 
     names = list(spec.artefacts) if artefacts is None else artefacts
     for n in names:
@@ -181,17 +198,41 @@ def export_onnx(gm: fx.GraphModule, example_input: torch.Tensor, path: str | Pat
     for qnode, ops in sink_dequantize(model).items():
         name = qnode.rsplit("/", 1)[0]
         where[name] = {**where[name], "quantize": None, "on_codes": ops}
-    record = _record(gm, emod, where, opset, example, extra or {})
+    record = _record(gm, emod, where, opset, example, extra or {}, _classes(model))
     write_metadata(model, record)
     model.producer_name, model.producer_version = "quantbench", __version__
     onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # raises (writing nothing) if a format cannot hold it
-    written = write_artefacts(names, before_sinking, record, path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    onnx.save(model, str(tmp))
-    tmp.replace(path)
+    own = group is None
+    group = AtomicGroup() if group is None else group
+    try:  # every file is staged first; nothing is visible unless all of them were written
+        written = _stage_artefacts(names, before_sinking, record, path, group)
+        data = model.SerializeToString()
+        group.write(path, lambda f: f.write(data))
+        if own:
+            group.commit()
+    except BaseException:
+        if own:
+            group.abort()
+        raise
     return ExportResult(path, record, op_counts(model.graph.node), written)
 
 
-__all__ = ["DEFAULT_OPSET", "EXPORTER", "ExportResult", "export_onnx"]
+def _stage_artefacts(names: list[str], model: onnx.ModelProto, record: dict[str, Any], path: Path,
+                     group: AtomicGroup) -> dict[str, Path]:
+    """Write the artefacts into a hidden staging folder beside ``path`` and stage them into ``group``."""
+    from quantbench.deploy.artefacts import write_artefacts
+
+    if not names:
+        return {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".staging", dir=path.parent))
+    group.defer(lambda: shutil.rmtree(staging, ignore_errors=True))
+    written = write_artefacts(names, model, record, staging / path.name)  # raises if a format cannot hold it
+    final = {}
+    for key, p in written.items():
+        final[key] = path.with_name(p.name)
+        group.adopt(p, final[key])
+    return final
+
+
+__all__ = ["DEFAULT_OPSET", "EXPORTER", "ExportResult", "check_opset", "export_onnx"]

@@ -9,11 +9,13 @@ data is given: speed does not depend on the calibration).
 from __future__ import annotations
 
 import gc
+import shutil
 import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from quantbench.utils.io import atomic_write
 from quantbench.utils.progress import track
 from quantbench.utils.registry import Registry
 
@@ -38,12 +41,38 @@ class LatencyContext:
     workdir: Path
     threads: int | None = None
     a_observer: str = "minmax"
+    owns_workdir: bool = False  # a temp folder made by :func:`make_context`, removed by :meth:`close`
     _cache: dict[str, Any] = field(default_factory=dict)
 
     def cached(self, key: str, make: Callable[[], Any]) -> Any:
         if key not in self._cache:
             self._cache[key] = make()
         return self._cache[key]
+
+    def close(self) -> None:
+        """Drop the cached models and sessions and remove the scratch folder if this context made it."""
+        self._cache.clear()
+        if self.owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> LatencyContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextmanager
+def torch_settings(threads: int | None) -> Iterator[None]:
+    """Set PyTorch's thread count for the measurement; restore it and the quantized engine afterwards."""
+    old_threads, old_engine = torch.get_num_threads(), torch.backends.quantized.engine
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
+        torch.backends.quantized.engine = old_engine
 
 
 @dataclass(frozen=True)
@@ -229,21 +258,22 @@ class LatencyReport:
 
 def measure(ctx: LatencyContext, runtimes: Iterable[str], batches: Iterable[int], repeats: int = 30,
             warmup: int = 5, progress: bool = True, name: str = "") -> LatencyReport:
-    """Median latency of every available runtime at every batch size."""
+    """Median latency of every available runtime at every batch size. PyTorch's thread count and quantized
+    engine are what they were before when it returns."""
     from quantbench.deploy.hazards import cpu_features
     from quantbench.deploy.ort import ort_version
 
-    if ctx.threads:
-        torch.set_num_threads(ctx.threads)
     chosen = [RUNTIMES.get(r) for r in runtimes]
-    skipped = {rt.name: rt.available(ctx) for rt in chosen}
-    jobs = [(b, rt) for b in batches for rt in chosen if skipped[rt.name] is None]
     results: dict[tuple[str, int], float] = {}
-    for b, rt in track(jobs, "timing", len(jobs), progress):
-        run = rt.build(ctx, _batch(ctx, b))
-        results[(rt.name, b)] = median_ms(run, repeats, warmup)
-        del run  # an ORT session's spinning thread pool must not slow down the next runtime
-        gc.collect()
+    with torch_settings(ctx.threads):
+        threads = ctx.threads or torch.get_num_threads()
+        skipped = {rt.name: rt.available(ctx) for rt in chosen}
+        jobs = [(b, rt) for b in batches for rt in chosen if skipped[rt.name] is None]
+        for b, rt in track(jobs, "timing", len(jobs), progress):
+            run = rt.build(ctx, _batch(ctx, b))
+            results[(rt.name, b)] = median_ms(run, repeats, warmup)
+            del run  # an ORT session's spinning thread pool must not slow down the next runtime
+            gc.collect()
     rows = []
     for b in batches:
         for rt in chosen:
@@ -253,7 +283,7 @@ def measure(ctx: LatencyContext, runtimes: Iterable[str], batches: Iterable[int]
                                    base / ms if (base and ms) else None, skipped[rt.name]))
     env = {"torch": torch.__version__, "onnxruntime": ort_version(), **cpu_features(),
            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-    return LatencyReport(name, ctx.input_size, ctx.threads or torch.get_num_threads(), repeats, warmup, rows, env)
+    return LatencyReport(name, ctx.input_size, threads, repeats, warmup, rows, env)
 
 
 def _batch(ctx: LatencyContext, b: int) -> torch.Tensor:
@@ -263,11 +293,12 @@ def _batch(ctx: LatencyContext, b: int) -> torch.Tensor:
 
 def make_context(model: nn.Module, input_size: tuple[int, ...], calib: torch.Tensor | None = None,
                  threads: int | None = None, workdir: Path | None = None, a_observer: str = "minmax") -> LatencyContext:
-    """A context with ``calib`` images (default: 32 standard-normal images)."""
+    """A context with ``calib`` images (default: 32 standard-normal images); without ``workdir`` it makes a
+    temp folder that ``close()`` (or leaving ``with make_context(...) as ctx``) removes."""
     if calib is None:
         calib = torch.randn(32, *input_size, generator=torch.Generator().manual_seed(0))
     wd = workdir or Path(tempfile.mkdtemp(prefix="quantbench-latency-"))
-    return LatencyContext(model.eval(), tuple(input_size), calib.float(), wd, threads, a_observer)
+    return LatencyContext(model.eval(), tuple(input_size), calib.float(), wd, threads, a_observer, workdir is None)
 
 
 def bar_chart(report: LatencyReport, path: Path) -> Path:
@@ -293,7 +324,8 @@ def bar_chart(report: LatencyReport, path: Path) -> Path:
     fig.legend(handles, names_, loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.suptitle(f"{report.model} {'x'.join(map(str, report.input_size))}, {report.threads} thread(s)")
     fig.tight_layout(rect=(0, 0.06 * ((len(names) + 1) // 2), 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    finally:
+        plt.close(fig)
     return path

@@ -137,8 +137,3 @@ def session_with_report(path: str | Path, x64_quant_precision: bool = False, thr
         sess = make_session(path, x64_quant_precision, threads, optimized_model=opt)
         model = onnx.load(str(opt))
     return sess, report_from_optimized(model)
-
-
-def kernel_report(path: str | Path, x64_quant_precision: bool = False) -> KernelReport:
-    """Optimize ``path`` as a session would and report which ops ended up as int8 kernels."""
-    return session_with_report(path, x64_quant_precision)[1]

@@ -9,7 +9,8 @@
   as int32 codes with scale ``s_in * s_w`` -> DequantizeLinear, then the plain Conv / Gemm.
 
 Their ``forward`` computes exactly what the simulation computes, so tracing sees the same values. Every
-``symbolic`` call is recorded (:func:`recording`) so the exported nodes can be named after the quantizers.
+``symbolic`` call is recorded (:func:`recording`, per export: the list lives on the modules being exported) so the
+exported nodes can be named after the quantizers.
 """
 
 from __future__ import annotations
@@ -36,23 +37,24 @@ class Emitted:
     name: str
 
 
-_RECORD: list[Emitted] | None = None
-
-
 @contextmanager
-def recording() -> Iterator[list[Emitted]]:
-    """Collect the symbolic calls of one export, in graph order."""
-    global _RECORD
-    _RECORD = []
+def recording(module: nn.Module) -> Iterator[list[Emitted]]:
+    """Collect the symbolic calls of one export of ``module``, in graph order (no module-global state: the
+    list is handed to ``module``'s stand-ins for the duration and taken back afterwards)."""
+    emitted: list[Emitted] = []
+    stand_ins = [m for m in module.modules() if isinstance(m, (ExportQDQ, ExportWeighted))]
+    for m in stand_ins:
+        m.recorder = emitted
     try:
-        yield _RECORD
+        yield emitted
     finally:
-        _RECORD = None
+        for m in stand_ins:
+            m.recorder = None
 
 
-def _record(kind: str, name: str) -> None:
-    if _RECORD is not None:
-        _RECORD.append(Emitted(kind, name))
+def _record(recorder: list[Emitted] | None, kind: str, name: str) -> None:
+    if recorder is not None:
+        recorder.append(Emitted(kind, name))
 
 
 def container_dtype(qmin: int) -> torch.dtype:
@@ -61,12 +63,12 @@ def container_dtype(qmin: int) -> torch.dtype:
 
 class _QDQ(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, clip, axis, name):  # type: ignore[override]
+    def forward(ctx, x, scale, zero_point, qmin, qmax, clip, axis, name, rec):  # type: ignore[override]
         return quantize_div(x, scale, zero_point, qmin, qmax, axis)
 
     @staticmethod
-    def symbolic(g, x, scale, zero_point, qmin, qmax, clip, axis, name):  # type: ignore[override]
-        _record("activation", name)
+    def symbolic(g, x, scale, zero_point, qmin, qmax, clip, axis, name, rec):  # type: ignore[override]
+        _record(rec, "activation", name)
         if clip is not None:
             lo = g.op("Constant", value_t=torch.tensor(clip[0], dtype=torch.float32))
             hi = g.op("Constant", value_t=torch.tensor(clip[1], dtype=torch.float32))
@@ -78,7 +80,7 @@ class _QDQ(torch.autograd.Function):
 
 class _DQConst(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, codes, scale, zero_point, axis, kind, name):  # type: ignore[override]
+    def forward(ctx, codes, scale, zero_point, axis, kind, name, rec):  # type: ignore[override]
         if scale.numel() > 1:
             shape = [1] * codes.dim()
             shape[axis] = -1
@@ -88,8 +90,8 @@ class _DQConst(torch.autograd.Function):
         return (codes.to(torch.float32) - z.to(torch.float32)) * s
 
     @staticmethod
-    def symbolic(g, codes, scale, zero_point, axis, kind, name):  # type: ignore[override]
-        _record(kind, name)
+    def symbolic(g, codes, scale, zero_point, axis, kind, name, rec):  # type: ignore[override]
+        _record(rec, kind, name)
         kw = {"axis_i": axis} if axis is not None else {}
         return g.op("DequantizeLinear", codes, scale, zero_point, **kw)
 
@@ -108,6 +110,7 @@ class ExportQDQ(nn.Module):
         self.qmin, self.qmax = q.qmin, q.qmax
         self.axis = q.axis if per_channel else None
         self.qname = name
+        self.recorder: list[Emitted] | None = None
         lo, hi = requant.container(q)
         self.clip: tuple[float, float] | None = None
         if (q.qmin, q.qmax) != (lo, hi):
@@ -115,7 +118,7 @@ class ExportQDQ(nn.Module):
             self.clip = (float(s * (q.qmin - z)), float(s * (q.qmax - z)))
 
     def forward(self, x: Tensor) -> Tensor:
-        return _QDQ.apply(x, self.s, self.z, self.qmin, self.qmax, self.clip, self.axis, self.qname)
+        return _QDQ.apply(x, self.s, self.z, self.qmin, self.qmax, self.clip, self.axis, self.qname, self.recorder)
 
 
 class ExportWeighted(nn.Module):
@@ -134,6 +137,7 @@ class ExportWeighted(nn.Module):
         self.register_buffer("w_zp", wq.zero_point.detach().reshape(-1 if per_channel else ()).to(dtype).clone())
         self.weight_axis = wq.axis if per_channel else None
         self.lname = name
+        self.recorder: list[Emitted] | None = None
         self.module = layer.module
         self.bias_quantized = False
         links = layer.links
@@ -150,10 +154,10 @@ class ExportWeighted(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         w = _DQConst.apply(self.w_codes, self.w_scale, self.w_zp, self.weight_axis,
-                           "weight", self.lname)
+                           "weight", self.lname, self.recorder)
         b = None
         if self.bias_quantized:
-            b = _DQConst.apply(self.b_codes, self.b_scale, self.b_zp, 0, "bias", self.lname)
+            b = _DQConst.apply(self.b_codes, self.b_scale, self.b_zp, 0, "bias", self.lname, self.recorder)
         elif self.has_bias:
             b = self.b_float
         if isinstance(self.module, nn.Linear):

@@ -12,9 +12,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from quantbench.data import DataBundle
 from quantbench.deploy.hazards import cpu_features
 from quantbench.deploy.metadata import load_onnx, read_metadata
 from quantbench.deploy.ort import ort_version, session_with_report
+from quantbench.errors import QuantbenchError
 from quantbench.utils.progress import track
 
 
@@ -59,6 +61,41 @@ def _notes(record: dict[str, Any], report_int8: dict[str, int], expected: dict[s
         notes.append(f"ONNX Runtime built int8 kernels {report_int8} but the simulation assumed {expected}: where "
                      "they differ the simulation's arithmetic is not what ran")
     return notes
+
+
+class SimulationMismatchError(QuantbenchError, ValueError):
+    """The simulation checkpoint is not the one the ONNX was exported with, or the data does not fit the model."""
+
+
+def check_simulation_hash(record: dict[str, Any], sim_path: str | Path) -> None:
+    """Refuse a simulation file whose SHA-256 differs from the one ``export`` recorded in the ONNX."""
+    from quantbench.deploy.checkpoint import sha256
+
+    expected = record.get("simulation", {}).get("sha256")
+    if expected is None:
+        return  # exported through the Python API without a simulation record: nothing to compare
+    actual = sha256(sim_path)
+    if actual != expected:
+        raise SimulationMismatchError(
+            f"the simulation {sim_path} has SHA-256 {actual}, but the ONNX was exported with {expected}: the file "
+            "was changed or belongs to another export, so a comparison would not test this model; re-export "
+            "(quantbench export) to get a matching pair")
+
+
+def check_data(record: dict[str, Any], config: dict[str, Any], bundle: DataBundle, spec: str) -> None:
+    """Refuse data whose class count or image shape is not what the model was exported for."""
+    classes = record.get("output", {}).get("classes") or config.get("num_classes")
+    origin = f" (exported with --data {config['data']})" if config.get("data") else ""
+    if classes is not None and bundle.num_classes != classes:
+        raise SimulationMismatchError(
+            f"--data {spec} has {bundle.num_classes} classes but the model was exported for {classes}{origin}: "
+            "top-1 against these labels would be meaningless; verify with the dataset the model was exported for")
+    shape = record.get("input", {}).get("shape", [None])[1:]
+    image = tuple(bundle.test[0][0].shape) if len(bundle.test) else None  # type: ignore[arg-type]
+    if shape and image is not None and list(image) != list(shape):
+        raise SimulationMismatchError(
+            f"--data {spec} gives images of shape {list(image)} but the model was exported for {list(shape)}"
+            f"{origin}; verify with data of the exported input shape")
 
 
 @torch.no_grad()
