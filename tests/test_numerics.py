@@ -21,7 +21,7 @@ import torch
 from pydantic import ValidationError
 from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
 
-from quantbench.quant.binary import binary_quantize, ternary_quantize
+from quantbench.qat.quantizers.ternary import binary_quantize, ternary_quantize
 from quantbench.quant.fake_quant import dequantize, fake_quantize, quantize
 from quantbench.quant.qparams import qparams_from_range
 from quantbench.quant.scheme import QScheme

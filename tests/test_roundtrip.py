@@ -91,3 +91,25 @@ def test_calibrate_learn_step_bake_export_verify(algorithm: str, bn_fold: int, t
     res = export_onnx(sim, X[:1], tmp_path / "m.onnx", artefacts=[])
     r = verify_onnx(res.path, sim, [X], x64_quant_precision=True, progress=False)
     assert r.agreement == 1.0 and r.max_abs_logit_diff < 1e-4
+
+
+@pytest.mark.parametrize(("algorithm", "levels"), [("ternary", 3), ("binary", 2)])
+def test_ternary_and_binary_weights_keep_their_levels_through_bake(algorithm: str, levels: int):
+    gm = prepare_qat(_calibrated(), algorithm, 3)
+    gm.train()
+    F.cross_entropy(gm(X), Y).backward()
+    sim = bake_for_export(gm)
+    for name, layer in weight_layers(sim):
+        w = layer.module.weight.detach()
+        assert layer.weight_quantizer is not None and layer.weight_quantizer.scale.numel() == w.shape[0], name
+        codes = w / layer.weight_quantizer.scale.reshape(-1, *([1] * (w.dim() - 1)))
+        assert set(torch.round(codes).unique().tolist()) <= {-1.0, 0.0, 1.0}, name
+        assert max(row.unique().numel() for row in w.reshape(w.shape[0], -1)) <= levels, name
+
+
+def test_ternary_is_refused_on_per_tensor_weight_backends():
+    from quantbench.errors import ConfigError
+    from quantbench.qat.prepare import check_compatible
+
+    with pytest.raises(ConfigError, match="per-channel weight scales"):
+        check_compatible("ternary", load_backend("snpe"), 3)

@@ -34,6 +34,11 @@ def check_compatible(algorithm: str, spec: BackendSpec, bn_fold: int) -> Algorit
             f"QAT algorithm {algorithm!r} cannot keep backend {spec.name!r}'s power-of-two scales: its weight scale "
             f"follows a normalisation of the weights (DoReFa's max|tanh w|, QIL's interval); use lsq, lsq+, dsq or "
             "fixed on this backend")
+    if alg.per_channel_weights and spec.fold_bn and not spec.weight.per_channel:
+        raise ConfigError(
+            f"QAT algorithm {algorithm!r} scales each output filter by its own mean |w| (seed 003 eq. 3-4), which "
+            f"needs per-channel weight scales; backend {spec.name!r} quantizes weights per tensor. Use a backend with "
+            "per-channel weights (tensorrt, fbgemm, onnxruntime, acl) or the academic setting")
     if bn_fold not in BN_FOLD:
         raise ConfigError(f"--bn-fold must be one of {sorted(BN_FOLD)}, got {bn_fold}")
     if bn_fold == 4 and spec.fold_bn and not spec.weight.per_channel:

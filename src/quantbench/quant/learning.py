@@ -200,6 +200,8 @@ class Algorithm:
     learned: bool = True
     #: False: the weight scale follows a normalisation (max|w|, C + D...) and cannot be held to powers of two
     pow2_scales: bool = True
+    #: True: the weight rule's scale is one per output filter (ternary / binary), so weights must be per-channel
+    per_channel_weights: bool = False
 
     def build(self, ctx: QuantizerContext, options: BaseModel) -> LearningRule:
         cls = self.weight if ctx.is_weight else self.activation
