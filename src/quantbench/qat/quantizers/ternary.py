@@ -71,10 +71,7 @@ class TernaryWeight(LearningRule):
         """The scale follows the weights (|W̄_i|): nothing to initialise."""
 
     def quantize(self, x: Tensor) -> Tensor:
-        if self.binary:
-            y = binary_quantize(x)
-        else:
-            y = ternary_quantize(x, getattr(self.options, "threshold", 0.7))
+        y = binary_quantize(x) if self.binary else ternary_quantize(x, getattr(self.options, "threshold", 0.7))
         with torch.no_grad():
             m = mean_abs_per_filter(x).reshape(-1)
             self.last_scale.copy_(m.clamp_min(torch.finfo(torch.float32).tiny).expand(self.ctx.channels)
