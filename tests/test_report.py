@@ -162,3 +162,17 @@ def test_report_renders_in_headless_chromium(out, tmp_path):
         assert not errors, errors
     finally:
         driver.quit()
+
+
+def test_report_lists_runs_that_measured_latency_or_trained():
+    """The report's latency/training section shows the figures of runs that have them, not an empty section."""
+    from quantbench.report.html import render_report
+    from quantbench.store.db import RunRow
+
+    ptq = RunRow("a" * 16, "done", model="m", backend="tensorrt", w_bits=8, a_bits=8, metrics={"latency_ms": None})
+    assert "No latency measurements" in render_report([ptq])
+    timed = RunRow("b" * 16, "done", model="m", backend="fbgemm", w_bits=4, a_bits=4,
+                   metrics={"latency_ms": 1.25, "train_seconds": 42.0})
+    html = render_report([ptq, timed])
+    assert "No latency measurements" not in html
+    assert "<td>1.250</td><td>42.0</td>" in html and "b" * 16 in html

@@ -66,6 +66,26 @@ def _card_html(row: RunRow) -> str:
     return "".join(parts)
 
 
+def _timing_table(done: list[RunRow]) -> str:
+    """Runs that measured latency or trained, with those figures; a note when none did."""
+    timed = [r for r in done if r.metrics.get("latency_ms") or r.metrics.get("train_seconds")]
+    if not timed:
+        return ('<p class="muted">No latency measurements or training runs among these runs: they are post-training '
+                "quantization runs without deployment export (n/a in their cards). They are listed here when runs "
+                "record them.</p>")
+
+    def fmt(v: Any, digits: int) -> str:
+        return f"{float(v):.{digits}f}" if isinstance(v, (int, float)) else "n/a"
+
+    body = "".join(
+        f"<tr><td>{_e(r.run_id)}</td><td>{_e(r.model)}</td><td>{_e(r.backend)}</td><td>W{r.w_bits}A{r.a_bits}</td>"
+        f"<td>{_e(fmt(r.metrics.get('latency_ms'), 3))}</td><td>{_e(fmt(r.metrics.get('train_seconds'), 1))}</td></tr>"
+        for r in timed)
+    return ('<div class="table-wrap"><table class="sortable"><thead><tr><th>run</th><th>model</th><th>backend</th>'
+            "<th>bits</th><th>latency (ms)</th><th>training (s)</th></tr></thead>"
+            f"<tbody>{body}</tbody></table></div>")
+
+
 def _failed_table(rows: list[RunRow]) -> str:
     if not rows:
         return '<p class="muted">No failed runs.</p>'
@@ -100,12 +120,7 @@ def render_report(rows: list[RunRow], title: str = "quantbench report", source: 
         f"<h3>{_e(model)} on {_e(data)} <span class=\"muted\">({len(entries)} runs)</span></h3>"
         f"{_leaderboard_table(i, entries)}" for i, ((model, data), entries) in enumerate(boards.items())
     ) or '<p class="muted">No finished runs yet: run <code>quantbench bench SWEEP.yaml</code>.</p>'
-    has_latency = any(r.metrics.get("latency_ms") for r in done)
-    has_training = any(r.metrics.get("train_seconds") for r in done)
-    curves = ("" if has_latency or has_training else
-              '<p class="muted">No latency measurements or training curves in these runs: they are post-training '
-              "quantization runs without deployment export (n/a in their cards). They appear here when runs "
-              "record them.</p>")
+    curves = _timing_table(done)
     cards = "".join(_card_html(r) for r in done if r.card) or '<p class="muted">No cards.</p>'
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
