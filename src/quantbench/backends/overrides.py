@@ -82,7 +82,8 @@ class LayerOverride(BaseModel):
         if v is not None:
             from quantbench.observers import OBSERVERS
 
-            OBSERVERS.get(v)  # UnknownNameError listing the valid names
+            if v not in OBSERVERS.names():
+                raise ValueError(f"unknown observer {v!r}; valid observers: {', '.join(OBSERVERS.names())}")
         return v
 
     @model_validator(mode="after")
