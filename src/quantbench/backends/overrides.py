@@ -224,7 +224,7 @@ def shared_activation(readers: Sequence[Side | None], base: Side) -> tuple[Side 
         return None, False
     if not live:
         return base, False
-    distinct = {(r.scheme, r.observer, tuple(sorted(r.options.items(), key=str))) for r in live}
+    distinct = {(r.scheme, r.observer, repr(sorted(r.options.items()))) for r in live}
     top = max(r.scheme.bits for r in live)
     best = [r for r in live if r.scheme.bits == top]
     chosen = base if base in best else best[0]

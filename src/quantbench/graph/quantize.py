@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +97,7 @@ def prepare(
     layers = resolve_layers([(target[n], modules[target[n]]) for n in weighted], entries, base_w, base_a)
     by_node = {n: layers[target[n]] for n in weighted}
     notes: dict[str, str] = {}
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
 
     def make_weight_quantizer(name: str, node: fx.Node) -> Quantizer | None:
         side = layers[name].weight
@@ -105,7 +106,7 @@ def prepare(
         return Quantizer(side.scheme, side.observer, True, f"{name}.weight", side.options)
 
     def make_act_quantizer(name: str, consumers: set[str]) -> Quantizer | None:
-        readers = sorted(consumers, key=_order(gm))
+        readers = sorted(consumers, key=lambda c: order.get(c, len(order)))
         side, conflict = shared_activation(
             [by_node[c].activation if c in by_node else base_a for c in readers], base_a)
         if side is None:
@@ -129,11 +130,6 @@ def prepare(
         "notes": notes,
     }
     return gm
-
-
-def _order(gm: fx.GraphModule) -> Callable[[str], int]:
-    index = {n.name: i for i, n in enumerate(gm.graph.nodes)}
-    return lambda name: index.get(name, len(index))
 
 
 def _side_text(side: Side | None) -> str:
