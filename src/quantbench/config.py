@@ -8,6 +8,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from quantbench.backends import load_backend
+from quantbench.backends.overrides import LayerOverride
 from quantbench.backends.spec import BackendSpec
 from quantbench.errors import ConfigError
 from quantbench.models import get_entry
@@ -42,6 +43,8 @@ class QuantRunConfig(BaseModel):
     device: Literal["cpu", "cuda"] = "cpu"
     seed: int = 0
     max_test: int | None = Field(None, ge=1, description="evaluate on the first N test images only")
+    overrides: list[LayerOverride] = Field(
+        default_factory=list, description="per-layer overrides after the backend's own (later entries win)")
 
     @field_validator("w_observer", "a_observer")
     @classmethod
@@ -80,7 +83,7 @@ class QuantRunConfig(BaseModel):
         try:
             return load_backend(self.backend).configure(
                 w_bits=self.w_bits, a_bits=self.a_bits, first_last=self.first_last,
-                residual=self.residual, skip=self.skip,
+                residual=self.residual, skip=self.skip, overrides=self.overrides,
             )
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from quantbench.backends.overrides import LayerOverride, apply_scheme
+from quantbench.errors import ConfigError
 from quantbench.quant.scheme import QScheme
 
 FirstLast = Literal["same", "fp"] | int
@@ -58,20 +60,34 @@ class BackendSpec(BaseModel):
     artefacts: tuple[str, ...] = Field((), description="artefact files `quantbench export` writes "
                                  "beside the ONNX (see quantbench.deploy.artefacts)")
     reference: str = ""
+    overrides: tuple[LayerOverride, ...] = Field(
+        (), description="per-layer refinements, later entries win (see quantbench.backends.overrides)")
 
     @model_validator(mode="after")
     def _check(self) -> BackendSpec:
         if isinstance(self.first_last, int) and not 1 <= self.first_last <= 16:
             raise ValueError(f"first_last bits must be in 1..16, got {self.first_last}")
-        if self.weight.signedness == "adaptive" and self.deployable:
-            raise ValueError("adaptive signedness is an academic setting: a deployable backend cannot use it")
-        if self.activation.per_channel and self.activation.ch_axis != 1:
-            raise ValueError("per-channel activations must use ch_axis 1 (NCHW channels)")
         if not self.deployable and not self.not_deployable_because:
             raise ValueError("a backend with deployable: false must say why in not_deployable_because")
-        if self.reduce_range and self.weight.bits > 7:
-            raise ValueError("reduce_range means weights of at most 7 bits; configure(reduce_range=True) sets them")
+        self._check_schemes(self.weight, self.activation, "")
+        for o in self.overrides:  # every scheme an override can produce on its own is checked up front
+            where = f"override {o.match!r}"
+            try:
+                w = apply_scheme(self.weight, o._weight_changes(), where)
+                a = apply_scheme(self.activation, o._activation_changes(), where)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+            self._check_schemes(w, a, f"{where}: ")
         return self
+
+    def _check_schemes(self, weight: QScheme, activation: QScheme, where: str) -> None:
+        if weight.signedness == "adaptive" and self.deployable:
+            raise ValueError(f"{where}adaptive signedness is an academic setting: a deployable backend cannot use it")
+        if activation.per_channel and activation.ch_axis != 1:
+            raise ValueError(f"{where}per-channel activations must use ch_axis 1 (NCHW channels)")
+        if self.reduce_range and weight.bits > 7:
+            raise ValueError(f"{where}reduce_range means weights of at most 7 bits; "
+                             "configure(reduce_range=True) sets them")
 
     def configure(
         self,
@@ -81,13 +97,15 @@ class BackendSpec(BaseModel):
         residual: Literal["quantized", "fp"] | None = None,
         skip: Literal["quantized", "fp"] | None = None,
         reduce_range: bool | None = None,
+        overrides: tuple[LayerOverride, ...] | list[LayerOverride] = (),
     ) -> BackendSpec:
         """A validated copy with the options every backend accepts applied.
 
         ``reduce_range=True`` caps the weight bits at 7 (ONNX Runtime's reduce_range); a first/last
-        layer given its own bit-width keeps it.
+        layer given its own bit-width keeps it. ``overrides`` are appended to the spec's own (they win).
         """
         data = self.model_dump()
+        data["overrides"] = [*self.overrides, *overrides]
         if w_bits is not None:
             data["weight"]["bits"] = w_bits
         if reduce_range is not None:

@@ -111,6 +111,7 @@ def _mixed_section(inp: CardInputs) -> dict[str, Any]:
         "model_size_bytes": st.size_bytes,
         "fp32_model_size_bytes": st.fp32_size_bytes,
         "compression_ratio": round(st.fp32_size_bytes / st.size_bytes, 4) if st.size_bytes else NA,
+        "per_layer": st.layers,
     }
 
 

@@ -15,7 +15,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from quantbench.graph.ops import OpKind, op_kind, tensor_inputs
-from quantbench.graph.quantize import activation_quantizers, weight_layers
+from quantbench.graph.quantize import activation_quantizers, list_layers, weight_layers
 from quantbench.quant.quantizer import Quantizer
 from quantbench.report.size import FP_BITS, model_size
 
@@ -47,6 +47,7 @@ class Structure:
     weight_numel: dict[str, int] = field(default_factory=dict)
     size_bytes: float = 0.0
     fp32_size_bytes: float = 0.0
+    layers: list[dict[str, Any]] = field(default_factory=list)  # per conv/linear layer, after overrides
 
 
 def _scheme_row(q: Quantizer) -> dict[str, Any]:
@@ -199,6 +200,9 @@ def collect_structure(gm: fx.GraphModule, example: Tensor) -> Structure:
             st.weight_schemes.append(_scheme_row(q))
     st.activation_schemes = [_scheme_row(q) for _, q in activation_quantizers(gm)]
     st.operations = _operations(gm, g)
+    st.layers = [{"layer": li.name, "type": li.type, "weight_bits": li.w_bits if li.w_bits is not None else "fp32",
+                  "input_bits": li.a_bits if li.a_bits is not None else "fp32", "kept_float": li.kept_float,
+                  "overrides": li.overrides} for li in list_layers(gm)]
     st.feature_maps = _feature_maps(gm, example)
     size = model_size(gm)
     st.size_bytes, st.fp32_size_bytes = size.quantized_bytes, size.fp32_bytes

@@ -54,6 +54,7 @@ def summary_rows(card: dict[str, Any]) -> list[tuple[str, str]]:
         f"average bits: weights {_fmt(mp['average_weight_bits'])}, activations {_fmt(mp['average_activation_bits'])}",
         f"feature maps: max {_kib(mp['max_feature_map_bytes'])}, average {_kib(mp['average_feature_map_bytes'])}",
         f"model size {_kib(mp['model_size_bytes'])} ({_fmt(mp['compression_ratio'])}x smaller than FP32)",
+        *([f"per-layer bits: {_per_layer_summary(mp['per_layer'])}"] if mp.get("per_layer") else []),
     ])
     frac = rc.get("fraction_of_epoch")
     resources = "; ".join([
@@ -70,10 +71,29 @@ def summary_rows(card: dict[str, Any]) -> list[tuple[str, str]]:
             ("Resource Complexity", resources), ("Pretrained Model", pretrained)]
 
 
+def _layer_text(r: dict[str, Any]) -> str:
+    text = f"weights {_bits(r['weight_bits'])}, input {_bits(r['input_bits'])}"
+    return text + (f" (overrides: {', '.join(r['overrides'])})" if r["overrides"] else "")
+
+
+def _per_layer_summary(rows: list[dict[str, Any]]) -> str:
+    """Layers grouped by (weight bits, input bits), e.g. ``16 layers w8/a8, 5 layers w4/a8 (layer3.0.conv1, ...)``."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        groups.setdefault((_bits(r["weight_bits"]), _bits(r["input_bits"])), []).append(r["layer"])
+    parts = []
+    for (w, a), names in groups.items():
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        parts.append(f"{len(names)} layer{'s' if len(names) > 1 else ''} weights {w}/input {a} ({shown})")
+    return "; ".join(parts)
+
+
 def _details(section: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     for k, v in section.items():
-        if isinstance(v, dict) and not prefix:
+        if k == "per_layer" and isinstance(v, list):
+            rows += [(f"{prefix}{k}.{r['layer']}", _layer_text(r)) for r in v]
+        elif isinstance(v, dict) and not prefix:
             rows += _details(v, f"{k}.")
         else:
             rows.append((f"{prefix}{k}", _fmt(v)))

@@ -12,7 +12,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+from torch import nn
 
+from quantbench.backends.overrides import LayerOverride
 from quantbench.cli.errors import friendly_errors
 from quantbench.cli.options import (
     ABitsOpt,
@@ -33,9 +35,11 @@ from quantbench.cli.options import (
     WObserverOpt,
     check_out,
     parse_first_last,
+    parse_layer_bits,
     policy,
 )
 from quantbench.config import PTQConfig
+from quantbench.errors import ConfigError
 from quantbench.utils.io import atomic_write_json
 
 PTQ_DEFAULTS = PTQConfig.model_fields  # export calibrates exactly as `quantbench ptq` does
@@ -320,20 +324,43 @@ def latency(
 
 
 # -------------------------------------------------------------------------------------------------- size
-def _layer_bits(value: str | None) -> dict[str, int]:
+SIZE_LAYER_BITS_HELP = ("per-layer weight bits: PATTERN=BITS,... (PATTERN: a layer name or glob, type:Conv2d, "
+                        "depthwise; BITS or fp) or a .json file {name: bits}")
+
+
+def _layer_bits(value: str | None, net: nn.Module) -> dict[str, int]:
+    """``--layer-bits`` of ``size``: ``PATTERN=BITS,...`` (weight bits; ``fp`` = 32) or a .json file of
+    ``{name: bits}``; patterns are matched like ptq's (globs, type:NAME, depthwise), later items win."""
     if not value:
         return {}
     p = Path(value)
     if p.suffix == ".json" and p.is_file():
         import json
 
-        return {str(k): int(v) for k, v in json.loads(p.read_text()).items()}
-    out = {}
-    for item in value.split(","):
-        name, sep, bits = item.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"--layer-bits takes name=bits pairs or a .json file, got {item!r}")
-        out[name.strip()] = int(bits)
+        try:
+            data = json.loads(p.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--layer-bits {p}: cannot read the JSON file: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"--layer-bits {p} must hold a JSON object {{layer name: bits}}")
+        items = [f"{k}={v}" for k, v in data.items()]
+    else:
+        items = [i for i in value.split(",") if i.strip()]
+    layers = [(n, m) for n, m in net.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+    out: dict[str, int] = {}
+    for item in items:
+        lb = parse_layer_bits(item)
+        if lb.a_bits is not None:
+            raise ConfigError(f"--layer-bits of size takes weight bits only (PATTERN=BITS or PATTERN=fp), got {item!r}")
+        bits = 32 if lb.keep_float else lb.w_bits or 0
+        if bits > 32:
+            raise ConfigError(f"--layer-bits {item!r}: bits must be in 1..32")
+        probe = LayerOverride(match=lb.pattern, w_bits=min(bits, 16))
+        names = [n for n, m in layers if probe.matches(n, m)]
+        if not names:
+            raise ConfigError(f"--layer-bits pattern {lb.pattern!r} matches no conv/linear layer; layers are "
+                              f"e.g. {[n for n, _ in layers][:5]}")
+        out.update(dict.fromkeys(names, bits))
     return out
 
 
@@ -342,7 +369,7 @@ def size(
     w_bits: Annotated[int, typer.Option(help="weight bits")] = 8,
     a_bits: Annotated[int, typer.Option(help="activation bits")] = 8,
     first_last: Annotated[int | None, typer.Option(help="bits of the first and last layer (default: --w-bits)")] = None,
-    layer_bits: Annotated[str | None, typer.Option(help="per-layer bits: name=bits,... or a .json file")] = None,
+    layer_bits: Annotated[str | None, typer.Option(help=SIZE_LAYER_BITS_HELP)] = None,
     width_mult: WidthMultOpt = 1.0,
     input_size: Annotated[str | None, typer.Option(help="C,H,W (default: the model's)")] = None,
     out: Annotated[Path | None, typer.Option(help="write the result as JSON here")] = None,
@@ -355,7 +382,7 @@ def size(
     check_out(out)  # before any work
     shape = _input_size(model, input_size)
     net = build_model(model, None, width_mult)
-    bits = _layer_bits(layer_bits)
+    bits = _layer_bits(layer_bits, net)
     given = first_last if first_last is not None else w_bits
     other = 8 if given != 8 else w_bits  # with and without an 8-bit first/last layer
     fl_variants = [(f"first/last {fl}-bit", fl) for fl in dict.fromkeys((given, other))]

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from quantbench.backends import backend_names, load_backend
+from quantbench.backends import BackendSpec, backend_names, load_backend
 from quantbench.cli.errors import friendly_errors
 from quantbench.cli.options import (
     ABitsOpt,
@@ -21,7 +21,9 @@ from quantbench.cli.options import (
     Device,
     FirstLastOpt,
     ForceOpt,
+    LayerBitsOpt,
     MaxTestOpt,
+    OverridesOpt,
     QuietOpt,
     ResidualOpt,
     SeedOpt,
@@ -31,6 +33,7 @@ from quantbench.cli.options import (
     WidthMultOpt,
     WObserverOpt,
     check_out,
+    layer_overrides,
     parse_first_last,
     policy,
 )
@@ -59,17 +62,22 @@ def ptq(
     first_last: FirstLastOpt = None,
     residual: ResidualOpt = None,
     skip: SkipOpt = None,
+    layer_bits: LayerBitsOpt = None,
+    overrides: OverridesOpt = None,
     width_mult: WidthMultOpt = 1.0,
     device: Annotated[Device, typer.Option(help="cpu or cuda")] = Device.cpu,
     seed: SeedOpt = 0,
     max_test: MaxTestOpt = None,
     out: Annotated[Path | None, typer.Option(help="write the result as JSON here")] = None,
-    list_quantizers: Annotated[bool, typer.Option("--list-quantizers", help="print every quantizer")] = False,
+    card: Annotated[Path | None, typer.Option(
+        help="write the quantization card here (Markdown for .md, else JSON)")] = None,
+    list_quantizers: Annotated[bool, typer.Option(
+        "--list-quantizers", help="print every layer's bits and every quantizer")] = False,
     quiet: QuietOpt = False,
     force: ForceOpt = False,
 ) -> None:
     """Post-training quantization of one model for one backend; prints a table, writes JSON."""
-    from quantbench.ptq.pipeline import run_ptq
+    from quantbench.ptq.pipeline import run_ptq_graph
 
     check_out(out, force=force, ours=is_ptq_result, kind="quantbench ptq result")  # before any work
 
@@ -78,18 +86,50 @@ def ptq(
         w_observer=w_observer, a_observer=a_observer, calib_size=calib_size, bn_calib=bn_calib,
         first_last=parse_first_last(first_last), residual=policy(residual), skip=policy(skip),
         width_mult=width_mult, device=device.value, seed=seed,
-        max_test=max_test,
+        max_test=max_test, overrides=layer_overrides(overrides, layer_bits),
     )
-    cfg.resolved_backend()  # validate overrides before any work
-    result = run_ptq(cfg, progress=not quiet, keep_quantizers=list_quantizers)
+    spec = cfg.resolved_backend()  # validate overrides before any work
+    result, gm, context = run_ptq_graph(cfg, progress=not quiet, keep_quantizers=list_quantizers or card is not None)
     console.print(results_table([result]))
     if list_quantizers:
+        _print_layers(result.layers)
         _print_quantizers(result.extra.get("quantizers", []))
     if out is not None:
         payload = result.to_dict()
         payload["config"] = cfg.model_dump()
         atomic_write_json(out, payload)
         console.print(f"wrote {out}")
+    if card is not None:
+        _write_card(card, cfg.model_dump(), spec, result.to_dict(), gm, context.example)
+
+
+def _write_card(path: Path, config: dict, spec: BackendSpec, result: dict, gm: Any, example: Any) -> None:
+    from quantbench.cards import to_markdown, validate_card
+    from quantbench.cards.ptq import ptq_run_card
+    from quantbench.sweep.identity import code_version
+    from quantbench.utils.io import atomic_write_text
+
+    doc = ptq_run_card(config, spec, result, gm, example, code_version())
+    validate_card(doc)
+    if path.suffix == ".md":
+        atomic_write_text(path, to_markdown(doc))
+    else:
+        atomic_write_json(path, doc)
+    console.print(f"wrote {path}")
+
+
+def _bits(b: int | None) -> str:
+    return "fp32" if b is None else str(b)
+
+
+def _print_layers(rows: list[dict]) -> None:
+    t = Table(title="Layers (after per-layer overrides)")
+    for col in ("layer", "type", "weights", "input", "overrides", "note"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["name"], r["type"], f"{_bits(r['w_bits'])} ({r['w_scheme']})",
+                  f"{_bits(r['a_bits'])} ({r['a_scheme']})", ", ".join(r["overrides"]) or "-", r["note"] or "")
+    console.print(t)
 
 
 PTQ_RESULT_KEYS = frozenset({"model", "backend", "w_bits", "a_bits", "fp_top1", "quant_top1", "agreement"})
@@ -106,11 +146,12 @@ def is_ptq_result(path: Path) -> bool:
 
 def _print_quantizers(rows: list[dict]) -> None:
     t = Table(title="Quantizers")
-    for col in ("name", "role", "scheme", "observer", "range", "scale[0]", "zp[0]"):
+    for col in ("name", "role", "scheme", "observer", "range", "scale[0]", "zp[0]", "note"):
         t.add_column(col)
     for r in rows:
         t.add_row(r["name"], r["role"], r["scheme"], r["observer"], f"[{r['qmin']}, {r['qmax']}]",
-                  f"{r['scale'][0]:.4g}" if r["scale"] else "-", str(r["zero_point"][0]) if r["zero_point"] else "-")
+                  f"{r['scale'][0]:.4g}" if r["scale"] else "-", str(r["zero_point"][0]) if r["zero_point"] else "-",
+                  r.get("note", ""))
     console.print(t)
 
 

@@ -3,13 +3,18 @@ the sweep and results commands (``--out``, ``--store``, and the store they open)
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+import yaml
+from pydantic import ValidationError
 
+from quantbench.backends.overrides import LayerOverride
 from quantbench.errors import ConfigError
 from quantbench.store import ResultsStore, open_store, resolve_store_url
 from quantbench.utils.io import OutputError, check_output
@@ -55,6 +60,82 @@ SeedOpt = Annotated[int, typer.Option(help="random seed")]
 MaxTestOpt = Annotated[int | None, typer.Option(help="evaluate on the first N test images")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="overwrite --out even if it is not a previous result")]
+LayerBitsOpt = Annotated[list[str] | None, typer.Option(
+    "--layer-bits", help="per-layer bits, repeatable, later wins: PATTERN=4 (weights), PATTERN=w4a8, PATTERN=a8 or "
+                         "PATTERN=fp; PATTERN is a module name glob ('layer3.*'), type:Conv2d or depthwise")]
+OverridesOpt = Annotated[Path | None, typer.Option(
+    "--overrides", help="YAML file with a list of per-layer overrides (before --layer-bits)")]
+
+LAYER_BITS_FORMS = "PATTERN=BITS (weights), PATTERN=wBITSaBITS, PATTERN=wBITS, PATTERN=aBITS or PATTERN=fp"
+_BITS_RE = re.compile(r"^(?:(?P<plain>\d+)|(?:w(?P<w>\d+))?(?:a(?P<a>\d+))?)$")
+
+
+@dataclass(frozen=True)
+class LayerBits:
+    """One parsed ``PATTERN=VALUE`` of ``--layer-bits``: weight bits, activation bits or kept in float."""
+
+    pattern: str
+    w_bits: int | None = None
+    a_bits: int | None = None
+    keep_float: bool = False
+
+    def to_override(self, option: str = "--layer-bits") -> LayerOverride:
+        fields: dict[str, Any] = ({"keep_float": True} if self.keep_float else
+                                  {k: v for k, v in (("w_bits", self.w_bits), ("a_bits", self.a_bits)) if v})
+        try:
+            return LayerOverride(match=self.pattern, **fields)
+        except ValidationError as exc:
+            raise ConfigError(f"{option} {self.pattern}=...: {exc.errors()[0]['msg']}") from None
+
+
+def parse_layer_bits(item: str, option: str = "--layer-bits") -> LayerBits:
+    """``PATTERN=4``, ``PATTERN=w4a8``, ``PATTERN=w4``, ``PATTERN=a8`` or ``PATTERN=fp``."""
+    pattern, sep, value = item.partition("=")
+    pattern, value = pattern.strip(), value.strip().lower()
+    bad = ConfigError(f"{option} takes {LAYER_BITS_FORMS}, e.g. 'layer3.*=4' or 'fc=w8a8'; got {item!r}")
+    if not sep or not pattern or not value:
+        raise bad
+    if value in ("fp", "float"):
+        return LayerBits(pattern, keep_float=True)
+    m = _BITS_RE.match(value)
+    if m is None:
+        raise bad
+    plain, w, a = m.group("plain"), m.group("w"), m.group("a")
+    w_bits = int(plain) if plain is not None else (int(w) if w is not None else None)
+    a_bits = int(a) if a is not None else None
+    if w_bits is None and a_bits is None:
+        raise bad
+    for b in (w_bits, a_bits):
+        if b is not None and b < 1:
+            raise ConfigError(f"{option} {item!r}: bits must be at least 1")
+    return LayerBits(pattern, w_bits, a_bits)
+
+
+def read_overrides(path: Path) -> list[LayerOverride]:
+    """A YAML file holding a list of overrides (or a mapping with an ``overrides:`` list)."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read --overrides {path}: {exc}") from None
+    if isinstance(data, dict) and set(data) == {"overrides"}:
+        data = data["overrides"]
+    if not isinstance(data, list):
+        raise ConfigError(f"--overrides {path} must hold a list of overrides (or a mapping with an 'overrides:' "
+                          "list), each e.g. {match: 'layer3.*', w_bits: 4}")
+    out = []
+    for i, entry in enumerate(data):
+        try:
+            out.append(LayerOverride.model_validate(entry))
+        except ValidationError as exc:
+            msgs = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'entry'}: {e['msg']}" for e in exc.errors())
+            raise ConfigError(f"--overrides {path}, entry {i + 1}: {msgs}") from None
+    return out
+
+
+def layer_overrides(overrides_file: Path | None, layer_bits: list[str] | None) -> list[LayerOverride]:
+    """``--overrides FILE`` entries, then ``--layer-bits`` ones (so the command line wins)."""
+    out = read_overrides(overrides_file) if overrides_file is not None else []
+    return out + [parse_layer_bits(v).to_override() for v in layer_bits or []]
 
 
 def parse_first_last(value: str | None) -> str | int | None:

@@ -7,11 +7,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.fx as fx
 from torch import Tensor, nn
 
 from quantbench.config import PTQConfig
 from quantbench.data import DataBundle, calibration_subset, load_data, make_loader
-from quantbench.graph.quantize import list_quantizers, prepare
+from quantbench.graph.quantize import list_layers, list_quantizers, prepare
 from quantbench.models import build_model, get_entry
 from quantbench.ptq.calibrate import bn_recalibrate, calibrate
 from quantbench.ptq.evaluate import compare, predict
@@ -52,6 +53,7 @@ class PTQResult:
     device: str
     weights: str | None = None
     data: str = ""
+    layers: list[dict[str, Any]] = field(default_factory=list)  # per conv/linear layer: name, bits, kept float
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -81,6 +83,12 @@ def run_ptq(cfg: PTQConfig, progress: bool = True, context: PTQContext | None = 
             keep_quantizers: bool = False) -> PTQResult:
     """Run one PTQ configuration. Pass ``context`` to reuse a loaded model and data across runs;
     ``keep_quantizers`` adds every quantizer's scheme, scale and zero-point to ``result.extra``."""
+    return run_ptq_graph(cfg, progress, context, keep_quantizers)[0]
+
+
+def run_ptq_graph(cfg: PTQConfig, progress: bool = True, context: PTQContext | None = None,
+                  keep_quantizers: bool = False) -> tuple[PTQResult, fx.GraphModule, PTQContext]:
+    """:func:`run_ptq`, also returning the calibrated graph and the context it ran on."""
     torch.manual_seed(cfg.seed)
     spec = cfg.resolved_backend()
     if context is None or context.key != _context_key(cfg):
@@ -116,5 +124,6 @@ def run_ptq(cfg: PTQConfig, progress: bool = True, context: PTQContext | None = 
         n_calib=cfg.calib_size, bn_calib=cfg.bn_calib, first_last=str(spec.first_last),
         residual="quantized" if p.mode == "outputs" and p.add_output else "fp",
         skip="quantized" if p.mode == "outputs" and p.add_inputs else "fp",
-        n_quantizers=len(quantizers), device=cfg.device, weights=cfg.weights, data=cfg.data, extra=extra,
-    )
+        n_quantizers=len(quantizers), device=cfg.device, weights=cfg.weights, data=cfg.data,
+        layers=[asdict(layer) for layer in list_layers(gm)], extra=extra,
+    ), gm, context

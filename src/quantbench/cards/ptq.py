@@ -1,0 +1,49 @@
+"""The card of one ``quantbench ptq`` run (the sweep builds its own with an epoch-time estimate)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch.fx as fx
+from torch import Tensor
+
+from quantbench.backends.spec import BackendSpec
+from quantbench.cards.build import CardInputs, build_card
+from quantbench.cards.facts import NA, collect_structure
+
+NOT_APPLICABLE = {
+    "training": "n/a: post-training quantization, no training or fine-tuning",
+    "export": "n/a: no deployment export in this run (simulated quantization)",
+    "latency": "n/a: no latency measured in this run",
+    "epoch_estimate": "n/a: `quantbench ptq` does not time a training epoch (sweeps do)",
+}
+
+
+def ptq_run_card(config: dict[str, Any], spec: BackendSpec, result: dict[str, Any], gm: fx.GraphModule,
+                 example: Tensor, code_version: str) -> dict[str, Any]:
+    """A quantization card for a PTQ run: ``config`` is the run's config dump, ``result`` its result dict;
+    the run id is a hash of the config."""
+    run_id = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    quantizers = result.get("extra", {}).get("quantizers", [])
+    label = result["w_observer"] if result["w_observer"] == result["a_observer"] else \
+        f"{result['w_observer']}/{result['a_observer']}"
+    return build_card(CardInputs(
+        run={"run_id": run_id, "sweep": "", "method": "ptq", "method_label": label, "model": result["model"],
+             "backend": spec.name, "backend_description": spec.description.strip(), "w_bits": spec.weight.bits,
+             "a_bits": spec.activation.bits, "seed": int(config.get("seed", 0)), "code_version": code_version},
+        spec=spec, structure=collect_structure(gm, example),
+        observers={"weights": result["w_observer"], "activations": result["a_observer"]},
+        parameters="static", mixed_precision=False,
+        resources={"method": "ptq", "calibration_examples": result["n_calib"],
+                   "calibration_data": "real, unlabeled (images from the training split; labels are not used)",
+                   "training_examples": NA, "labels_used": False,
+                   "quantization_seconds": round(result["calib_seconds"], 4), "epoch_seconds_estimate": NA,
+                   "fraction_of_epoch": NA, "device": result["device"]},
+        accuracy={"model": result["model"], "weights": result["weights"] or "random init", "dataset": result["data"],
+                  "n_test": result["n_test"], "baseline_top1": result["fp_top1"],
+                  "quantized_top1": result["quant_top1"], "agreement": result["agreement"]},
+        signed={q["name"]: q["qmin"] < 0 for q in quantizers},
+        not_applicable=NOT_APPLICABLE,
+    ))
