@@ -162,3 +162,25 @@ def test_save_simulation_is_atomic(exported, tmp_path, monkeypatch):
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["s.qb.safetensors"]
     save_simulation(gm, path, config)
     assert load_simulation(path)[1]["model"] == "digits_cnn"
+
+
+def test_export_takes_per_layer_bits_and_verifies_bit_exact(tmp_path):
+    """`export --layer-bits` feeds the same overrides as `ptq`: the 4-bit layer's codes are 4-bit in the ONNX,
+    and ONNX Runtime agrees with the simulation."""
+    import json
+
+    import numpy as np
+    from onnx import numpy_helper
+
+    out = tmp_path / "m.onnx"
+    res = runner.invoke(app, [*EXPORT, "--layer-bits", "block.*=4", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(out).graph.initializer}
+    block = [v for k, v in inits.items() if "block" in k and v.dtype == np.int8 and v.ndim == 4]
+    other = [v for k, v in inits.items() if "block" not in k and v.dtype == np.int8 and v.ndim == 4]
+    assert block and all(v.min() >= -8 and v.max() <= 7 for v in block)
+    assert other and any(v.min() < -8 or v.max() > 7 for v in other)
+    res = runner.invoke(app, ["verify", "--onnx", str(out), "--data", "digits", "--x64-quant-precision", "--quiet",
+                              "--out", str(tmp_path / "v.json")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "v.json").read_text())["agreement"] == 1.0

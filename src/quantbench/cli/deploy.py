@@ -23,8 +23,10 @@ from quantbench.cli.options import (
     CalibSizeOpt,
     DataOpt,
     FirstLastOpt,
+    LayerBitsOpt,
     MaxTestOpt,
     ModelOpt,
+    OverridesOpt,
     QuietOpt,
     ResidualOpt,
     SeedOpt,
@@ -34,6 +36,7 @@ from quantbench.cli.options import (
     WidthMultOpt,
     WObserverOpt,
     check_out,
+    layer_overrides,
     parse_first_last,
     parse_layer_bits,
     policy,
@@ -94,6 +97,8 @@ def export(
     first_last: FirstLastOpt = None,
     residual: ResidualOpt = None,
     skip: SkipOpt = None,
+    layer_bits: LayerBitsOpt = None,
+    overrides: OverridesOpt = None,
     width_mult: WidthMultOpt = 1.0,
     seed: SeedOpt = 0,
     reduce_range: Annotated[bool, typer.Option(
@@ -136,8 +141,7 @@ def export(
         cfg = PTQConfig(model=model, weights=weights, data=data, backend=backend, w_bits=w_bits, a_bits=a_bits,
                         w_observer=w_observer, a_observer=a_observer, calib_size=calib_size, bn_calib=bn_calib,
                         first_last=parse_first_last(first_last), residual=policy(residual), skip=policy(skip),
-                        width_mult=width_mult,
-                        seed=seed)
+                        width_mult=width_mult, seed=seed, overrides=layer_overrides(overrides, layer_bits))
         check_spec(resolved_spec(cfg, reduce_range))  # refuse before any calibration work
         cal = calibrated_model(cfg, reduce_range, progress=not quiet)
         gm, config, example = cal.gm, cal.config, cal.example
