@@ -28,6 +28,8 @@ from quantbench.observers.kld import KLD_EPS
 from quantbench.quant.qparams import qparams_from_range
 from quantbench.quant.scheme import QScheme
 
+pytestmark = pytest.mark.filterwarnings("ignore::quantbench.observers.base.ClippingWarning")  # adversarial grids
+
 EPS32 = float(np.finfo(np.float32).eps)
 NEW_OBSERVERS = ["quantile", "mse", "kld", "norm", "meanstd"]
 KINDS = ["normal", "uniform", "relu", "equal", "zero", "outlier", "negative"]
@@ -385,20 +387,40 @@ def test_mse_num_candidates_option():
 # ------------------------------------------------------------------------------------------------
 # 4. kld
 # ------------------------------------------------------------------------------------------------
+def ref_suppress_spikes(hist: np.ndarray, ratio: float = 4.0, share: float = 0.01) -> np.ndarray:
+    """Bin-by-bin loop: a bin holding ``share`` of the values and above ``ratio`` x its larger nearest
+    nonzero neighbour takes that count."""
+    h = np.array(hist, dtype=np.float64, copy=True)
+    nz = np.flatnonzero(h)
+    out = h.copy()
+    for j in range(len(h)):
+        left, right = nz[nz < j], nz[nz > j]
+        neigh = max(h[left[-1]] if len(left) else 0.0, h[right[0]] if len(right) else 0.0)
+        if neigh > 0 and h[j] > ratio * neigh and h[j] >= share * h.sum():
+            out[j] = neigh
+    return out
+
+
 def ref_kld_search(hist: np.ndarray, a: int, b: int, z0: int, levels: int):
     """Per-candidate loop: returns (divergences, starts, ends) over n = L .. b - a kept bins.
 
-    As NVIDIA's pytorch-quantization does (``bins[0] = bins[1]``), the bin starting at 0 first takes
-    its right neighbour's count, so the spike of exact zeros after a ReLU does not drive the search."""
-    hist = np.array(hist, dtype=np.float64, copy=True)
-    z = min(max(z0, 0), len(hist) - 2)
-    hist[z] = hist[z + 1]
+    Generalising NVIDIA pytorch-quantization's ``bins[0] = bins[1]``, every spike (a bin holding more
+    than 4x the larger count of its nearest nonzero neighbours and >= 1 % of the values) first takes
+    that count, so no point mass drives the search; a candidate keeping a single nonzero bin (P == Q)
+    gets ``inf`` unless the row has only one nonzero bin."""
+    hist = ref_suppress_spikes(hist)
     nd = b - a
     kls, starts, ends = [], [], []
+    row_nonzero = int(np.count_nonzero(hist))
     for n in range(levels, nd + 1):
         s = z0 - round(n * (z0 - a) / nd)
         e = s + n
         kept = hist[s:e]
+        if np.count_nonzero(kept) < 2 <= row_nonzero:
+            kls.append(np.inf)
+            starts.append(s)
+            ends.append(e)
+            continue
         p = kept.copy()
         p[0] += hist[:s].sum()
         p[-1] += hist[e:].sum()

@@ -12,7 +12,9 @@ from quantbench.quant.scheme import QScheme
 
 @register_observer("minmax")
 class MinMaxObserver(Observer):
-    """Running minimum and maximum over every batch seen."""
+    """Running minimum and maximum over every batch seen (never clips: keeps no values)."""
+
+    tracks_values = False
 
 
 @register_observer("ema_minmax")
