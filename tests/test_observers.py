@@ -142,8 +142,32 @@ def assert_qparams_match_range(obs, lo, hi, x, scheme, rtol=1e-5):
     assert np.abs(z.numpy() - z_ref).max() <= 1  # a .5 tie of lo/s may round either way
 
 
-GRID = list(itertools.product([False, True], [True, False], BITS, KINDS))
-GRID_IDS = [f"{'pc' if pc else 'pt'}-{'sym' if s else 'asym'}-b{b}-{k}" for pc, s, b, k in GRID]
+SCHEMES = list(itertools.product([False, True], [True, False]))  # (per_channel, symmetric)
+DIST_KINDS = [k for k in KINDS if k not in ("equal", "zero")]
+CONST_KINDS = ["equal", "zero"]  # adversarial constant inputs: once per observer and scheme, at one width
+
+
+def _grid(bits_matter: bool) -> list[tuple[bool, bool, int, str]]:
+    """(per_channel, symmetric, bits, kind) cases. Observers whose range depends on the bit-width (mse,
+    kld, norm) see every distribution at every width; for quantile and meanstd (bit-width only enters
+    ``qparams_from_range``, tested in test_numerics) the distributions rotate through the widths.
+    Constant inputs run once per scheme at 4 bits in both."""
+    if bits_matter:
+        dist = [(pc, sym, b, k) for pc, sym in SCHEMES for b in BITS for k in DIST_KINDS]
+    else:
+        dist = [(pc, sym, BITS[i % len(BITS)], k) for pc, sym in SCHEMES for i, k in enumerate(DIST_KINDS)]
+    return dist + [(pc, sym, 4, k) for pc, sym in SCHEMES for k in CONST_KINDS]
+
+
+def _ids(grid: list[tuple[bool, bool, int, str]]) -> list[str]:
+    return [f"{'pc' if pc else 'pt'}-{'sym' if s else 'asym'}-b{b}-{k}" for pc, s, b, k in grid]
+
+
+GRID_BITS = _grid(True)
+GRID_RANGE = _grid(False)
+BITS_CASES = {"argvalues": GRID_BITS, "ids": _ids(GRID_BITS)}
+RANGE_CASES = {"argvalues": GRID_RANGE, "ids": _ids(GRID_RANGE)}
+CASE_NAMES = ("per_channel", "symmetric", "bits", "kind")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -245,7 +269,7 @@ def ref_quantile_range(rows: np.ndarray, symmetric: bool, alpha: float):
     return np.clip(lo, mn, mx), np.clip(hi, mn, mx)
 
 
-@pytest.mark.parametrize(("per_channel", "symmetric", "bits", "kind"), GRID, ids=GRID_IDS)
+@pytest.mark.parametrize(CASE_NAMES, **RANGE_CASES)
 def test_quantile_weights_are_exact(per_channel, symmetric, bits, kind):
     x = make_data(kind, bits)
     sc = scheme_for(bits, symmetric, per_channel)
@@ -257,7 +281,7 @@ def test_quantile_weights_are_exact(per_channel, symmetric, bits, kind):
     assert_qparams_match_range(obs, lo_ref, hi_ref, x, sc)
 
 
-@pytest.mark.parametrize(("per_channel", "symmetric", "bits", "kind"), GRID, ids=GRID_IDS)
+@pytest.mark.parametrize(CASE_NAMES, **RANGE_CASES)
 def test_quantile_activations_within_one_bin(per_channel, symmetric, bits, kind):
     x = make_data(kind, bits + 10)
     sc = scheme_for(bits, symmetric, per_channel)
@@ -305,7 +329,7 @@ def chosen_errors(obs, rows: np.ndarray) -> np.ndarray:
     return ((ref_fake_quant(rows, s, z, qmin, qmax) - rows) ** 2).sum(1)
 
 
-@pytest.mark.parametrize(("per_channel", "symmetric", "bits", "kind"), GRID, ids=GRID_IDS)
+@pytest.mark.parametrize(CASE_NAMES, **BITS_CASES)
 def test_mse_weights_minimise_exact_error_over_the_candidate_grid(per_channel, symmetric, bits, kind):
     x = make_data(kind, bits + 20)
     sc = scheme_for(bits, symmetric, per_channel)
@@ -323,7 +347,7 @@ def test_mse_weights_minimise_exact_error_over_the_candidate_grid(per_channel, s
     np.testing.assert_allclose(hi, hi_c[np.arange(len(k)), k], rtol=1e-6, atol=1e-30)
 
 
-@pytest.mark.parametrize(("per_channel", "symmetric", "bits", "kind"), GRID, ids=GRID_IDS)
+@pytest.mark.parametrize(CASE_NAMES, **BITS_CASES)
 def test_mse_activations_from_histogram_match_exact_search(per_channel, symmetric, bits, kind):
     x = make_data(kind, bits + 30)
     sc = scheme_for(bits, symmetric, per_channel)
@@ -462,7 +486,7 @@ def ref_kld_range(obs, rows: np.ndarray, symmetric: bool, levels: int):
     return np.array(los), np.array(his)
 
 
-@pytest.mark.parametrize(("per_channel", "symmetric", "bits", "kind"), GRID, ids=GRID_IDS)
+@pytest.mark.parametrize(CASE_NAMES, **BITS_CASES)
 def test_kld_matches_per_candidate_loop_reference(per_channel, symmetric, bits, kind):
     x = make_data(kind, bits + 40)
     sc = scheme_for(bits, symmetric, per_channel)
@@ -559,7 +583,7 @@ def test_kld_clips_heavy_tailed_tensor(bits):
 # ------------------------------------------------------------------------------------------------
 # 5. norm and meanstd
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("per_channel", "symmetric", "bits", "kind"), GRID, ids=GRID_IDS)
+@pytest.mark.parametrize(CASE_NAMES, **BITS_CASES)
 def test_norm_is_lsq_scale(per_channel, symmetric, bits, kind):
     x = make_data(kind, bits + 50)
     sc = scheme_for(bits, symmetric, per_channel)
@@ -594,7 +618,7 @@ def ref_meanstd_range(rows: np.ndarray, symmetric: bool, alpha: float):
     return np.clip(lo, rows.min(1), rows.max(1)), np.clip(hi, rows.min(1), rows.max(1))
 
 
-@pytest.mark.parametrize(("per_channel", "symmetric", "bits", "kind"), GRID, ids=GRID_IDS)
+@pytest.mark.parametrize(CASE_NAMES, **RANGE_CASES)
 def test_meanstd_matches_numpy(per_channel, symmetric, bits, kind):
     x = make_data(kind, bits + 60)
     sc = scheme_for(bits, symmetric, per_channel)
