@@ -4,7 +4,7 @@ so adding an observer means adding one file."""
 import importlib
 import pkgutil
 
-from quantbench.observers.base import OBSERVERS, Observer, register_observer
+from quantbench.observers.base import OBSERVERS, Observer, list_observers, register_observer
 
 for _mod in pkgutil.iter_modules(__path__):
     if _mod.name != "base":
@@ -16,4 +16,4 @@ def build_observer(name: str, scheme, is_weight: bool = False, **options) -> Obs
     return OBSERVERS.get(name)(scheme, is_weight=is_weight, **options)
 
 
-__all__ = ["OBSERVERS", "Observer", "build_observer", "register_observer"]
+__all__ = ["OBSERVERS", "Observer", "build_observer", "list_observers", "register_observer"]

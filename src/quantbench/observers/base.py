@@ -38,15 +38,19 @@ class ClippingWarning(UserWarning):
     """A calibrated quantizer clips more than the stated share of the values it observed."""
 
 
+def _named(name: str, cls: type[Observer]) -> type[Observer]:
+    cls.name = name
+    return cls
+
+
 def register_observer(name: str):
     """Class decorator: register an observer under ``name`` and set its ``name`` attribute."""
+    return OBSERVERS.register(name, wrap=_named)
 
-    def deco(cls: type[Observer]) -> type[Observer]:
-        cls.name = name
-        OBSERVERS.add(name, cls)
-        return cls
 
-    return deco
+def list_observers(filter: str | list[str] | None = None, exclude: str | list[str] | None = None) -> list[str]:
+    """Registered observer names, sorted, optionally filtered by glob(s) (``list_observers("ema_*")``)."""
+    return OBSERVERS.list(filter, exclude)
 
 
 def to_rows(x: Tensor, scheme: QScheme) -> Tensor:
