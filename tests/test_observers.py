@@ -766,7 +766,7 @@ def test_observer_without_data_raises_empty_calibration(name, is_weight):
 
 @pytest.mark.parametrize("name", NEW_OBSERVERS)
 def test_unknown_option_raises_type_error(name):
-    with pytest.raises(TypeError, match="unknown options"):
+    with pytest.raises(TypeError, match="unknown option"):
         build_observer(name, scheme_for(8, True, False), bogus=1)
 
 

@@ -85,6 +85,8 @@ class Observer(nn.Module):
     #: keep a coarse histogram (activations) or the latest tensor (weights) to measure clipping;
     #: observers that keep their own values, or cannot clip (minmax), set this to False.
     tracks_values: ClassVar[bool] = True
+    #: the declared options (a pydantic model, see :mod:`quantbench.observers.options`)
+    Options: ClassVar[type[Any]]
 
     def __init__(self, scheme: QScheme, is_weight: bool = False, **options: Any) -> None:
         super().__init__()
@@ -222,3 +224,8 @@ class Observer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.scheme.describe()}, layer={self.layer_name}"
+
+
+from quantbench.observers.options import NoOptions  # noqa: E402  (options imports nothing from here)
+
+Observer.Options = NoOptions

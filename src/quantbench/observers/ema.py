@@ -25,6 +25,7 @@ from torch import Tensor
 from quantbench.observers.base import Observer, register_observer
 from quantbench.observers.meanstd import MeanStdObserver
 from quantbench.observers.mse import MSEObserver
+from quantbench.observers.options import ClipStdOptions, EMAMSEOptions, EMAQuantileOptions
 from quantbench.observers.quantile import QuantileObserver
 from quantbench.quant.scheme import QScheme
 
@@ -90,6 +91,7 @@ class EMAMSEObserver(_EMARangeObserver):
     ``num_candidates`` (100), ``bins`` (2048)."""
 
     inner = MSEObserver
+    Options = EMAMSEOptions
 
     def __init__(self, scheme: QScheme, is_weight: bool = False, momentum: float = 0.9,
                  num_candidates: int = 100, bins: int = 2048, **options: Any) -> None:
@@ -103,6 +105,7 @@ class EMAQuantileObserver(_EMARangeObserver):
     ``alpha`` (0.99999, MQBench's threshold), ``bins`` (2048)."""
 
     inner = QuantileObserver
+    Options = EMAQuantileOptions
 
     def __init__(self, scheme: QScheme, is_weight: bool = False, momentum: float = 0.9,
                  alpha: float = 0.99999, bins: int = 2048, **options: Any) -> None:
@@ -114,6 +117,8 @@ class EMAQuantileObserver(_EMARangeObserver):
 class ClipStdObserver(MeanStdObserver):
     """MQBench ClipStd: ``[min(mu - k sigma, min), max(mu + k sigma, max)]`` (never clips). Option
     ``std_scale`` (k, default 2.6)."""
+
+    Options = ClipStdOptions
 
     def __init__(self, scheme: QScheme, is_weight: bool = False, std_scale: float = 2.6,
                  **options: Any) -> None:

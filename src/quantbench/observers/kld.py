@@ -41,6 +41,7 @@ from torch import Tensor
 
 from quantbench.observers.base import register_observer
 from quantbench.observers.histogram import CHUNK_ELEMENTS, HistogramObserver
+from quantbench.observers.options import BinsOptions
 from quantbench.quant.scheme import QScheme
 
 KLD_EPS = 1e-8
@@ -177,6 +178,8 @@ class KLDObserver(HistogramObserver):
     such thresholds are excluded (before, they clipped a 4-bit channel to 1/200 of its range), but a
     sparse histogram still makes KL a noisy criterion, so weights default to ``mse``.
     """
+
+    Options = BinsOptions
 
     def __init__(self, scheme: QScheme, is_weight: bool = False, bins: int = 2048,
                  **options: Any) -> None:
