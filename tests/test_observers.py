@@ -28,6 +28,8 @@ from quantbench.observers.kld import KLD_EPS
 from quantbench.quant.qparams import qparams_from_range
 from quantbench.quant.scheme import QScheme
 
+pytestmark = pytest.mark.filterwarnings("ignore::quantbench.observers.base.ClippingWarning")  # adversarial grids
+
 EPS32 = float(np.finfo(np.float32).eps)
 NEW_OBSERVERS = ["quantile", "mse", "kld", "norm", "meanstd"]
 KINDS = ["normal", "uniform", "relu", "equal", "zero", "outlier", "negative"]
@@ -140,8 +142,32 @@ def assert_qparams_match_range(obs, lo, hi, x, scheme, rtol=1e-5):
     assert np.abs(z.numpy() - z_ref).max() <= 1  # a .5 tie of lo/s may round either way
 
 
-GRID = list(itertools.product([False, True], [True, False], BITS, KINDS))
-GRID_IDS = [f"{'pc' if pc else 'pt'}-{'sym' if s else 'asym'}-b{b}-{k}" for pc, s, b, k in GRID]
+SCHEMES = list(itertools.product([False, True], [True, False]))  # (per_channel, symmetric)
+DIST_KINDS = [k for k in KINDS if k not in ("equal", "zero")]
+CONST_KINDS = ["equal", "zero"]  # adversarial constant inputs: once per observer and scheme, at one width
+
+
+def _grid(bits_matter: bool) -> list[tuple[bool, bool, int, str]]:
+    """(per_channel, symmetric, bits, kind) cases. Observers whose range depends on the bit-width (mse,
+    kld, norm) see every distribution at every width; for quantile and meanstd (bit-width only enters
+    ``qparams_from_range``, tested in test_numerics) the distributions rotate through the widths.
+    Constant inputs run once per scheme at 4 bits in both."""
+    if bits_matter:
+        dist = [(pc, sym, b, k) for pc, sym in SCHEMES for b in BITS for k in DIST_KINDS]
+    else:
+        dist = [(pc, sym, BITS[i % len(BITS)], k) for pc, sym in SCHEMES for i, k in enumerate(DIST_KINDS)]
+    return dist + [(pc, sym, 4, k) for pc, sym in SCHEMES for k in CONST_KINDS]
+
+
+def _ids(grid: list[tuple[bool, bool, int, str]]) -> list[str]:
+    return [f"{'pc' if pc else 'pt'}-{'sym' if s else 'asym'}-b{b}-{k}" for pc, s, b, k in grid]
+
+
+GRID_BITS = _grid(True)
+GRID_RANGE = _grid(False)
+BITS_CASES = {"argvalues": GRID_BITS, "ids": _ids(GRID_BITS)}
+RANGE_CASES = {"argvalues": GRID_RANGE, "ids": _ids(GRID_RANGE)}
+CASE_NAMES = ("per_channel", "symmetric", "bits", "kind")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -243,7 +269,7 @@ def ref_quantile_range(rows: np.ndarray, symmetric: bool, alpha: float):
     return np.clip(lo, mn, mx), np.clip(hi, mn, mx)
 
 
-@pytest.mark.parametrize(("per_channel", "symmetric", "bits", "kind"), GRID, ids=GRID_IDS)
+@pytest.mark.parametrize(CASE_NAMES, **RANGE_CASES)
 def test_quantile_weights_are_exact(per_channel, symmetric, bits, kind):
     x = make_data(kind, bits)
     sc = scheme_for(bits, symmetric, per_channel)
@@ -255,7 +281,7 @@ def test_quantile_weights_are_exact(per_channel, symmetric, bits, kind):
     assert_qparams_match_range(obs, lo_ref, hi_ref, x, sc)
 
 
-@pytest.mark.parametrize(("per_channel", "symmetric", "bits", "kind"), GRID, ids=GRID_IDS)
+@pytest.mark.parametrize(CASE_NAMES, **RANGE_CASES)
 def test_quantile_activations_within_one_bin(per_channel, symmetric, bits, kind):
     x = make_data(kind, bits + 10)
     sc = scheme_for(bits, symmetric, per_channel)
@@ -303,7 +329,7 @@ def chosen_errors(obs, rows: np.ndarray) -> np.ndarray:
     return ((ref_fake_quant(rows, s, z, qmin, qmax) - rows) ** 2).sum(1)
 
 
-@pytest.mark.parametrize(("per_channel", "symmetric", "bits", "kind"), GRID, ids=GRID_IDS)
+@pytest.mark.parametrize(CASE_NAMES, **BITS_CASES)
 def test_mse_weights_minimise_exact_error_over_the_candidate_grid(per_channel, symmetric, bits, kind):
     x = make_data(kind, bits + 20)
     sc = scheme_for(bits, symmetric, per_channel)
@@ -321,7 +347,7 @@ def test_mse_weights_minimise_exact_error_over_the_candidate_grid(per_channel, s
     np.testing.assert_allclose(hi, hi_c[np.arange(len(k)), k], rtol=1e-6, atol=1e-30)
 
 
-@pytest.mark.parametrize(("per_channel", "symmetric", "bits", "kind"), GRID, ids=GRID_IDS)
+@pytest.mark.parametrize(CASE_NAMES, **BITS_CASES)
 def test_mse_activations_from_histogram_match_exact_search(per_channel, symmetric, bits, kind):
     x = make_data(kind, bits + 30)
     sc = scheme_for(bits, symmetric, per_channel)
@@ -385,20 +411,40 @@ def test_mse_num_candidates_option():
 # ------------------------------------------------------------------------------------------------
 # 4. kld
 # ------------------------------------------------------------------------------------------------
+def ref_suppress_spikes(hist: np.ndarray, ratio: float = 4.0, share: float = 0.01) -> np.ndarray:
+    """Bin-by-bin loop: a bin holding ``share`` of the values and above ``ratio`` x its larger nearest
+    nonzero neighbour takes that count."""
+    h = np.array(hist, dtype=np.float64, copy=True)
+    nz = np.flatnonzero(h)
+    out = h.copy()
+    for j in range(len(h)):
+        left, right = nz[nz < j], nz[nz > j]
+        neigh = max(h[left[-1]] if len(left) else 0.0, h[right[0]] if len(right) else 0.0)
+        if neigh > 0 and h[j] > ratio * neigh and h[j] >= share * h.sum():
+            out[j] = neigh
+    return out
+
+
 def ref_kld_search(hist: np.ndarray, a: int, b: int, z0: int, levels: int):
     """Per-candidate loop: returns (divergences, starts, ends) over n = L .. b - a kept bins.
 
-    As NVIDIA's pytorch-quantization does (``bins[0] = bins[1]``), the bin starting at 0 first takes
-    its right neighbour's count, so the spike of exact zeros after a ReLU does not drive the search."""
-    hist = np.array(hist, dtype=np.float64, copy=True)
-    z = min(max(z0, 0), len(hist) - 2)
-    hist[z] = hist[z + 1]
+    Generalising NVIDIA pytorch-quantization's ``bins[0] = bins[1]``, every spike (a bin holding more
+    than 4x the larger count of its nearest nonzero neighbours and >= 1 % of the values) first takes
+    that count, so no point mass drives the search; a candidate keeping a single nonzero bin (P == Q)
+    gets ``inf`` unless the row has only one nonzero bin."""
+    hist = ref_suppress_spikes(hist)
     nd = b - a
     kls, starts, ends = [], [], []
+    row_nonzero = int(np.count_nonzero(hist))
     for n in range(levels, nd + 1):
         s = z0 - round(n * (z0 - a) / nd)
         e = s + n
         kept = hist[s:e]
+        if np.count_nonzero(kept) < 2 <= row_nonzero:
+            kls.append(np.inf)
+            starts.append(s)
+            ends.append(e)
+            continue
         p = kept.copy()
         p[0] += hist[:s].sum()
         p[-1] += hist[e:].sum()
@@ -440,7 +486,7 @@ def ref_kld_range(obs, rows: np.ndarray, symmetric: bool, levels: int):
     return np.array(los), np.array(his)
 
 
-@pytest.mark.parametrize(("per_channel", "symmetric", "bits", "kind"), GRID, ids=GRID_IDS)
+@pytest.mark.parametrize(CASE_NAMES, **BITS_CASES)
 def test_kld_matches_per_candidate_loop_reference(per_channel, symmetric, bits, kind):
     x = make_data(kind, bits + 40)
     sc = scheme_for(bits, symmetric, per_channel)
@@ -537,7 +583,7 @@ def test_kld_clips_heavy_tailed_tensor(bits):
 # ------------------------------------------------------------------------------------------------
 # 5. norm and meanstd
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("per_channel", "symmetric", "bits", "kind"), GRID, ids=GRID_IDS)
+@pytest.mark.parametrize(CASE_NAMES, **BITS_CASES)
 def test_norm_is_lsq_scale(per_channel, symmetric, bits, kind):
     x = make_data(kind, bits + 50)
     sc = scheme_for(bits, symmetric, per_channel)
@@ -572,7 +618,7 @@ def ref_meanstd_range(rows: np.ndarray, symmetric: bool, alpha: float):
     return np.clip(lo, rows.min(1), rows.max(1)), np.clip(hi, rows.min(1), rows.max(1))
 
 
-@pytest.mark.parametrize(("per_channel", "symmetric", "bits", "kind"), GRID, ids=GRID_IDS)
+@pytest.mark.parametrize(CASE_NAMES, **RANGE_CASES)
 def test_meanstd_matches_numpy(per_channel, symmetric, bits, kind):
     x = make_data(kind, bits + 60)
     sc = scheme_for(bits, symmetric, per_channel)
@@ -720,7 +766,7 @@ def test_observer_without_data_raises_empty_calibration(name, is_weight):
 
 @pytest.mark.parametrize("name", NEW_OBSERVERS)
 def test_unknown_option_raises_type_error(name):
-    with pytest.raises(TypeError, match="unknown options"):
+    with pytest.raises(TypeError, match="unknown option"):
         build_observer(name, scheme_for(8, True, False), bogus=1)
 
 

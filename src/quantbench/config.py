@@ -12,7 +12,7 @@ from quantbench.backends.overrides import LayerOverride
 from quantbench.backends.spec import BackendSpec
 from quantbench.errors import ConfigError
 from quantbench.models import get_entry
-from quantbench.observers import OBSERVERS
+from quantbench.observers import OBSERVERS, validate_observer_options
 
 Policy = Literal["quantized", "fp"]
 
@@ -71,6 +71,18 @@ class QuantRunConfig(BaseModel):
         if isinstance(v, int) and not 1 <= v <= 16:
             raise ValueError(f"first_last bits must be in 1..16, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _observer_options_valid(self) -> QuantRunConfig:
+        """Each observer's options against its declared ones, so a bad option fails here, not at calibration."""
+        for role, obs, opts in (("w", self.w_observer, self.w_observer_options),
+                                ("a", self.a_observer, self.a_observer_options)):
+            if obs is not None:
+                try:
+                    validate_observer_options(obs, opts)
+                except ValueError as exc:  # ObserverOptionError; pydantic reports it as a validation error
+                    raise ValueError(f"{role}_observer_options: {exc}") from None
+        return self
 
     @model_validator(mode="after")
     def _device_available(self) -> QuantRunConfig:

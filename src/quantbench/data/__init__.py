@@ -8,7 +8,15 @@ from quantbench.data.loaders import (
     calibration_subset,
     make_loader,
 )
-from quantbench.data.registry import DATASETS, DataBundle, DatasetKind, load_data, parse_spec
+from quantbench.data.registry import (
+    DATASETS,
+    DataBundle,
+    DatasetKind,
+    list_datasets,
+    load_data,
+    parse_spec,
+    register_dataset,
+)
 
 __all__ = [
     "DATASETS",
@@ -18,7 +26,9 @@ __all__ = [
     "TensorImageDataset",
     "augment_batch",
     "calibration_subset",
+    "list_datasets",
     "load_data",
     "make_loader",
     "parse_spec",
+    "register_dataset",
 ]

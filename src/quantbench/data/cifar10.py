@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from quantbench.data.loaders import TensorImageDataset
-from quantbench.data.registry import DATASETS, DataBundle, DatasetKind
+from quantbench.data.registry import DataBundle, register_dataset
 from quantbench.errors import DataError
 
 BATCHES_DIR = "cifar-10-batches-py"
@@ -159,6 +159,10 @@ def read_calib_indices(path: Path, n_train: int) -> list[int] | None:
     return indices
 
 
+@register_dataset(
+    "cifar10", channels=3, needs_path=True,
+    description=f"a folder containing {BATCHES_DIR}/ (python-format CIFAR-10 batches) or that folder itself",
+)
 def _build_cifar10(
     path: Path | None,
     *,
@@ -184,15 +188,3 @@ def _build_cifar10(
         NUM_CLASSES,
         read_calib_indices(path, len(y_train)),
     )
-
-
-DATASETS.add(
-    "cifar10",
-    DatasetKind(
-        "cifar10",
-        _build_cifar10,
-        3,
-        True,
-        f"a folder containing {BATCHES_DIR}/ (python-format CIFAR-10 batches) or that folder itself",
-    ),
-)

@@ -59,6 +59,19 @@ class DatasetKind:
 DATASETS: Registry[DatasetKind] = Registry[DatasetKind]("dataset kind")
 
 
+def register_dataset(name: str, *, channels: int, needs_path: bool, description: str):
+    """Decorator on a :class:`DatasetBuilder`: register it as dataset kind ``name`` (``kind:PATH`` when
+    ``needs_path``), returning the builder unchanged."""
+    return DATASETS.register(
+        name, wrap=lambda n, builder: DatasetKind(n, builder, channels, needs_path, description)
+    )
+
+
+def list_datasets(filter: str | list[str] | None = None, exclude: str | list[str] | None = None) -> list[str]:
+    """Registered dataset kinds, sorted, optionally filtered by glob(s)."""
+    return DATASETS.list(filter, exclude)
+
+
 def parse_spec(spec: str) -> tuple[str, Path | None]:
     """Split ``"kind:PATH"`` (or a bare ``"kind"``) into the kind and an expanded path."""
     if not isinstance(spec, str) or not spec.strip():
@@ -114,6 +127,8 @@ DIGITS_SPLIT_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
 
 
+@register_dataset("digits", channels=1, needs_path=False,
+                  description="scikit-learn's bundled 8x8 digits (no path)")
 def _build_digits(
     path: Path | None,
     *,
@@ -145,12 +160,6 @@ def _build_digits(
         )
 
     return DataBundle("digits", split(idx_train, augment), split(idx_test, False), 10, None)
-
-
-DATASETS.add(
-    "digits",
-    DatasetKind("digits", _build_digits, 1, False, "scikit-learn's bundled 8x8 digits (no path)"),
-)
 
 
 # ---------------------------------------------------------------------------------------- imagefolder
@@ -192,6 +201,11 @@ def _image_folder(root: Path, transform: object) -> Dataset[tuple[torch.Tensor, 
         ) from exc
 
 
+@register_dataset(
+    "imagefolder", channels=3, needs_path=True,
+    description="a folder of class subfolders holding RGB images (ImageNet-val layout), optionally split into "
+    "train/ and val/",
+)
 def _build_imagefolder(
     path: Path | None,
     *,
@@ -219,15 +233,3 @@ def _build_imagefolder(
             "make both hold the same class subfolders"
         )
     return DataBundle("imagefolder", train, test, len(classes), None)
-
-
-DATASETS.add(
-    "imagefolder",
-    DatasetKind(
-        "imagefolder",
-        _build_imagefolder,
-        3,
-        True,
-        "a folder of class subfolders holding RGB images (ImageNet-val layout), optionally split into train/ and val/",
-    ),
-)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -54,10 +55,26 @@ class ModelEntry:
 MODELS: Registry[ModelEntry] = Registry[ModelEntry]("model")
 
 
-def register_model(entry: ModelEntry) -> ModelEntry:
-    """Add ``entry`` to :data:`MODELS` under ``entry.name`` and return it."""
-    MODELS.add(entry.name, entry)
-    return entry
+def register_model(entry: ModelEntry | str, **fields: Any) -> Any:
+    """Register a model, as a decorator on its builder or with a ready :class:`ModelEntry`.
+
+    ``@register_model("name", input_size=..., num_classes=..., mean=..., std=..., family=...,
+    description=...)`` above ``def builder(width_mult, num_classes)`` registers the builder (and returns
+    it unchanged); ``register_model(ModelEntry(...))`` adds the entry and returns it.
+    """
+    if isinstance(entry, ModelEntry):
+        if fields:
+            raise TypeError("register_model(entry) takes no other arguments")
+        return MODELS.add(entry.name, entry)
+    return MODELS.register(entry, wrap=lambda name, builder: ModelEntry(name=name, builder=builder, **fields))
+
+
+def list_models(filter: str | list[str] | None = None, exclude: str | list[str] | None = None,
+                family: str | None = None) -> list[str]:
+    """Registered model names, sorted; ``filter`` / ``exclude`` are globs (as timm's ``list_models``,
+    e.g. ``list_models("resnet*_cifar")``), ``family`` one of :data:`FAMILIES`."""
+    names = MODELS.list(filter, exclude)
+    return names if family is None else [n for n in names if MODELS.get(n).family == family]
 
 
 def get_entry(name: str) -> ModelEntry:

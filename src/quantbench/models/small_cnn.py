@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantbench.models.cifar_resnet import scaled_width
-from quantbench.models.registry import ModelEntry, register_model
+from quantbench.models.registry import register_model
 
 # Normalization statistics of sklearn.datasets.load_digits() scaled to [0, 1] (pixel / 16), over all
 # 1797 images and all 64 pixels, computed once with float64 numpy:
@@ -56,19 +56,14 @@ class DigitsCNN(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
+@register_model(
+    "digits_cnn",
+    input_size=(1, 8, 8),
+    num_classes=10,
+    mean=DIGITS_MEAN,
+    std=DIGITS_STD,
+    family="small",
+    description="small residual CNN with BN for scikit-learn 8x8 digits (trains in seconds on CPU)",
+)
 def _build_digits_cnn(width_mult: float, num_classes: int) -> nn.Module:
     return DigitsCNN(num_classes=num_classes, width_mult=width_mult)
-
-
-register_model(
-    ModelEntry(
-        name="digits_cnn",
-        builder=_build_digits_cnn,
-        input_size=(1, 8, 8),
-        num_classes=10,
-        mean=DIGITS_MEAN,
-        std=DIGITS_STD,
-        family="small",
-        description="small residual CNN with BN for scikit-learn 8x8 digits (trains in seconds on CPU)",
-    )
-)

@@ -4,7 +4,8 @@ so adding an observer means adding one file."""
 import importlib
 import pkgutil
 
-from quantbench.observers.base import OBSERVERS, Observer, register_observer
+from quantbench.observers.base import OBSERVERS, Observer, list_observers, register_observer
+from quantbench.observers.options import ObserverOptionError, validate_observer_options
 
 for _mod in pkgutil.iter_modules(__path__):
     if _mod.name != "base":
@@ -12,8 +13,10 @@ for _mod in pkgutil.iter_modules(__path__):
 
 
 def build_observer(name: str, scheme, is_weight: bool = False, **options) -> Observer:
-    """Instantiate the observer registered as ``name``."""
-    return OBSERVERS.get(name)(scheme, is_weight=is_weight, **options)
+    """Instantiate the observer registered as ``name`` (options checked by :func:`validate_observer_options`)."""
+    cls = OBSERVERS.get(name)
+    return cls(scheme, is_weight=is_weight, **validate_observer_options(name, options))
 
 
-__all__ = ["OBSERVERS", "Observer", "build_observer", "register_observer"]
+__all__ = ["OBSERVERS", "Observer", "ObserverOptionError", "build_observer", "list_observers", "register_observer",
+           "validate_observer_options"]

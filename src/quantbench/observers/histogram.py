@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from quantbench.errors import ConfigError
-from quantbench.observers.base import Observer, row_aminmax
+from quantbench.observers.base import Observer, raw_outside, row_aminmax
 from quantbench.quant.scheme import QScheme
 
 # Upper bound on the elements of one temporary tensor (the batched bincount and the search loops of
@@ -229,6 +229,19 @@ class MergeableHistogram:
         return (val[:, :1] + frac * (val[:, 1:] - val[:, :1])).squeeze(1)
 
 
+def histogram_outside(hist: MergeableHistogram, lo: Tensor, hi: Tensor) -> Tensor:
+    """Share ``(C,)`` float64 of each row's counts in bins entirely outside ``[lo, hi]`` (for ``|x|``
+    histograms: entirely above ``max(-lo, hi)``)."""
+    counts = hist.counts
+    assert counts is not None
+    edges = hist.edges()
+    lo = lo.to(torch.float64)[:, None]
+    hi = hi.to(torch.float64)[:, None]
+    above = edges[:, :-1] >= (torch.maximum(-lo, hi) if hist.absolute else hi)
+    out = above if hist.absolute else above | (edges[:, 1:] <= lo)
+    return (counts * out).sum(1) / counts.sum(1).clamp_min(1)
+
+
 class HistogramObserver(Observer):
     """Base of the observers that calibrate activations from a :class:`MergeableHistogram`.
 
@@ -239,6 +252,7 @@ class HistogramObserver(Observer):
     """
 
     exact_weights: bool = False
+    tracks_values = False
 
     def __init__(self, scheme: QScheme, is_weight: bool = False, bins: int = 2048,
                  **options: Any) -> None:
@@ -260,6 +274,14 @@ class HistogramObserver(Observer):
             self.raw = rows.clone()
         else:
             self.hist.add(rows, batch_min, batch_max)
+
+    def clipped_fraction(self, lo: Tensor, hi: Tensor) -> Tensor:
+        if self.uses_raw:
+            assert self.raw is not None
+            return raw_outside(self.raw, lo, hi)
+        if self.hist.empty:
+            return super().clipped_fraction(lo, hi)
+        return histogram_outside(self.hist, lo, hi)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bins={self.bins}"

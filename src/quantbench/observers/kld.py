@@ -15,14 +15,21 @@ side: ``N_max + 1`` (``2^(t-1)`` signed, ``2^t`` unsigned) symmetric, ``2^t`` as
 * ``KL(P || Q) = sum_{P_j > 0} p_j log(p_j / q_j)`` over the normalised ``p``, ``q``, where a bin with
   ``p_j > 0`` but ``q_j = 0`` (an empty edge level that received outliers) uses ``q_j = KLD_EPS``.
 
-Before the search the bin starting at 0 takes its right neighbour's count (see
-:func:`suppress_zero_spike`). The threshold minimising the divergence (the tightest among exact ties) gives the range
+Before the search every dominant bin (a point mass: more than ``SPIKE_RATIO`` times the count of its nearest
+nonzero neighbours and at least ``SPIKE_MIN_SHARE`` of the values) takes that neighbour's count (see
+:func:`suppress_spikes`), and a candidate whose kept bins hold a single nonzero bin is not a candidate (its
+``P`` and ``Q`` are both that one bin, so ``KL = 0`` however much is clipped) unless the row has only one
+nonzero bin. The threshold minimising the divergence (the tightest among exact ties) gives the range
 ``[edge_s, edge_e]`` (symmetric: ``max_abs = edge_e``), clamped inside the observed ``[min, max]``.
 
-All candidates are evaluated at once: the sums over the bins of a level are differences of prefix
+Candidates are evaluated in batched tensor operations: the sums over the bins of a level are differences of prefix
 sums of the histogram (counts, nonzero bins, ``h log h``) gathered at the level boundaries, so the
 work is a few ``(C, K, L + 1)`` gathers instead of a ``(C, K, bins)`` tensor. This is exactly the
-divergence defined above (the tests compare it with a direct per-candidate numpy loop).
+divergence defined above (the tests compare it with a direct per-candidate numpy loop). A single row
+(per-tensor) always tries every threshold ``n = L .. b - a``. When ``C`` rows would need more than
+``MAX_SEARCH_CELLS`` (row, candidate, level) cells (per-channel, e.g. 64 channels x ~1900 thresholds x 129
+levels), only every ``k``-th threshold ``n = L, L + k, L + 2k, ...`` is tried, with the smallest ``k``
+that fits: ``k = ceil(C * K * (L + 1) / max(MAX_SEARCH_CELLS, K * (L + 1)))``.
 """
 
 from __future__ import annotations
@@ -34,9 +41,14 @@ from torch import Tensor
 
 from quantbench.observers.base import register_observer
 from quantbench.observers.histogram import CHUNK_ELEMENTS, HistogramObserver
+from quantbench.observers.options import BinsOptions
 from quantbench.quant.scheme import QScheme
 
 KLD_EPS = 1e-8
+# A bin holding more than this many times the count of its nearest nonzero neighbours is a spike.
+SPIKE_RATIO = 4.0
+# ... and at least this share of the row's values (so the noise of sparse tails is never a spike).
+SPIKE_MIN_SHARE = 0.01
 # At most this many (row, candidate, level) cells per search (or one row's full search): per-channel
 # searches (tens of rows x ~1900 thresholds x 129 levels) then try every k-th bin as the threshold.
 MAX_SEARCH_CELLS = 1 << 18
@@ -46,16 +58,35 @@ def _xlogx(t: Tensor) -> Tensor:
     return torch.special.xlogy(t, t)
 
 
-def suppress_zero_spike(counts: Tensor, z0: Tensor) -> Tensor:
-    """The bin starting at 0 takes its right neighbour's count (NVIDIA pytorch-quantization's
-    ``bins[0] = bins[1]``). After a ReLU most values are exactly 0; left in, that spike dominates P and
-    the divergence favours thresholds so small that the spike keeps a level of its own, clipping
-    most of the real range (ResNet-20 W8A8 drops to 42 % top-1 on TensorRT placement)."""
+def _nearest_nonzero(counts: Tensor, reverse: bool) -> Tensor:
+    """Count of the nearest nonzero bin strictly left (``reverse``: right) of every bin; 0 if none."""
+    if reverse:
+        return _nearest_nonzero(counts.flip(1), False).flip(1)
     nb = counts.shape[1]
-    if nb < 2:
+    j = torch.arange(nb, device=counts.device)
+    last = torch.where(counts > 0, j, -1).cummax(1).values  # last nonzero bin at or before j
+    prev = torch.cat([torch.full_like(last[:, :1], -1), last[:, :-1]], 1)  # ... strictly before j
+    return torch.where(prev >= 0, counts.gather(1, prev.clamp_min(0)), 0.0)
+
+
+def suppress_spikes(counts: Tensor, ratio: float = SPIKE_RATIO, min_share: float = SPIKE_MIN_SHARE) -> Tensor:
+    """Every dominant bin takes the larger count of its nearest nonzero neighbours.
+
+    A bin is dominant when it holds more than ``ratio`` times that neighbour count (some other bin being
+    nonzero) and at least ``min_share`` of the row's values. This generalises NVIDIA pytorch-quantization's
+    ``bins[0] = bins[1]`` for the zero spike after a ReLU to a point mass anywhere: the normalised
+    background of an image (every 0-pixel maps to ``-mean / std``), a padding value, a saturated activation.
+    Left in, such a spike dominates ``P``, and ``Q``'s uniform spread over its level makes every threshold
+    where the spike shares a level with other bins expensive, so the search picks thresholds that isolate or
+    clip the spike (ResNet-20 W8A8 drops to 42 % top-1 on TensorRT placement; the digits input at W4A4 was
+    clipped to +-0.02, 10 % top-1).
+    """
+    if counts.shape[1] < 2:
         return counts
-    z = z0.clamp(0, nb - 2)[:, None]
-    return counts.scatter(1, z, counts.gather(1, z + 1))
+    neigh = torch.maximum(_nearest_nonzero(counts, False), _nearest_nonzero(counts, True))
+    share = counts >= min_share * counts.sum(1, keepdim=True)
+    dominant = (neigh > 0) & (counts > ratio * neigh) & share
+    return torch.where(dominant, neigh, counts)
 
 
 def kl_divergences(hist: Tensor, a: Tensor, b: Tensor, z0: Tensor, levels: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -130,7 +161,9 @@ def kl_divergences(hist: Tensor, a: Tensor, b: Tensor, z0: Tensor, levels: int) 
             raw > 0, raw / nonzero.clamp_min(1) / q_sum.clamp_min(1e-300)[..., None], KLD_EPS
         )
         cross = (p_mass / t[..., None] * torch.log(q_level)).sum(-1)
-        kl[r0:r1] = torch.where(valid, ent - cross, torch.inf)
+        # one nonzero kept bin: P == Q whatever is clipped; allowed only if the row has one nonzero bin
+        informative = (at(nzc, e) - at(nzc, s) >= 2) | (nzc[:, -1:] < 2)
+        kl[r0:r1] = torch.where(valid & informative, ent - cross, torch.inf)
     e_all = (s_all + n[None, :]).clamp(max=nb)
     return kl, s_all, e_all
 
@@ -140,11 +173,13 @@ class KLDObserver(HistogramObserver):
     """Min-KL threshold on a 2048-bin histogram (TensorRT entropy); for activations. Option ``bins``.
 
     Seed 001 (Table 10) uses KLD for activations only, with MinMax or MSE weights. A weight row holds few
-    values (144 per channel in ResNet-20's first stage): spread over 2048 bins its histogram is mostly empty,
-    and a threshold whose kept bins hold a single nonzero bin has KL = 0, so the search can clip a channel to
-    a hundredth of its range (ResNet-20 W4A8 TensorRT with ``kld`` weights: 30 % top-1; ``mse`` weights with
-    ``kld`` activations: 89 %).
+    values (144 per channel in ResNet-20's first stage): spread over 2048 bins its histogram is mostly
+    empty, and a threshold whose kept bins hold a single nonzero bin has KL = 0 however much it clips;
+    such thresholds are excluded (before, they clipped a 4-bit channel to 1/200 of its range), but a
+    sparse histogram still makes KL a noisy criterion, so weights default to ``mse``.
     """
+
+    Options = BinsOptions
 
     def __init__(self, scheme: QScheme, is_weight: bool = False, bins: int = 2048,
                  **options: Any) -> None:
@@ -167,7 +202,7 @@ class KLDObserver(HistogramObserver):
             lo_d, hi_d = mn.clamp_max(0), mx.clamp_min(0)
         ab = hist.bin_index(torch.stack([lo_d, hi_d], 1))
         z0 = (-off).long()
-        return kl_divergences(suppress_zero_spike(counts, z0), ab[:, 0], ab[:, 1] + 1, z0, self.levels())
+        return kl_divergences(suppress_spikes(counts), ab[:, 0], ab[:, 1] + 1, z0, self.levels())
 
     def compute_range(self) -> tuple[Tensor, Tensor]:
         kl, s, e = self.search()

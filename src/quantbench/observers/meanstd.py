@@ -19,12 +19,15 @@ from torch import Tensor
 
 from quantbench.errors import ConfigError
 from quantbench.observers.base import Observer, register_observer
+from quantbench.observers.options import MeanStdOptions
 from quantbench.quant.scheme import QScheme
 
 
 @register_observer("meanstd")
 class MeanStdObserver(Observer):
     """Options: ``alpha`` (number of standard deviations, default 3)."""
+
+    Options = MeanStdOptions
 
     def __init__(self, scheme: QScheme, is_weight: bool = False, alpha: float = 3.0,
                  **options: Any) -> None:

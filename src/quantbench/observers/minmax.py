@@ -7,17 +7,23 @@ from typing import Any
 from torch import Tensor
 
 from quantbench.observers.base import Observer, register_observer
+from quantbench.observers.options import EMAMinMaxOptions, NoOptions
 from quantbench.quant.scheme import QScheme
 
 
 @register_observer("minmax")
 class MinMaxObserver(Observer):
-    """Running minimum and maximum over every batch seen."""
+    """Running minimum and maximum over every batch seen (never clips: keeps no values)."""
+
+    tracks_values = False
+    Options = NoOptions
 
 
 @register_observer("ema_minmax")
 class EMAMinMaxObserver(Observer):
     """Per-batch min/max smoothed by an EMA: ``r <- m * r + (1 - m) * r_batch`` (m = 0.9)."""
+
+    Options = EMAMinMaxOptions
 
     def __init__(self, scheme: QScheme, is_weight: bool = False, momentum: float = 0.9,
                  **options: Any) -> None:

@@ -22,6 +22,7 @@ from torch import Tensor
 from quantbench.errors import ConfigError
 from quantbench.observers.base import register_observer
 from quantbench.observers.histogram import HistogramObserver
+from quantbench.observers.options import MSEOptions
 from quantbench.quant.qparams import qparams_from_range
 from quantbench.quant.scheme import QScheme
 
@@ -66,6 +67,7 @@ class MSEObserver(HistogramObserver):
     """Options: ``num_candidates`` (K, default 100); ``bins`` (activation histogram bins, 2048)."""
 
     exact_weights = True
+    Options = MSEOptions
 
     def __init__(self, scheme: QScheme, is_weight: bool = False, num_candidates: int = 100,
                  bins: int = 2048, **options: Any) -> None:

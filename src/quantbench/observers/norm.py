@@ -23,12 +23,15 @@ from torch import Tensor
 
 from quantbench.errors import ConfigError
 from quantbench.observers.base import Observer, register_observer
+from quantbench.observers.options import NormOptions
 from quantbench.quant.scheme import QScheme
 
 
 @register_observer("norm")
 class NormObserver(Observer):
     """Options: ``p`` (norm order in ``N_max^(1/p)``, default 2)."""
+
+    Options = NormOptions
 
     def __init__(self, scheme: QScheme, is_weight: bool = False, p: float = 2.0, **options: Any) -> None:
         super().__init__(scheme, is_weight, **options)

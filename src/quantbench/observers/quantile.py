@@ -19,6 +19,7 @@ from torch import Tensor
 from quantbench.errors import ConfigError
 from quantbench.observers.base import register_observer
 from quantbench.observers.histogram import HistogramObserver
+from quantbench.observers.options import QuantileOptions
 from quantbench.quant.scheme import QScheme
 
 
@@ -44,6 +45,7 @@ class QuantileObserver(HistogramObserver):
     bins, default 2048)."""
 
     exact_weights = True
+    Options = QuantileOptions
 
     def __init__(self, scheme: QScheme, is_weight: bool = False, alpha: float = 0.9999,
                  bins: int = 2048, **options: Any) -> None:
