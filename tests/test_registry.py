@@ -103,3 +103,15 @@ def test_new_entries_register_with_one_decorator_each():
         for reg, name in [(MODELS, "tiny_test_net"), (MODELS, "tiny_test_net2"), (DATASETS, "tiny_test_data"),
                           (OBSERVERS, "tiny_test_obs")]:
             reg._items.pop(name, None)
+
+
+def test_backends_and_qat_algorithms_list_in_the_same_style():
+    from quantbench.backends import list_backends, load_backend
+    from quantbench.qat.quantizers import ALGORITHMS, list_algorithms
+
+    assert list_backends("t*") == ["tensorrt", "tvm"]
+    assert list_backends(deployable=False) == [n for n in list_backends() if not load_backend(n).deployable]
+    assert "academic" in list_backends(deployable=False) and "academic" not in list_backends(deployable=True)
+    assert list_algorithms("lsq*") == ["lsq", "lsq+"]
+    assert "apot" not in list_algorithms(deployable=True)
+    assert all(not ALGORITHMS.get(n).academic_only for n in list_algorithms(deployable=True))

@@ -18,10 +18,10 @@ from quantbench.graph.quantize import all_quantizers, prepare, weight_layers
 from quantbench.models import build_model
 from quantbench.ptq import calibrate
 from quantbench.qat.prepare import prepare_qat, quantizer_parameters
-from quantbench.qat.quantizers import ALGORITHMS
+from quantbench.qat.quantizers import list_algorithms
 from quantbench.quant.quantizer import Quantizer
 
-DEPLOYABLE_ALGORITHMS = [n for n in ALGORITHMS.names() if not ALGORITHMS.get(n).academic_only]
+DEPLOYABLE_ALGORITHMS = list_algorithms(deployable=True)
 GEN = torch.Generator().manual_seed(0)
 X = torch.randn(64, 1, 8, 8, generator=GEN)
 Y = torch.randint(0, 10, (64,), generator=GEN)

@@ -9,7 +9,8 @@ import yaml
 from pydantic import ValidationError
 
 from quantbench.backends.spec import BackendSpec
-from quantbench.errors import ConfigError, UnknownNameError
+from quantbench.errors import ConfigError
+from quantbench.utils.registry import Patterns, Registry
 
 SPEC_DIR = Path(__file__).with_name("specs")
 
@@ -29,18 +30,25 @@ def read_spec(path: Path) -> BackendSpec:
 
 
 @cache
-def _builtin() -> dict[str, BackendSpec]:
-    specs = {}
+def _builtin() -> Registry[BackendSpec]:
+    specs: Registry[BackendSpec] = Registry("backend")
     for path in sorted(SPEC_DIR.glob("*.yaml")):
         spec = read_spec(path)
         if spec.name != path.stem:
             raise ConfigError(f"backend spec {path} declares name {spec.name!r}; it must match the file name")
-        specs[spec.name] = spec
+        specs.add(spec.name, spec)
     return specs
 
 
 def backend_names() -> list[str]:
-    return sorted(_builtin())
+    return _builtin().names()
+
+
+def list_backends(filter: Patterns = None, exclude: Patterns = None, deployable: bool | None = None) -> list[str]:
+    """Built-in backend names matching the globs (``utils.registry.Registry.list``), optionally only the
+    deployable (or only the academic, ``deployable=False``) ones."""
+    reg = _builtin()
+    return [n for n in reg.list(filter, exclude) if deployable is None or reg.get(n).deployable == deployable]
 
 
 def load_backend(name_or_path: str) -> BackendSpec:
@@ -50,7 +58,4 @@ def load_backend(name_or_path: str) -> BackendSpec:
         if not path.is_file():
             raise ConfigError(f"backend spec file {path} does not exist")
         return read_spec(path)
-    try:
-        return _builtin()[name_or_path]
-    except KeyError:
-        raise UnknownNameError("backend", name_or_path, backend_names()) from None
+    return _builtin().get(name_or_path)

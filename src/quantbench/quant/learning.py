@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from quantbench.quant.fake_quant import broadcast
 from quantbench.quant.scheme import QScheme
-from quantbench.utils.registry import Registry
+from quantbench.utils.registry import Patterns, Registry
 
 if TYPE_CHECKING:
     from quantbench.quant.quantizer import Quantizer
@@ -216,5 +216,12 @@ ALGORITHMS: Registry[Algorithm] = Registry("QAT algorithm")
 
 
 def register_algorithm(algorithm: Algorithm) -> Algorithm:
-    ALGORITHMS.add(algorithm.name, algorithm)
-    return algorithm
+    """Register a QAT algorithm (its learning rules); the registration line of a file in ``qat/quantizers/``."""
+    return ALGORITHMS.add(algorithm.name, algorithm)
+
+
+def list_algorithms(filter: Patterns = None, exclude: Patterns = None, deployable: bool | None = None) -> list[str]:
+    """Registered QAT algorithm names matching the globs (``utils.registry.Registry.list``), optionally only those
+    that run on hardware backends (``deployable=True``: not academic-only)."""
+    return [n for n in ALGORITHMS.list(filter, exclude)
+            if deployable is None or (not ALGORITHMS.get(n).academic_only) == deployable]

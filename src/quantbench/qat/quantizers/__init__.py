@@ -7,9 +7,16 @@ interface and the registry are in :mod:`quantbench.quant.learning`.
 import importlib
 import pkgutil
 
-from quantbench.quant.learning import ALGORITHMS, Algorithm, LearningRule, QuantizerContext, register_algorithm
+from quantbench.quant.learning import (
+    ALGORITHMS,
+    Algorithm,
+    LearningRule,
+    QuantizerContext,
+    list_algorithms,
+    register_algorithm,
+)
 
 for _mod in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_mod.name}")
 
-__all__ = ["ALGORITHMS", "Algorithm", "LearningRule", "QuantizerContext", "register_algorithm"]
+__all__ = ["ALGORITHMS", "Algorithm", "LearningRule", "QuantizerContext", "list_algorithms", "register_algorithm"]
