@@ -173,7 +173,7 @@ class Observer(nn.Module):
     def calculate_qparams(self) -> tuple[Tensor, Tensor, int, int]:
         """``(scale, zero_point, qmin, qmax)``; scale and zero-point have shape ``(C,)``.
 
-        Warns (:class:`ClippingWarning` and the log, once per observer) when the quantizer clips more
+        Warns (:class:`ClippingWarning`, and an INFO log record, once per observer) when the quantizer clips more
         than :data:`CLIP_WARN_ACTIVATIONS` / :data:`CLIP_WARN_WEIGHTS` of the observed values of a row.
         """
         qmin, qmax = self.qrange()
@@ -218,7 +218,7 @@ class Observer(nn.Module):
                 f"{float((qmax - z[0]) * s[0]):.4g}] (first row) may be a calibrator failure: check the quantizer "
                 "(--list-quantizers) or try another observer"
             )
-            log.warning(msg)
+            log.info(msg)  # the warning itself reaches the user; the log keeps a record without printing it twice
             warnings.warn(msg, ClippingWarning, stacklevel=3)
         return worst
 
