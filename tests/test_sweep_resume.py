@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -50,13 +51,30 @@ def _rows(db: Path) -> dict[str, tuple[str, str | None, int]]:
         con.close()
 
 
-def _start(sweep: Path, out: Path) -> subprocess.Popen[bytes]:
-    """``quantbench bench`` in a subprocess that imports this checkout's code (``src`` first on the path)."""
+_STARTED: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture(autouse=True)
+def _reap() -> Iterator[None]:
+    """A failed test leaves no bench process blocked at its gate."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _start(sweep: Path, out: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """``quantbench bench`` in a subprocess that imports this checkout's code (``src`` first on the path);
+    killed after the test if still running (import :func:`_reap` with it)."""
     path = os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path.rstrip(os.pathsep)}
     cmd = [sys.executable, "-m", "quantbench.cli.main", "bench", str(sweep), "--out", str(out), "--quiet",
-           "--threads", "1"]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+           "--threads", "1", *extra]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    _STARTED.append(proc)
+    return proc
 
 
 def _exit_note(proc: subprocess.Popen[bytes]) -> str:
