@@ -3,7 +3,9 @@ failed while the sweep goes on (also when a worker process dies)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import signal
 import sqlite3
 import subprocess
@@ -153,3 +155,40 @@ def test_crashing_runs_are_recorded_and_the_parallel_sweep_goes_on(tmp_path):
     assert rows["snpe"].status == "failed" and "worker process died" in (rows["snpe"].error or "")
     assert rows["academic"].status == "failed" and "RuntimeError: injected failure" in (rows["academic"].error or "")
     assert rows["tensorrt"].environment["torch_threads"] >= 1
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    """Block until process ``pid`` (not our child) has exited, at most ``timeout`` seconds (Linux pidfd)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs Linux pidfd_open to wait for non-child processes")
+@pytest.mark.fault(input="kill -9 of `quantbench bench --workers 2` while both workers run",
+                   message="(none: the process is gone)", exit_code=-9,
+                   kept="every finished run; the worker processes exit with their parent instead of living on")
+def test_kill_9_of_a_parallel_sweep_ends_its_workers(tmp_path):
+    gate = Gate(tmp_path / "gate")
+    data = tiny_sweep("orphans", backends=["tensorrt", "academic"],
+                      methods=[{"kind": "fault_test", "calibrator": "minmax", "calib_size": 32,
+                                "faults": {"tensorrt": "block", "academic": "block"}, "gate": str(gate.folder)}])
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump(data))
+    proc = _start(sweep, tmp_path / "out", "--workers", "2")
+    workers = {gate.wait(alive=lambda: _exit_note(proc))[0] for _ in range(2)}  # both block in a worker
+    assert proc.pid not in workers and len(workers) == 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    try:
+        for pid in workers:
+            assert _wait_gone(pid, timeout=60), f"worker {pid} outlived its parent"
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -114,9 +114,11 @@ def _serial(jobs: list[Job], sink: Sink, summary: SweepSummary, bar: SweepProgre
 
 
 def _pool(workers: int, threads: int) -> ProcessPoolExecutor:
-    """Spawned workers (no fork: safe with threads and CUDA); each numbered to pick its GPU."""
+    """Spawned workers (no fork: safe with threads and CUDA); each numbered to pick its GPU; each ends when
+    this process dies."""
     ctx = multiprocessing.get_context("spawn")
-    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(threads, ctx.Value("i", 0)))
+    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker,
+                               initargs=(threads, ctx.Value("i", 0), os.getpid()))
 
 
 def _isolate(suspects: list[Job], sink: Sink, summary: SweepSummary, bar: SweepProgress, threads: int) -> None:
