@@ -119,6 +119,8 @@ class SweepFile(BaseModel):
     @field_validator("backends")
     @classmethod
     def _known_backends(cls, v: Any) -> Any:
+        if not v:  # every other axis refuses [] by min_length; the union with "all" needs it said here
+            raise ValueError("List should have at least 1 item after validation, not 0 (list backends or say all)")
         if v != "all":
             for b in v:
                 if not b.endswith((".yaml", ".yml")):
