@@ -92,7 +92,8 @@ if "fault_test" not in METHODS:
     class FaultMethod(PTQMethod):
         name = "fault_test"
         params_type = FaultParams
-        description = "test-only: PTQ with injected delays and faults"
+        description = "test-only: PTQ with injected blocking and faults"
+        own_keys = frozenset({"faults", "gate"})
 
         def config_fields(self, params: MethodParams) -> dict[str, Any]:
             assert isinstance(params, FaultParams)
@@ -108,6 +109,26 @@ if "fault_test" not in METHODS:
             if fault == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             return super().run(job, cache)
+
+
+class LeakyParams(PTQParams):
+    """A method parameter that PTQConfig does not have and the method does not declare it consumes."""
+
+    kind: Literal["leaky_test"] = "leaky_test"  # type: ignore[assignment]
+    leak: int = 0
+
+
+if "leaky_test" not in METHODS:
+
+    @register_method
+    class LeakyMethod(PTQMethod):
+        name = "leaky_test"
+        params_type = LeakyParams
+        description = "test-only: PTQ with a parameter that would be silently dropped"
+
+        def config_fields(self, params: MethodParams) -> dict[str, Any]:
+            assert isinstance(params, LeakyParams)
+            return {**super().config_fields(params), "leak": params.leak}
 
 
 @pytest.fixture(autouse=True, scope="module")

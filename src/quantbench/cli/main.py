@@ -33,7 +33,7 @@ from quantbench.cli.options import (
     policy,
 )
 from quantbench.cli.tables import backends_table, results_table
-from quantbench.config import PTQConfig
+from quantbench.config import PTQConfig, default_of
 from quantbench.utils.io import atomic_write_json
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -52,7 +52,7 @@ def ptq(
     a_bits: ABitsOpt = None,
     w_observer: WObserverOpt = PTQConfig.model_fields["w_observer"].default,
     a_observer: AObserverOpt = PTQConfig.model_fields["a_observer"].default,
-    calib_size: CalibSizeOpt = 256,
+    calib_size: CalibSizeOpt = default_of(PTQConfig, "calib_size"),
     bn_calib: BnCalibOpt = False,
     first_last: FirstLastOpt = None,
     residual: ResidualOpt = None,

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from quantbench.config import PTQConfig
 from quantbench.data import DataBundle, calibration_subset, load_data, make_loader
@@ -53,9 +53,14 @@ class PTQResult:
     weights: str | None = None
     data: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: The prepared and calibrated graph (so callers such as the sweep's cards need not prepare again);
+    #: not part of :meth:`to_dict`.
+    graph: fx.GraphModule | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(replace(self, graph=None))
+        del out["graph"]
+        return out
 
 
 def _context_key(cfg: PTQConfig) -> tuple[Any, ...]:
@@ -117,4 +122,5 @@ def run_ptq(cfg: PTQConfig, progress: bool = True, context: PTQContext | None = 
         residual="quantized" if p.mode == "outputs" and p.add_output else "fp",
         skip="quantized" if p.mode == "outputs" and p.add_inputs else "fp",
         n_quantizers=len(quantizers), device=cfg.device, weights=cfg.weights, data=cfg.data, extra=extra,
+        graph=gm,
     )
