@@ -36,6 +36,28 @@ def _url(tmp_path) -> str:
     return resolve_store_url(None, tmp_path)
 
 
+PG_ENV = "QUANTBENCH_TEST_PG_URL"  # e.g. postgresql+psycopg://user@/db?host=/run/postgresql (emptied by the tests)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path) -> str:
+    """An empty store: SQLite in tmp_path, or the PostgreSQL database named by $QUANTBENCH_TEST_PG_URL
+    (its tables are dropped first; skipped when the variable is not set)."""
+    if request.param == "sqlite":
+        return _url(tmp_path)
+    url = os.environ.get(PG_ENV)
+    if not url:
+        pytest.skip(f"set {PG_ENV} to a PostgreSQL database the tests may empty to run the store tests on it")
+    from sqlalchemy import create_engine
+
+    from quantbench.store.schema import metadata
+
+    engine = create_engine(url)
+    metadata.drop_all(engine)
+    engine.dispose()
+    return url
+
+
 def test_new_store_has_schema_version_and_wal(tmp_path):
     with open_store(_url(tmp_path)) as store:
         assert store.schema_version == SCHEMA_VERSION
@@ -157,9 +179,9 @@ def _dead_pid() -> int:
 @pytest.mark.fault(input="a second process saves a run (done elsewhere) as failed, e.g. stopped with SIGTERM",
                    message="(none: the save is refused)", exit_code=0,
                    kept="the done row, its metrics and its attempt count")
-def test_a_done_run_is_never_downgraded_nor_claimed_again(tmp_path):
+def test_a_done_run_is_never_downgraded_nor_claimed_again(store_url):
     me, other = str(current_owner()), f"{socket.gethostname()}:{os.getppid()}:"
-    with open_store(_url(tmp_path)) as store:
+    with open_store(store_url) as store:
         assert store.claim("a" * 16, COLUMNS, owner=me)
         assert store.save("a" * 16, {**COLUMNS, "status": "done", "quant_top1": 97.0}, owner=me)
         assert not store.claim("a" * 16, COLUMNS, owner=other)
@@ -174,10 +196,10 @@ def test_a_done_run_is_never_downgraded_nor_claimed_again(tmp_path):
 @pytest.mark.fault(input="two processes claim the same run; the owner of a `running` run dies (kill -9)",
                    message="(none: the second claim is refused; a later process takes over the dead owner's run)",
                    exit_code=0, kept="one owner per run; the reclaimed run counts one more attempt")
-def test_claims_are_exclusive_and_only_a_gone_owners_run_is_reclaimed(tmp_path):
+def test_claims_are_exclusive_and_only_a_gone_owners_run_is_reclaimed(store_url):
     host = socket.gethostname()
     alive = f"{host}:{os.getppid()}:"  # our parent: alive, start time not recorded
-    with open_store(_url(tmp_path)) as store:
+    with open_store(store_url) as store:
         assert store.claim("a" * 16, COLUMNS, owner=alive)
         assert not store.claim("a" * 16, COLUMNS, owner="x:1:1")  # held by a live process
         assert store.get("a" * 16).owner == alive
