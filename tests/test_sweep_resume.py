@@ -192,3 +192,38 @@ def test_kill_9_of_a_parallel_sweep_ends_its_workers(tmp_path):
         for pid in workers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+_ORPHAN_CHILD = """
+import os, threading
+from quantbench.sweep import orphan
+orphan._set_pdeathsig = lambda: False  # the portable fallback, as where prctl is unavailable
+orphan.WATCHDOG_SECONDS = 0.05
+print(orphan.exit_with_parent(os.getppid()), flush=True)
+threading.Event().wait()  # blocks for ever: only the watchdog can end this process
+"""
+
+_ORPHAN_PARENT = """
+import subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1]], stdout=subprocess.PIPE)
+print(child.pid, child.stdout.readline().decode().strip(), flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs Linux pidfd_open to wait for non-child processes")
+def test_the_watchdog_fallback_ends_a_worker_whose_parent_died():
+    path = os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    parent = subprocess.Popen([sys.executable, "-c", _ORPHAN_PARENT, _ORPHAN_CHILD], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": path})
+    _STARTED.append(parent)
+    line = parent.stdout.readline().decode().split()  # type: ignore[union-attr]
+    assert len(line) == 2 and line[1] == "watchdog", line
+    child = int(line[0])
+    parent.kill()
+    parent.wait(timeout=30)
+    try:
+        assert _wait_gone(child, timeout=60), "the watchdog did not end the orphaned worker"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
