@@ -6,7 +6,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import socket
 import sqlite3
+import subprocess
+import sys
 
 import pytest
 from sqlalchemy import event
@@ -14,6 +18,8 @@ from sqlalchemy import event
 from quantbench.errors import StoreError, StoreVersionError
 from quantbench.store import SCHEMA_VERSION, open_store, resolve_store_url
 from quantbench.store.export import to_csv, to_json
+from quantbench.store.owner import current_owner
+from quantbench.store.schema import runs
 
 COLUMNS = {"sweep": "s", "method": "ptq", "method_label": "minmax", "model": "digits_cnn", "data": "digits",
            "backend": "tensorrt", "w_bits": 8, "a_bits": 8, "seed": 0, "config": {"model": "digits_cnn"}}
@@ -30,24 +36,48 @@ def _url(tmp_path) -> str:
     return resolve_store_url(None, tmp_path)
 
 
+PG_ENV = "QUANTBENCH_TEST_PG_URL"  # e.g. postgresql+psycopg://user@/db?host=/run/postgresql (emptied by the tests)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path) -> str:
+    """An empty store: SQLite in tmp_path, or the PostgreSQL database named by $QUANTBENCH_TEST_PG_URL
+    (its tables are dropped first; skipped when the variable is not set)."""
+    if request.param == "sqlite":
+        return _url(tmp_path)
+    url = os.environ.get(PG_ENV)
+    if not url:
+        pytest.skip(f"set {PG_ENV} to a PostgreSQL database the tests may empty to run the store tests on it")
+    from sqlalchemy import create_engine
+
+    from quantbench.store.schema import metadata
+
+    engine = create_engine(url)
+    metadata.drop_all(engine)
+    engine.dispose()
+    return url
+
+
 def test_new_store_has_schema_version_and_wal(tmp_path):
     with open_store(_url(tmp_path)) as store:
         assert store.schema_version == SCHEMA_VERSION
         _save(store, "a" * 16)
     con = sqlite3.connect(tmp_path / "quantbench.db")
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert con.execute("SELECT value FROM quantbench_schema WHERE key='schema_version'").fetchone()[0] == "1"
+    version = con.execute("SELECT value FROM quantbench_schema WHERE key='schema_version'").fetchone()[0]
+    assert version == str(SCHEMA_VERSION)
     con.close()
 
 
 def test_rows_roundtrip_and_upsert_counts_attempts(tmp_path):
     with open_store(_url(tmp_path)) as store:
-        _save(store, "0123456789abcdef")
-        store.mark_started("0123456789abcdef", COLUMNS)  # e.g. a retried run
-        _save(store, "0123456789abcdef", quant=96.0)
+        assert store.claim("0123456789abcdef", COLUMNS)
+        assert store.save("0123456789abcdef", {**COLUMNS, "status": "failed", "error": "boom"})
+        _save(store, "0123456789abcdef", quant=96.0)  # the retry of a failed run
         _save(store, "0123999999999999", backend="snpe")
         row = store.get("0123456789")
-        assert row.attempts == 3 and row.quant_top1 == 96.0 and row.card == {"run": {"run_id": "0123456789abcdef"}}
+        assert row.attempts == 2 and row.quant_top1 == 96.0 and row.card == {"run": {"run_id": "0123456789abcdef"}}
+        assert row.error is None
         assert row.config == {"model": "digits_cnn"} and row.status == "done"
         with pytest.raises(StoreError, match="ambiguous"):
             store.get("0123")
@@ -138,3 +168,62 @@ def test_store_urls():
     assert resolve_store_url("postgresql+psycopg://u:secret@db/qb", None).startswith("postgresql+psycopg://")  # type: ignore[arg-type]
     with pytest.raises(StoreError, match="not a valid database URL"):
         resolve_store_url("nope://::", None)  # type: ignore[arg-type]
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.fault(input="a second process saves a run (done elsewhere) as failed, e.g. stopped with SIGTERM",
+                   message="(none: the save is refused)", exit_code=0,
+                   kept="the done row, its metrics and its attempt count")
+def test_a_done_run_is_never_downgraded_nor_claimed_again(store_url):
+    me, other = str(current_owner()), f"{socket.gethostname()}:{os.getppid()}:"
+    with open_store(store_url) as store:
+        assert store.claim("a" * 16, COLUMNS, owner=me)
+        assert store.save("a" * 16, {**COLUMNS, "status": "done", "quant_top1": 97.0}, owner=me)
+        assert not store.claim("a" * 16, COLUMNS, owner=other)
+        assert not store.save("a" * 16, {**COLUMNS, "status": "failed", "error": "stopped"}, owner=other)
+        assert not store.save("a" * 16, {**COLUMNS, "status": "failed", "error": "stopped"})
+        assert not store.save("a" * 16, {**COLUMNS, "status": "done", "quant_top1": 1.0}, owner=me)
+        row = store.get("a" * 16)
+        assert (row.status, row.quant_top1, row.attempts, row.error) == ("done", 97.0, 1, None)
+        assert store.integrity_check() == "ok"
+
+
+@pytest.mark.fault(input="two processes claim the same run; the owner of a `running` run dies (kill -9)",
+                   message="(none: the second claim is refused; a later process takes over the dead owner's run)",
+                   exit_code=0, kept="one owner per run; the reclaimed run counts one more attempt")
+def test_claims_are_exclusive_and_only_a_gone_owners_run_is_reclaimed(store_url):
+    host = socket.gethostname()
+    alive = f"{host}:{os.getppid()}:"  # our parent: alive, start time not recorded
+    with open_store(store_url) as store:
+        assert store.claim("a" * 16, COLUMNS, owner=alive)
+        assert not store.claim("a" * 16, COLUMNS, owner="x:1:1")  # held by a live process
+        assert store.get("a" * 16).owner == alive
+        # a dead pid, our own pid with another start time (pid reused), another host, no owner (schema 1)
+        cases = {"b": (f"{host}:{_dead_pid()}:1", True), "c": (f"{host}:{os.getpid()}:0", True),
+                 "d": (f"elsewhere.invalid:{_dead_pid()}:1", False), "e": (None, True)}
+        for key, (owner, expected) in cases.items():
+            run_id = key * 16
+            assert store.claim(run_id, COLUMNS, owner="placeholder:1:1")
+            with store.engine.begin() as conn:
+                conn.execute(runs.update().where(runs.c.run_id == run_id).values(owner=owner))
+            assert store.claim(run_id, COLUMNS) is expected, key
+            assert store.get(run_id).attempts == (2 if expected else 1), key
+
+
+def test_a_schema_1_store_is_migrated_and_keeps_its_runs(tmp_path):
+    with open_store(_url(tmp_path)) as store:
+        _save(store, "a" * 16)
+    con = sqlite3.connect(tmp_path / "quantbench.db")
+    con.execute("ALTER TABLE runs DROP COLUMN owner")
+    con.execute("UPDATE quantbench_schema SET value='1' WHERE key='schema_version'")
+    con.commit()
+    con.close()
+    with open_store(_url(tmp_path)) as store:
+        assert store.schema_version == SCHEMA_VERSION == 2
+        row = store.get("a" * 16)
+        assert row.status == "done" and row.owner is None and row.quant_top1 == 97.5

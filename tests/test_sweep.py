@@ -130,3 +130,22 @@ def test_same_config_and_seed_give_identical_metrics(tmp_path):
     assert strip(first.metrics) == strip(second.metrics)
     other_seed = expand(_parse({**data, "seeds": [4]}, tmp_path)).jobs[0]
     assert other_seed.run_id != job.run_id
+
+
+AXES = ["models", "backends", "methods", "bits", "first_last", "residual", "skip", "seeds"]
+
+
+@pytest.mark.fault(input="a sweep with an empty axis (`backends: []`, `bits: []`, ...)",
+                   message="sweep.yaml is not a valid sweep: backends: List should have at least 1 item ...",
+                   exit_code=2, kept="nothing is created (no store, no cards)")
+@pytest.mark.parametrize("axis", AXES)
+def test_an_empty_axis_is_refused_before_the_store_is_created(tmp_path, axis):
+    from rich.console import Console
+
+    from quantbench.cli.bench import run_sweep_file
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({**tiny_sweep(), axis: []}))
+    with pytest.raises(SweepError, match=rf"not a valid sweep:\n  {axis}: List should have at least 1 item"):
+        run_sweep_file(path, tmp_path / "out", None, 1, "refuse", False, False, Console())
+    assert not (tmp_path / "out").exists()

@@ -3,14 +3,17 @@ failed while the sweep goes on (also when a worker process dies)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import signal
 import sqlite3
 import subprocess
 import sys
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import yaml
 from rich.console import Console
 
@@ -21,15 +24,17 @@ from quantbench.sweep.identity import code_version
 from quantbench.sweep.load import parse_sweep
 from quantbench.sweep.runner import run_jobs
 from quantbench.sweep.sink import StoreSink
-from tests.test_sweep_plugin import one_thread, tiny_sweep  # noqa: F401  (one_thread: autouse)
+from tests.test_sweep_plugin import Gate, one_thread, tiny_sweep  # noqa: F401  (one_thread: autouse)
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ["tensorrt", "academic", "fbgemm", "snpe"]
 
 
-def _slow_sweep(tmp_path: Path, sleep: float = 0.3) -> Path:
+def _gated_sweep(tmp_path: Path, gate: Gate, blocked: str = "fbgemm") -> Path:
+    """Six runs; those on ``blocked`` wait at ``gate`` until the test releases them."""
     data = tiny_sweep("resume", backends=BACKENDS[:3], bits=["W8A8", "W4A8"],
-                      methods=[{"kind": "fault_test", "calibrator": "minmax", "calib_size": 32, "sleep": sleep}])
+                      methods=[{"kind": "fault_test", "calibrator": "minmax", "calib_size": 32,
+                                "faults": {blocked: "block"}, "gate": str(gate.folder)}])
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -48,26 +53,56 @@ def _rows(db: Path) -> dict[str, tuple[str, str | None, int]]:
         con.close()
 
 
-def _start(sweep: Path, out: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+_STARTED: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture(autouse=True)
+def _reap() -> Iterator[None]:
+    """A failed test leaves no bench process blocked at its gate."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _start(sweep: Path, out: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """``quantbench bench`` in a subprocess that imports this checkout's code (``src`` first on the path);
+    killed after the test if still running (import :func:`_reap` with it)."""
+    path = os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path.rstrip(os.pathsep)}
     cmd = [sys.executable, "-m", "quantbench.cli.main", "bench", str(sweep), "--out", str(out), "--quiet",
-           "--threads", "1"]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+           "--threads", "1", *extra]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    _STARTED.append(proc)
+    return proc
 
 
-def _wait_for_done(proc: subprocess.Popen[bytes], db: Path, n: int, timeout: float = 150.0) -> None:
-    deadline = time.monotonic() + timeout
-    while sum(s == "done" for s, _, _ in _rows(db).values()) < n:
-        assert proc.poll() is None, f"the sweep ended early: {proc.stdout.read().decode()}"  # type: ignore[union-attr]
-        assert time.monotonic() < deadline, "the sweep made no progress"
-        time.sleep(0.05)
+def _exit_note(proc: subprocess.Popen[bytes]) -> str:
+    """For a failed wait: how the process ended, if it did."""
+    if proc.poll() is None:
+        return " (the sweep is still running)"
+    return f"; the sweep ended with {proc.returncode}: {proc.stdout.read().decode()}"  # type: ignore[union-attr]
 
 
+def _blocked_run(gate: Gate, proc: subprocess.Popen[bytes], db: Path) -> str:
+    """Wait until ``proc`` blocks in a gated run; that run is ``running`` in the store, the others before it done."""
+    pid, run_id = gate.wait(alive=lambda: _exit_note(proc))
+    assert pid == proc.pid
+    assert _rows(db)[run_id][0] == "running"
+    return run_id
+
+
+@pytest.mark.fault(input="kill -9 of `quantbench bench` while a run is in progress",
+                   message="(none: the process is gone); rerunning says N already complete, M to run",
+                   exit_code=0, kept="every finished run and its card; the rerun runs only the unfinished ones")
 def test_kill_9_mid_sweep_loses_nothing_and_rerun_runs_nothing_twice(tmp_path):
-    sweep, out = _slow_sweep(tmp_path), tmp_path / "out"
+    gate = Gate(tmp_path / "gate")
+    sweep, out = _gated_sweep(tmp_path, gate), tmp_path / "out"
     db = out / "quantbench.db"
     proc = _start(sweep, out)
-    _wait_for_done(proc, db, 2)
+    _blocked_run(gate, proc, db)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     before = {k: v for k, v in _rows(db).items() if v[0] == "done"}
@@ -75,6 +110,7 @@ def test_kill_9_mid_sweep_loses_nothing_and_rerun_runs_nothing_twice(tmp_path):
     assert all(attempts == 1 for _, _, attempts in before.values())
 
     code_version.cache_clear()  # the subprocess hashed the source just now: so do we
+    gate.open()  # the rerun goes through the gated runs
     console = Console(record=True, width=200)
     code = run_sweep_file(sweep, out, None, 1, "refuse", False, False, console)
     text = console.export_text()
@@ -87,11 +123,15 @@ def test_kill_9_mid_sweep_loses_nothing_and_rerun_runs_nothing_twice(tmp_path):
     assert sorted(p.stem for p in (out / "cards").glob("*.json")) == sorted(after)
 
 
+@pytest.mark.fault(input="Ctrl-C (SIGINT) during `quantbench bench`",
+                   message="interrupted ... rerun the same command to resume", exit_code=130,
+                   kept="every finished run; the interrupted run is marked failed, not left running")
 def test_sigint_stops_the_sweep_cleanly_and_keeps_finished_runs(tmp_path):
-    sweep, out = _slow_sweep(tmp_path, sleep=0.5), tmp_path / "out"
+    gate = Gate(tmp_path / "gate")
+    sweep, out = _gated_sweep(tmp_path, gate), tmp_path / "out"
     db = out / "quantbench.db"
     proc = _start(sweep, out)
-    _wait_for_done(proc, db, 1)
+    blocked = _blocked_run(gate, proc, db)  # never released: SIGINT arrives while it runs
     proc.send_signal(signal.SIGINT)
     stdout, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, stdout.decode()
@@ -99,6 +139,7 @@ def test_sigint_stops_the_sweep_cleanly_and_keeps_finished_runs(tmp_path):
     rows = _rows(db)
     assert sum(s == "done" for s, _, _ in rows.values()) >= 1
     assert all(s in ("done", "failed") for s, _, _ in rows.values()), "the interrupted run is marked, not left running"
+    assert rows[blocked][0] == "failed" and sum(s == "done" for s, _, _ in rows.values()) < 6
 
 
 def test_crashing_runs_are_recorded_and_the_parallel_sweep_goes_on(tmp_path):
@@ -114,3 +155,75 @@ def test_crashing_runs_are_recorded_and_the_parallel_sweep_goes_on(tmp_path):
     assert rows["snpe"].status == "failed" and "worker process died" in (rows["snpe"].error or "")
     assert rows["academic"].status == "failed" and "RuntimeError: injected failure" in (rows["academic"].error or "")
     assert rows["tensorrt"].environment["torch_threads"] >= 1
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    """Block until process ``pid`` (not our child) has exited, at most ``timeout`` seconds (Linux pidfd)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs Linux pidfd_open to wait for non-child processes")
+@pytest.mark.fault(input="kill -9 of `quantbench bench --workers 2` while both workers run",
+                   message="(none: the process is gone)", exit_code=-9,
+                   kept="every finished run; the worker processes exit with their parent instead of living on")
+def test_kill_9_of_a_parallel_sweep_ends_its_workers(tmp_path):
+    gate = Gate(tmp_path / "gate")
+    data = tiny_sweep("orphans", backends=["tensorrt", "academic"],
+                      methods=[{"kind": "fault_test", "calibrator": "minmax", "calib_size": 32,
+                                "faults": {"tensorrt": "block", "academic": "block"}, "gate": str(gate.folder)}])
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump(data))
+    proc = _start(sweep, tmp_path / "out", "--workers", "2")
+    workers = {gate.wait(alive=lambda: _exit_note(proc))[0] for _ in range(2)}  # both block in a worker
+    assert proc.pid not in workers and len(workers) == 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    try:
+        for pid in workers:
+            assert _wait_gone(pid, timeout=60), f"worker {pid} outlived its parent"
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+_ORPHAN_CHILD = """
+import os, threading
+from quantbench.sweep import orphan
+orphan._set_pdeathsig = lambda: False  # the portable fallback, as where prctl is unavailable
+orphan.WATCHDOG_SECONDS = 0.05
+print(orphan.exit_with_parent(os.getppid()), flush=True)
+threading.Event().wait()  # blocks for ever: only the watchdog can end this process
+"""
+
+_ORPHAN_PARENT = """
+import subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1]], stdout=subprocess.PIPE)
+print(child.pid, child.stdout.readline().decode().strip(), flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs Linux pidfd_open to wait for non-child processes")
+def test_the_watchdog_fallback_ends_a_worker_whose_parent_died():
+    path = os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    parent = subprocess.Popen([sys.executable, "-c", _ORPHAN_PARENT, _ORPHAN_CHILD], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": path})
+    _STARTED.append(parent)
+    line = parent.stdout.readline().decode().split()  # type: ignore[union-attr]
+    assert len(line) == 2 and line[1] == "watchdog", line
+    child = int(line[0])
+    parent.kill()
+    parent.wait(timeout=30)
+    try:
+        assert _wait_gone(child, timeout=60), "the watchdog did not end the orphaned worker"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)

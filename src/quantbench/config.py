@@ -1,4 +1,8 @@
-"""Validated run configurations. Every field is checked before any work starts."""
+"""Validated run configurations. Every field is checked before any work starts.
+
+This is the one place defaults live: the sweep's method parameters and settings and the CLI options
+take their defaults and constraints from these fields (:func:`field_from`, :func:`default_of`).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from quantbench.backends import load_backend
 from quantbench.backends.overrides import LayerOverride
@@ -108,3 +113,14 @@ class PTQConfig(QuantRunConfig):
     a_observer: str = "mse"
     bn_calib: bool = False
     bn_calib_size: int | None = Field(None, ge=1, description="images for BN re-calibration (default: calib_size)")
+
+
+def field_from(model: type[BaseModel], name: str) -> Any:
+    """A copy of ``model``'s field ``name`` (default, constraints, description) to declare the same field
+    in another model: ``calib_size: int = field_from(PTQConfig, "calib_size")``."""
+    return FieldInfo.merge_field_infos(model.model_fields[name])
+
+
+def default_of(model: type[BaseModel], name: str) -> Any:
+    """The default of ``model``'s field ``name`` (for CLI option defaults)."""
+    return model.model_fields[name].get_default(call_default_factory=True)

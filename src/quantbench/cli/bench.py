@@ -119,7 +119,10 @@ def run_sweep_file(sweep_path: Path, out: Path, store_url: str | None, workers: 
             con.print(Text(f"interrupted: {summary.done} runs finished in this call and every finished run is stored "
                            f"in {store.location}; rerun the same command to resume", style="yellow"))
             return 130
-        con.print(f"{summary.done} runs done, {summary.failed} failed in this call; {n_done} were already complete. "
+        elsewhere = (f"{summary.elsewhere} were taken by another process on this store (not run here); "
+                     if summary.elsewhere else "")
+        con.print(f"{summary.done} runs done, {summary.failed} failed in this call; {elsewhere}"
+                  f"{n_done} were already complete. "
                   f"Store: {store.location}; cards: {out / 'cards'}; report: quantbench report --out {out}")
         return 1 if failed else 0
 

@@ -41,7 +41,7 @@ from quantbench.cli.options import (
     parse_layer_bits,
     policy,
 )
-from quantbench.config import PTQConfig
+from quantbench.config import PTQConfig, default_of
 from quantbench.errors import ConfigError
 from quantbench.utils.io import atomic_write_json
 
@@ -92,7 +92,7 @@ def export(
     a_bits: ABitsOpt = None,
     w_observer: WObserverOpt = PTQ_DEFAULTS["w_observer"].default,
     a_observer: AObserverOpt = PTQ_DEFAULTS["a_observer"].default,
-    calib_size: CalibSizeOpt = 256,
+    calib_size: CalibSizeOpt = default_of(PTQConfig, "calib_size"),
     bn_calib: BnCalibOpt = False,
     first_last: FirstLastOpt = None,
     residual: ResidualOpt = None,

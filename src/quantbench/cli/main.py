@@ -38,7 +38,7 @@ from quantbench.cli.options import (
     policy,
 )
 from quantbench.cli.tables import backends_table, results_table
-from quantbench.config import PTQConfig
+from quantbench.config import PTQConfig, default_of
 from quantbench.utils.io import atomic_write_json
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -57,7 +57,7 @@ def ptq(
     a_bits: ABitsOpt = None,
     w_observer: WObserverOpt = PTQConfig.model_fields["w_observer"].default,
     a_observer: AObserverOpt = PTQConfig.model_fields["a_observer"].default,
-    calib_size: CalibSizeOpt = 256,
+    calib_size: CalibSizeOpt = default_of(PTQConfig, "calib_size"),
     bn_calib: BnCalibOpt = False,
     first_last: FirstLastOpt = None,
     residual: ResidualOpt = None,
@@ -77,7 +77,7 @@ def ptq(
     force: ForceOpt = False,
 ) -> None:
     """Post-training quantization of one model for one backend; prints a table, writes JSON."""
-    from quantbench.ptq.pipeline import run_ptq_graph
+    from quantbench.ptq.pipeline import build_context, run_ptq
 
     check_out(out, force=force, ours=is_ptq_result, kind="quantbench ptq result")  # before any work
 
@@ -89,7 +89,9 @@ def ptq(
         max_test=max_test, overrides=layer_overrides(overrides, layer_bits),
     )
     spec = cfg.resolved_backend()  # validate overrides before any work
-    result, gm, context = run_ptq_graph(cfg, progress=not quiet, keep_quantizers=list_quantizers or card is not None)
+    context = build_context(cfg, not quiet)
+    result = run_ptq(cfg, progress=not quiet, context=context, keep_quantizers=list_quantizers or card is not None)
+    gm = result.graph
     console.print(results_table([result]))
     if list_quantizers:
         _print_layers(result.layers)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
-import torch.fx as fx
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from quantbench.config import PTQConfig
 from quantbench.data import DataBundle, calibration_subset, load_data, make_loader
@@ -55,9 +54,14 @@ class PTQResult:
     data: str = ""
     layers: list[dict[str, Any]] = field(default_factory=list)  # per conv/linear layer: name, bits, kept float
     extra: dict[str, Any] = field(default_factory=dict)
+    #: The prepared and calibrated graph (so callers such as the sweep's cards need not prepare again);
+    #: not part of :meth:`to_dict`.
+    graph: fx.GraphModule | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(replace(self, graph=None))
+        del out["graph"]
+        return out
 
 
 def _context_key(cfg: PTQConfig) -> tuple[Any, ...]:
@@ -83,12 +87,6 @@ def run_ptq(cfg: PTQConfig, progress: bool = True, context: PTQContext | None = 
             keep_quantizers: bool = False) -> PTQResult:
     """Run one PTQ configuration. Pass ``context`` to reuse a loaded model and data across runs;
     ``keep_quantizers`` adds every quantizer's scheme, scale and zero-point to ``result.extra``."""
-    return run_ptq_graph(cfg, progress, context, keep_quantizers)[0]
-
-
-def run_ptq_graph(cfg: PTQConfig, progress: bool = True, context: PTQContext | None = None,
-                  keep_quantizers: bool = False) -> tuple[PTQResult, fx.GraphModule, PTQContext]:
-    """:func:`run_ptq`, also returning the calibrated graph and the context it ran on."""
     torch.manual_seed(cfg.seed)
     spec = cfg.resolved_backend()
     if context is None or context.key != _context_key(cfg):
@@ -125,5 +123,5 @@ def run_ptq_graph(cfg: PTQConfig, progress: bool = True, context: PTQContext | N
         residual="quantized" if p.mode == "outputs" and p.add_output else "fp",
         skip="quantized" if p.mode == "outputs" and p.add_inputs else "fp",
         n_quantizers=len(quantizers), device=cfg.device, weights=cfg.weights, data=cfg.data,
-        layers=[asdict(layer) for layer in list_layers(gm)], extra=extra,
-    ), gm, context
+        layers=[asdict(layer) for layer in list_layers(gm)], extra=extra, graph=gm,
+    )

@@ -9,9 +9,11 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, select
+from sqlalchemy.exc import IntegrityError
 
 from quantbench.errors import StoreError, StoreVersionError
 from quantbench.store.errors import guard
+from quantbench.store.owner import current_owner, reclaimable
 from quantbench.store.schema import MIGRATIONS, SCHEMA_VERSION, metadata, runs, schema_info
 from quantbench.store.url import check_sqlite_file, display, sqlite_path
 
@@ -29,6 +31,7 @@ class RunRow:
 
     run_id: str
     status: str
+    owner: str | None = None
     sweep: str | None = None
     method: str | None = None
     method_label: str | None = None
@@ -141,30 +144,83 @@ class ResultsStore:
             return self._version(conn)
 
     # -- writes ------------------------------------------------------------------------------
-    def _upsert(self, conn: Connection, run_id: str, values: dict[str, Any]) -> None:
-        exists = conn.execute(select(runs.c.attempts).where(runs.c.run_id == run_id)).first()
-        if exists is None:
-            conn.execute(runs.insert().values(run_id=run_id, created_at=values.get("started_at") or now(), **values))
-        else:
-            conn.execute(runs.update().where(runs.c.run_id == run_id).values(**values))
+    # Concurrency: every state change is one conditional UPDATE (or an INSERT that fails on the primary
+    # key) whose WHERE names the state it expects, and the rowcount says whether it happened. That is
+    # atomic on SQLite (the write statement takes the write lock and re-reads) and on PostgreSQL (a
+    # concurrent UPDATE re-checks its WHERE on the committed row), so two processes never both claim a
+    # run, and a ``done`` row is never written again.
+    def _row_state(self, run_id: str) -> tuple[str, str | None] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(runs.c.status, runs.c.owner).where(runs.c.run_id == run_id)).first()
+        return None if row is None else (row[0], row[1])
 
-    def mark_started(self, run_id: str, columns: dict[str, Any]) -> None:
-        """Record that a run started (status ``running``, one more attempt) in one transaction."""
-        with guard(self.location, f"recording the start of run {run_id}"), self.engine.begin() as conn:
-            row = conn.execute(select(runs.c.attempts).where(runs.c.run_id == run_id)).first()
-            attempts = (row[0] or 0) + 1 if row else 1
-            values = _encode({**columns, "status": "running", "attempts": attempts, "started_at": now(),
+    def _insert(self, run_id: str, values: dict[str, Any]) -> bool:
+        """Insert a new row in its own transaction; False when another process inserted it first."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(runs.insert().values(run_id=run_id, created_at=values.get("started_at") or now(),
+                                                  **values))
+        except IntegrityError:
+            return False
+        return True
+
+    def claim(self, run_id: str, columns: dict[str, Any], owner: str | None = None) -> bool:
+        """Take run ``run_id`` to run it: status ``running``, one more attempt, ``owner`` (default: this
+        process, see :mod:`quantbench.store.owner`). Claimable: a new run, a ``failed`` one, or one left
+        ``running`` by an owner that is gone. False (nothing written) when the run is ``done`` or held by
+        a live process, including when another process claimed it first."""
+        owner = owner or str(current_owner())
+        with guard(self.location, f"claiming run {run_id}"):
+            values = _encode({**columns, "status": "running", "owner": owner, "started_at": now(),
                               "error": None, "finished_at": None})
-            self._upsert(conn, run_id, values)
+            values.pop("attempts", None)
+            state = self._row_state(run_id)
+            if state is None:
+                return self._insert(run_id, {**values, "attempts": 1})
+            status, old_owner = state
+            if status == "done" or (status == "running" and not reclaimable(old_owner)):
+                return False
+            same_owner = runs.c.owner.is_(None) if old_owner is None else runs.c.owner == old_owner
+            with self.engine.begin() as conn:
+                result = conn.execute(runs.update()
+                                      .where(runs.c.run_id == run_id, runs.c.status == status, same_owner)
+                                      .values(attempts=runs.c.attempts + 1, **values))
+            return result.rowcount == 1
 
-    def save(self, run_id: str, columns: dict[str, Any]) -> None:
-        """Store a finished (``done``) or ``failed`` run in one transaction (committed on return)."""
-        with guard(self.location, f"saving run {run_id}"), self.engine.begin() as conn:
-            row = conn.execute(select(runs.c.attempts).where(runs.c.run_id == run_id)).first()
+    def mark_started(self, run_id: str, columns: dict[str, Any]) -> bool:
+        """Alias of :meth:`claim` for this process."""
+        return self.claim(run_id, columns)
+
+    def save(self, run_id: str, columns: dict[str, Any], owner: str | None = None) -> bool:
+        """Store a finished (``done``) or ``failed`` run in one transaction (committed on return).
+
+        A ``done`` row is never written again; with ``owner``, only a row that this owner holds
+        (``running``) is written. False when nothing was written for either reason."""
+        with guard(self.location, f"saving run {run_id}"):
             values = _encode({**columns, "finished_at": now()})
-            if row is None:
-                values.setdefault("attempts", 1)
-            self._upsert(conn, run_id, values)
+            values.pop("attempts", None)
+            cond = [runs.c.run_id == run_id, runs.c.status != "done"]
+            if owner is not None:
+                cond += [runs.c.owner == owner, runs.c.status == "running"]
+            with self.engine.begin() as conn:
+                result = conn.execute(runs.update().where(*cond).values(**values))
+            if result.rowcount == 1:
+                return True
+            if owner is None and self._row_state(run_id) is None:
+                return self._insert(run_id, {**values, "attempts": 1})
+            return False
+
+    def integrity_check(self) -> str:
+        """``ok`` or the database's complaint (SQLite's full ``PRAGMA integrity_check``; other databases
+        keep their own integrity, and the store's invariant is checked: no finished run without a time)."""
+        with guard(self.location, "checking its integrity"), self.engine.connect() as conn:
+            if self.engine.dialect.name == "sqlite":
+                result = str(conn.exec_driver_sql("PRAGMA integrity_check").scalar())
+                if result != "ok":
+                    return result
+            bad = conn.execute(select(runs.c.run_id).where(runs.c.status == "done",
+                                                           runs.c.finished_at.is_(None))).first()
+        return "ok" if bad is None else f"run {bad[0]} is done without a finish time"
 
     # -- reads -------------------------------------------------------------------------------
     def statuses(self, run_ids: Iterable[str] | None = None) -> dict[str, str]:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sqlalchemy import Column, Connection, Float, Integer, MetaData, String, Table, Text
+from sqlalchemy import Column, Connection, Float, Integer, MetaData, String, Table, Text, text
 
 #: Bump when the tables change and add a migration from the previous version to MIGRATIONS.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 metadata = MetaData()
 
@@ -25,6 +25,7 @@ runs = Table(
     Column("run_id", String(32), primary_key=True),
     Column("sweep", String(200), index=True),
     Column("status", String(16), index=True, nullable=False),  # running | done | failed
+    Column("owner", String(300)),  # HOST:PID:START of the process that claimed the run (store/owner.py)
     Column("method", String(32)),
     Column("method_label", String(200)),
     Column("model", String(100), index=True),
@@ -51,4 +52,8 @@ runs = Table(
 )
 
 #: ``MIGRATIONS[n]`` upgrades a store at schema version ``n`` to ``n + 1`` inside one transaction.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+def _add_owner(conn: Connection) -> None:
+    conn.execute(text("ALTER TABLE runs ADD COLUMN owner VARCHAR(300)"))
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _add_owner}

@@ -13,6 +13,7 @@ from quantbench.sweep.environment import environment
 from quantbench.sweep.job import Job
 from quantbench.sweep.load import import_plugins
 from quantbench.sweep.methods import METHODS, ContextCache
+from quantbench.sweep.orphan import exit_with_parent
 
 #: Models and data loaded by earlier runs in this process (one per worker process).
 _CACHE = ContextCache()
@@ -60,9 +61,12 @@ def execute(job: Job, cache: ContextCache | None = None) -> RunRecord:
                      metrics={**outcome.metrics, "wall_seconds": wall}, card=outcome.card)
 
 
-def init_worker(threads: int, counter: Any = None) -> None:
-    """Initializer of worker processes: share the CPU cores fairly between workers and, when several GPUs
-    exist, give each worker its own (``counter`` is a shared ``multiprocessing.Value`` numbering them)."""
+def init_worker(threads: int, counter: Any = None, parent: int | None = None) -> None:
+    """Initializer of worker processes: end with the ``parent`` process (see :mod:`quantbench.sweep.orphan`),
+    share the CPU cores fairly between workers and, when several GPUs exist, give each worker its own
+    (``counter`` is a shared ``multiprocessing.Value`` numbering them)."""
+    if parent is not None:
+        exit_with_parent(parent)
     torch.set_num_threads(max(1, threads))
     if counter is not None and torch.cuda.is_available() and torch.cuda.device_count() > 1:
         with counter.get_lock():

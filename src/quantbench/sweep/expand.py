@@ -165,7 +165,7 @@ def _job(c: Combination, sweep: Sweep) -> Job:
         raise SweepError(reason)
     identity = {**config, "weights": weights_identity(config["weights"]), "data": data_fingerprint(config["data"]),
                 "backend": spec.name, "backend_spec": spec.model_dump(mode="json"), "method": c.method.kind,
-                "code_version": code_version()}
+                "code_version": code_version(tuple(sweep.spec.plugins))}
     return Job(run_id=run_id(identity), sweep=sweep.spec.name, method=c.method.kind,
                method_label=c.method.display(), config=config, identity=identity, description=c.describe(),
                plugins=tuple(sweep.spec.plugins))

@@ -1,8 +1,9 @@
 """Run a sweep's pending jobs in this process or in worker processes; the caller's sink stores each result.
 
-Each finished run is handed to the sink (which commits it to the store) as soon as it finishes, so a
-killed sweep loses nothing that finished. A run that raises, or whose worker process dies, is
-recorded as ``failed`` and the sweep goes on.
+Each run is claimed from the sink before it starts (another process on the same store may hold or have
+finished it: then it is skipped) and handed to the sink (which commits it to the store) as soon as it
+finishes, so a killed sweep loses nothing that finished and two sweeps on one store split the work.
+A run that raises, or whose worker process dies, is recorded as ``failed`` and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ WORKER_DIED = ("its worker process died while running it (killed by a signal, ou
 class Sink(Protocol):
     """Receives runs as they start and finish (the store and the card files)."""
 
-    def started(self, job: Job) -> None: ...
+    def started(self, job: Job) -> bool:
+        """Claim the job; False when it is finished or running elsewhere (then it is not run)."""
+        ...
 
     def finished(self, job: Job, record: RunRecord) -> None: ...
 
@@ -43,6 +46,7 @@ class SweepSummary:
 
     records: list[RunRecord] = field(default_factory=list)
     interrupted: bool = False
+    elsewhere: int = 0  # jobs another process had finished or was running when this one came to them
 
     @property
     def done(self) -> int:
@@ -88,10 +92,19 @@ def _finish(job: Job, rec: RunRecord, sink: Sink, summary: SweepSummary, bar: Sw
     bar.advance(f"{job.description}: {rec.status}")
 
 
+def _claim(job: Job, sink: Sink, summary: SweepSummary, bar: SweepProgress) -> bool:
+    if sink.started(job):
+        return True
+    summary.elsewhere += 1
+    bar.advance(f"{job.description}: claimed by another process")
+    return False
+
+
 def _serial(jobs: list[Job], sink: Sink, summary: SweepSummary, bar: SweepProgress) -> None:
     cache = ContextCache()
     for job in jobs:
-        sink.started(job)
+        if not _claim(job, sink, summary, bar):
+            continue
         try:
             rec = execute(job, cache)
         except KeyboardInterrupt:
@@ -101,9 +114,11 @@ def _serial(jobs: list[Job], sink: Sink, summary: SweepSummary, bar: SweepProgre
 
 
 def _pool(workers: int, threads: int) -> ProcessPoolExecutor:
-    """Spawned workers (no fork: safe with threads and CUDA); each numbered to pick its GPU."""
+    """Spawned workers (no fork: safe with threads and CUDA); each numbered to pick its GPU; each ends when
+    this process dies."""
     ctx = multiprocessing.get_context("spawn")
-    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(threads, ctx.Value("i", 0)))
+    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker,
+                               initargs=(threads, ctx.Value("i", 0), os.getpid()))
 
 
 def _isolate(suspects: list[Job], sink: Sink, summary: SweepSummary, bar: SweepProgress, threads: int) -> None:
@@ -132,10 +147,13 @@ def _parallel(jobs: list[Job], sink: Sink, summary: SweepSummary, bar: SweepProg
     try:
         while queue or inflight:
             while queue and len(inflight) < workers:
-                pool = pool or _pool(workers, threads)
                 job = queue.popleft()
-                sink.started(job)
+                if not _claim(job, sink, summary, bar):
+                    continue
+                pool = pool or _pool(workers, threads)
                 inflight[pool.submit(execute_in_worker, job)] = job
+            if not inflight:
+                break
             done, _ = wait(inflight, return_when=FIRST_COMPLETED)
             suspects: list[Job] = []
             for fut in done:

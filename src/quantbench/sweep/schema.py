@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from quantbench.backends import backend_names, load_backend
+from quantbench.config import QuantRunConfig, field_from
 from quantbench.data import DATASETS, parse_spec
 from quantbench.errors import UnknownNameError
 from quantbench.models import get_entry
@@ -83,9 +84,9 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    device: Literal["cpu", "cuda"] = "cpu"
-    eval_batch_size: int = Field(256, ge=1)
-    max_test: int | None = Field(None, ge=1)
+    device: Literal["cpu", "cuda"] = field_from(QuantRunConfig, "device")
+    eval_batch_size: int = field_from(QuantRunConfig, "eval_batch_size")
+    max_test: int | None = field_from(QuantRunConfig, "max_test")
 
 
 FirstLastChoice = Literal["default", "same", "fp"] | int
@@ -119,6 +120,8 @@ class SweepFile(BaseModel):
     @field_validator("backends")
     @classmethod
     def _known_backends(cls, v: Any) -> Any:
+        if not v:  # every other axis refuses [] by min_length; the union with "all" needs it said here
+            raise ValueError("List should have at least 1 item after validation, not 0 (list backends or say all)")
         if v != "all":
             for b in v:
                 if not b.endswith((".yaml", ".yml")):

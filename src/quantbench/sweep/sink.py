@@ -7,6 +7,7 @@ from pathlib import Path
 from quantbench.cards import to_markdown
 from quantbench.errors import StoreError
 from quantbench.store import ResultsStore
+from quantbench.store.owner import current_owner
 from quantbench.sweep.execute import RunRecord
 from quantbench.sweep.job import Job
 from quantbench.utils.io import atomic_write_json, atomic_write_text
@@ -24,18 +25,21 @@ def write_card_files(cards_dir: Path, run_id: str, card: dict) -> None:
 
 
 class StoreSink:
-    """Commit each run to the store as it starts and finishes; write the cards of finished runs."""
+    """Claim each run in the store before it starts, commit it when it finishes; write the cards of
+    finished runs. The owner of the claims is this (the parent) process; workers never write."""
 
     def __init__(self, store: ResultsStore, cards_dir: Path | None) -> None:
         self.store = store
         self.cards_dir = cards_dir
+        self.owner = str(current_owner())
 
-    def started(self, job: Job) -> None:
-        self.store.mark_started(job.run_id, job.columns())
+    def started(self, job: Job) -> bool:
+        """Claim the run; False when another process has finished it or is running it."""
+        return self.store.claim(job.run_id, job.columns(), self.owner)
 
     def finished(self, job: Job, record: RunRecord) -> None:
         # card files first: a kill between the two leaves an orphan card that the rerun overwrites, never
         # a finished run without its card
         if record.card is not None and self.cards_dir is not None:
             write_card_files(self.cards_dir, job.run_id, record.card)
-        self.store.save(job.run_id, {**job.columns(), **record.columns()})
+        self.store.save(job.run_id, {**job.columns(), **record.columns()}, owner=self.owner)

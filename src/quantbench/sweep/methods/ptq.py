@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from quantbench.cards.build import CardInputs, build_card
 from quantbench.cards.facts import NA, collect_structure
-from quantbench.config import PTQConfig
-from quantbench.graph.quantize import prepare
+from quantbench.config import PTQConfig, default_of, field_from
+from quantbench.errors import SweepError
 from quantbench.observers import OBSERVERS
 from quantbench.ptq.pipeline import PTQContext, build_context, run_ptq
 from quantbench.sweep.epoch import estimate_epoch_seconds
@@ -32,12 +32,12 @@ class PTQParams(MethodParams):
     calibrator: str | None = Field(None, description="one observer for weights and activations")
     w_observer: str | None = None
     a_observer: str | None = None
-    w_observer_options: dict[str, Any] = Field(default_factory=dict)
-    a_observer_options: dict[str, Any] = Field(default_factory=dict)
-    calib_size: int = Field(256, ge=1)
-    calib_batch_size: int = Field(64, ge=1)
-    bn_calib: bool = False
-    bn_calib_size: int | None = Field(None, ge=1)
+    w_observer_options: dict[str, Any] = field_from(PTQConfig, "w_observer_options")
+    a_observer_options: dict[str, Any] = field_from(PTQConfig, "a_observer_options")
+    calib_size: int = field_from(PTQConfig, "calib_size")
+    calib_batch_size: int = field_from(PTQConfig, "calib_batch_size")
+    bn_calib: bool = field_from(PTQConfig, "bn_calib")
+    bn_calib_size: int | None = field_from(PTQConfig, "bn_calib_size")
 
     @model_validator(mode="after")
     def _observers(self) -> PTQParams:
@@ -52,8 +52,8 @@ class PTQParams(MethodParams):
     def observers(self) -> tuple[str, str]:
         if self.calibrator is not None:
             return self.calibrator, self.calibrator
-        fields = PTQConfig.model_fields  # the defaults of `quantbench ptq`
-        return self.w_observer or fields["w_observer"].default, self.a_observer or fields["a_observer"].default
+        return (self.w_observer or default_of(PTQConfig, "w_observer"),  # the defaults of `quantbench ptq`
+                self.a_observer or default_of(PTQConfig, "a_observer"))
 
     def default_label(self) -> str:
         w, a = self.observers
@@ -72,6 +72,28 @@ class PTQMethod(Method):
     name = "ptq"
     params_type = PTQParams
     description = "post-training quantization with a weight and an activation calibrator"
+    #: Keys of a job's config that this method consumes itself; every other key must be a PTQConfig field.
+    own_keys: ClassVar[frozenset[str]] = frozenset()
+
+    def ptq_config(self, config: dict[str, Any]) -> PTQConfig:
+        """The run's :class:`PTQConfig`; a key it does not know (and this method does not consume) is an
+        error that names it, never dropped."""
+        data = {k: v for k, v in config.items() if k not in self.own_keys}
+        unknown = sorted(set(data) - set(PTQConfig.model_fields))
+        if unknown:
+            raise SweepError(f"method {self.name!r} gives keys that PTQConfig does not have: "
+                             f"{', '.join(map(repr, unknown))} (declare them in {type(self).__name__}.own_keys "
+                             "if the method consumes them)")
+        try:
+            return PTQConfig.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(x) for x in first["loc"])
+            raise SweepError(f"method {self.name!r}: {where}: {first['msg']}") from None
+
+    def check(self, config: dict[str, Any]) -> str | None:
+        self.ptq_config(config)  # raises SweepError naming the problem (refused at expansion)
+        return None
 
     def config_fields(self, params: MethodParams) -> dict[str, Any]:
         assert isinstance(params, PTQParams)
@@ -81,7 +103,7 @@ class PTQMethod(Method):
         return out
 
     def run(self, job: Job, cache: ContextCache) -> MethodOutcome:
-        cfg = PTQConfig.model_validate({k: v for k, v in job.config.items() if k in PTQConfig.model_fields})
+        cfg = self.ptq_config(job.config)
         spec = cfg.resolved_backend()
         key = _context_key(cfg) + ((cfg.seed,) if cfg.weights is None else ())  # random init depends on the seed
 
@@ -92,9 +114,8 @@ class PTQMethod(Method):
         ctx: PTQContext = cache.get(("ptq", key), build)
         result = run_ptq(cfg, progress=False, context=ctx, keep_quantizers=True)
         epoch_s = cache.get(("epoch", key), lambda: estimate_epoch_seconds(ctx.model, ctx.bundle.train, cfg.device))
-        gm = prepare(ctx.model, spec, ctx.example, cfg.w_observer, cfg.a_observer, cfg.w_observer_options,
-                     cfg.a_observer_options)
-        structure = collect_structure(gm, ctx.example)
+        assert result.graph is not None
+        structure = collect_structure(result.graph, ctx.example)  # the calibrated graph: prepared once
         quantizers = result.extra.get("quantizers", [])
         n_bn = (cfg.bn_calib_size or cfg.calib_size) if cfg.bn_calib else 0
         metrics = {k: v for k, v in result.to_dict().items() if k != "extra"}
