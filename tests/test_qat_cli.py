@@ -74,3 +74,57 @@ def test_family_defaults_and_a_separate_quantizer_group() -> None:
     opt = build_optimizer(net, [q], 0.01, 1e-5, 0.01, 8e-5)
     assert [g["weight_decay"] for g in opt.param_groups] == [1e-5, 8e-5]
     assert opt.param_groups[0]["momentum"] == 0.9
+
+
+# ------------------------------------------------------------------------------------------ run folders
+DIGITS = ["qat", "--model", "digits_cnn", "--data", "digits", "--backend", "fbgemm", "--w-bits", "4", "--a-bits",
+          "4", "--epochs", "1", "--batch-size", "64", "--max-train", "128", "--max-test", "32",
+          "--quiet"]
+
+
+@pytest.mark.fault(input="qat into an --out-dir holding an earlier run's checkpoint.pt, without --resume",
+                   message="holds the checkpoint of an earlier run: pass --resume ..., --overwrite ... or another "
+                           "--out-dir", exit_code=2, kept="the earlier checkpoint and log, byte for byte")
+def test_a_folder_holding_a_checkpoint_is_refused_without_resume_or_overwrite(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"earlier run")
+    (run / "log.jsonl").write_text('{"event": "epoch"}\n')
+    res = runner.invoke(app, [*DIGITS, "--out-dir", str(run)])
+    assert res.exit_code == 2, res.output
+    assert "holds the checkpoint of an earlier run" in res.output and "--overwrite" in res.output
+    assert (run / "checkpoint.pt").read_bytes() == b"earlier run"
+    assert (run / "log.jsonl").read_text() == '{"event": "epoch"}\n'
+
+
+@pytest.mark.fault(input="qat --resume with an --out-dir holding no checkpoint", exit_code=2,
+                   message="--resume: OUT_DIR holds no checkpoint.pt to resume from", kept="nothing trained")
+def test_resume_with_nothing_to_resume_says_so(tmp_path: Path) -> None:
+    res = runner.invoke(app, [*DIGITS, "--out-dir", str(tmp_path / "empty"), "--resume"])
+    assert res.exit_code == 2, res.output
+    assert "holds no checkpoint.pt to resume from" in res.output
+    assert not (tmp_path / "empty" / "log.jsonl").exists()
+
+
+def test_overwrite_deletes_the_earlier_run_files_and_trains_anew(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"earlier run")
+    (run / "final.pt").write_bytes(b"earlier final")
+    (run / "notes.txt").write_text("mine")
+    res = runner.invoke(app, [*DIGITS, "--out-dir", str(run), "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert torch.load(run / "final.pt", weights_only=True)["metrics"]["epochs"] == 1
+    assert (run / "notes.txt").read_text() == "mine"  # only the run's own files are removed
+
+
+def test_default_run_folders_are_unique_per_run_identity(tmp_path: Path) -> None:
+    base = {"model": "digits_cnn", "backend": "tensorrt", "w_bits": 4, "a_bits": 4, "algorithm": "lsq+"}
+    a = load_qat_config(None, base).run_dir()
+    assert a.parent == Path("qat-out") and a.name.startswith("digits_cnn-tensorrt-lsqplus-w4a4-")
+    assert load_qat_config(None, base).run_dir() == a  # the same run: the same folder (so --resume finds it)
+    assert load_qat_config(None, {**base, "max_test": 10}).run_dir() == a  # evaluation only: the same run
+    assert load_qat_config(None, {**base, "lr": 0.5}).run_dir() != a
+    assert load_qat_config(None, {**base, "seed": 1}).run_dir() != a
+    assert load_qat_config(None, {**base, "out_dir": str(tmp_path)}).run_dir() == tmp_path

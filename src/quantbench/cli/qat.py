@@ -62,9 +62,14 @@ def qat(
     = False,
     device: Annotated[str | None, typer.Option(help="cpu or cuda")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
-    out_dir: Annotated[str | None, typer.Option(help="checkpoints, log, plots (default qat-out)")] = None,
+    out_dir: Annotated[str | None, typer.Option(
+        help="checkpoints, log, plots (default qat-out/<model>-<backend>-<algorithm>-w<bits>a<bits>-<config hash>)")]
+    = None,
     out: Annotated[Path | None, typer.Option(help="write the result as JSON here")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="continue from OUT_DIR/checkpoint.pt")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from OUT_DIR/checkpoint.pt (which must exist)")]
+    = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="start anew in an OUT_DIR holding an earlier run (its files are deleted)")] = False,
     threads: Annotated[int | None, typer.Option(help="CPU threads per process (torch.set_num_threads)")] = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -93,7 +98,7 @@ def qat(
         "seed": seed, "out_dir": out_dir,
     }
     cfg = load_qat_config(config, overrides)
-    result = run_qat(cfg, resume=resume, progress=not quiet)
+    result = run_qat(cfg, resume=resume, progress=not quiet, overwrite=overwrite)
     if result.world_size > 1 and not _is_main():
         return
     console.print(results_table([result], title=f"QAT results ({result.algorithm}, {result.epochs} epochs)"))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +19,8 @@ from quantbench.qat.recipe import recipe_defaults
 
 #: fields that change what is logged or evaluated but not the trained weights (ignored when resuming)
 NON_RESULT_FIELDS = frozenset({"out_dir", "eval_batch_size", "max_test", "log_every", "eval_every"})
+#: where runs without an ``out_dir`` go (one sub-folder per run identity)
+DEFAULT_OUT_ROOT = Path("qat-out")
 
 
 class QATConfig(QuantRunConfig):
@@ -47,7 +52,7 @@ class QATConfig(QuantRunConfig):
                                                    "Triton on CUDA); compiles once per process")
     log_every: int = Field(50, ge=1, description="K: train accuracy every K iterations (EMA, momentum 0.3)")
     eval_every: int | None = Field(None, ge=1, description="test accuracy every K iterations (default log_every)")
-    out_dir: str = "qat-out"
+    out_dir: str | None = Field(None, description="run folder; default qat-out/<run name> (see run_dir)")
 
     @field_validator("algorithm")
     @classmethod
@@ -93,8 +98,23 @@ class QATConfig(QuantRunConfig):
         """The fields that decide the trained weights (compared when resuming)."""
         return {k: v for k, v in self.model_dump(mode="json").items() if k not in NON_RESULT_FIELDS}
 
+    def run_name(self) -> str:
+        """``<model>-<backend>-<algorithm>-w<bits>a<bits>-<hash>``: unique per run identity (the hash covers
+        every field of :meth:`identity`), so two different runs never share a default folder."""
+        spec = self.resolved_backend()
+        digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True, default=str).encode()).hexdigest()[:8]
+        backend = Path(self.backend).stem if self.backend.endswith((".yaml", ".yml")) else self.backend
+        name = (f"{self.model}-{backend}-{self.algorithm.replace('+', 'plus')}-w{spec.weight.bits}"
+                f"a{spec.activation.bits}-{digest}")
+        return re.sub(r"[^\w.-]", "_", name)
+
+    def run_dir(self) -> Path:
+        """The run folder: ``out_dir`` if given, else ``qat-out/<run name>`` (:meth:`run_name`)."""
+        return Path(self.out_dir) if self.out_dir is not None else DEFAULT_OUT_ROOT / self.run_name()
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump({**self.model_dump(mode="json"), "resolved": self.resolved()}, sort_keys=False)
+        resolved = {**self.resolved(), "out_dir": str(self.run_dir())}
+        return yaml.safe_dump({**self.model_dump(mode="json"), "resolved": resolved}, sort_keys=False)
 
 
 def load_qat_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> QATConfig:

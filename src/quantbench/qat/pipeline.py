@@ -26,7 +26,7 @@ from quantbench.qat.diagnostics import plot_clipping_ranges, plot_curves
 from quantbench.qat.distributed import DistContext, init_distributed
 from quantbench.qat.prepare import initialize_from_data, prepare_qat, quantizer_table
 from quantbench.qat.quantizers.lsq_kernel import use_fused
-from quantbench.qat.train import Trainer
+from quantbench.qat.train import Trainer, check_run_dir
 from quantbench.utils.io import atomic_write_json, atomic_write_text
 
 
@@ -115,16 +115,22 @@ def make_trainer(cfg: QATConfig, run: PreparedRun, ctx: DistContext, progress: b
         return compare(run.fp_pred, predict(m, run.test_loader, ctx.device, False)[0], run.labels).quant_top1
 
     batches = TrainBatches(run.train, cfg.batch_size, ctx.world, ctx.rank, cfg.seed, cfg.augment)
-    return Trainer(run.gm, cfg, batches, ctx, Path(cfg.out_dir), evaluate if ctx.is_main else None, progress)
+    return Trainer(run.gm, cfg, batches, ctx, cfg.run_dir(), evaluate if ctx.is_main else None, progress)
 
 
-def run_qat(cfg: QATConfig, resume: bool = False, progress: bool = True) -> QATResult:
-    """Quantization-aware training of one configuration (a process of a ``torchrun`` group, or alone)."""
+def run_qat(cfg: QATConfig, resume: bool = False, progress: bool = True, overwrite: bool = False) -> QATResult:
+    """Quantization-aware training of one configuration (a process of a ``torchrun`` group, or alone).
+
+    The run folder (:meth:`QATConfig.run_dir`) must not hold a checkpoint unless ``resume`` (continue it) or
+    ``overwrite`` (delete its run files first); ``resume`` needs one. Both are checked before any work.
+    """
     cfg.check()
+    out_dir = cfg.run_dir()
     ctx = init_distributed(cfg.device)
     main = ctx.is_main
+    check_run_dir(out_dir, resume, overwrite, remove=main)  # every process refuses alike; rank 0 deletes
+    ctx.barrier()
     spec = cfg.resolved_backend()
-    out_dir = Path(cfg.out_dir)
     run = prepare_run(cfg, ctx, progress)
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)

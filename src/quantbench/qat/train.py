@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor, nn
 
+from quantbench.errors import ConfigError
 from quantbench.qat.checkpoint import ResumeMismatchError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from quantbench.qat.config import QATConfig, config_diff
 from quantbench.qat.data import TrainBatches
@@ -23,6 +24,37 @@ from quantbench.qat.recipe import build_optimizer, cosine_schedule
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
+#: every file a run writes in its folder (``--overwrite`` removes them before training starts)
+RUN_FILES = (CHECKPOINT, LOG, "config.yaml", "final.pt", "quantizers.json", "curves.png", "clipping_ranges.png",
+             "result.json")
+
+
+class RunFolderError(ConfigError):
+    """A run folder that holds another run's checkpoint, or ``--resume`` with nothing to resume."""
+
+
+def nothing_to_resume(out_dir: Path) -> RunFolderError:
+    return RunFolderError(f"--resume: {out_dir} holds no {CHECKPOINT} to resume from; check --out-dir (or the "
+                          f"run's settings, which name its default folder) or drop --resume to start anew")
+
+
+def check_run_dir(out_dir: Path, resume: bool = False, overwrite: bool = False, remove: bool = True) -> None:
+    """Refuse to train into a folder holding a checkpoint unless resuming or overwriting (then, with
+    ``remove``, its run files are deleted first), and refuse ``resume`` when there is no checkpoint."""
+    if resume and overwrite:
+        raise RunFolderError("--resume and --overwrite contradict each other: give one of them")
+    ckpt = out_dir / CHECKPOINT
+    if resume:
+        if not ckpt.is_file():
+            raise nothing_to_resume(out_dir)
+        return
+    if not ckpt.is_file():
+        return
+    if not overwrite:
+        raise RunFolderError(f"{out_dir} holds the checkpoint of an earlier run ({ckpt}): pass --resume to "
+                             "continue it, --overwrite to delete it and start anew, or another --out-dir")
+    for name in RUN_FILES if remove else ():
+        (out_dir / name).unlink(missing_ok=True)
 
 
 @dataclass
@@ -158,7 +190,9 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> TrainOutcome:
         """Train ``cfg.epochs`` epochs (the rest of them after a resume)."""
-        resumed = self.epoch if resume and self.resume() else None
+        if resume and not self.resume():
+            raise nothing_to_resume(self.out_dir)
+        resumed = self.epoch if resume else None
         if resumed is None:
             self.log.rewrite([])
             self.log_test(-1)  # the PTQ-initialised model at iteration 0
