@@ -128,3 +128,19 @@ def test_default_run_folders_are_unique_per_run_identity(tmp_path: Path) -> None
     assert load_qat_config(None, {**base, "lr": 0.5}).run_dir() != a
     assert load_qat_config(None, {**base, "seed": 1}).run_dir() != a
     assert load_qat_config(None, {**base, "out_dir": str(tmp_path)}).run_dir() == tmp_path
+
+
+@pytest.mark.fault(input="qat --lr 10 on a trained digits CNN", exit_code=0, kept="the run and its result",
+                   message="warning: the training loss is diverging: ... lower --lr (one line on stderr, also in "
+                           "the result's extra.warnings)")
+def test_a_diverging_run_warns_in_one_line(tmp_path: Path) -> None:
+    from quantbench.sweep.weights import ensure_trained
+
+    weights = ensure_trained("digits_cnn", "digits", tmp_path / "weights", False, epochs=3)
+    out = tmp_path / "r.json"
+    res = runner.invoke(app, [*DIGITS, "--weights", str(weights), "--lr", "10", "--log-every", "1", "--out-dir",
+                              str(tmp_path / "run"), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "warning: the training loss is diverging" in res.output and "lower --lr" in res.output
+    assert "DivergenceWarning" not in res.output and "train.py" not in res.output  # not Python's warning form
+    assert any("loss is diverging" in w for w in json.loads(out.read_text())["extra"]["warnings"])

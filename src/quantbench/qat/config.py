@@ -18,7 +18,7 @@ from quantbench.qat.quantizers import ALGORITHMS
 from quantbench.qat.recipe import recipe_defaults
 
 #: fields that change what is logged or evaluated but not the trained weights (ignored when resuming)
-NON_RESULT_FIELDS = frozenset({"out_dir", "eval_batch_size", "max_test", "log_every", "eval_every"})
+NON_RESULT_FIELDS = frozenset({"out_dir", "eval_batch_size", "max_test", "log_every", "eval_every", "on_divergence"})
 #: where runs without an ``out_dir`` go (one sub-folder per run identity)
 DEFAULT_OUT_ROOT = Path("qat-out")
 
@@ -52,6 +52,9 @@ class QATConfig(QuantRunConfig):
                                                    "Triton on CUDA); compiles once per process")
     log_every: int = Field(50, ge=1, description="K: train accuracy every K iterations (EMA, momentum 0.3)")
     eval_every: int | None = Field(None, ge=1, description="test accuracy every K iterations (default log_every)")
+    on_divergence: Literal["warn", "stop"] = Field(
+        "warn", description="a finite loss that diverges: warn, or stop as on a NaN loss (keeping the last good "
+                            "checkpoint)")
     out_dir: str | None = Field(None, description="run folder; default qat-out/<run name> (see run_dir)")
 
     @field_validator("algorithm")
