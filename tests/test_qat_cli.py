@@ -106,17 +106,22 @@ def test_resume_with_nothing_to_resume_says_so(tmp_path: Path) -> None:
     assert not (tmp_path / "empty" / "log.jsonl").exists()
 
 
-def test_overwrite_deletes_the_earlier_run_files_and_trains_anew(tmp_path: Path) -> None:
+def test_overwrite_deletes_the_earlier_run_files_and_trains_anew(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) \
+        -> None:
+    def torn_write(self: Path, *args: object, **kwargs: object) -> None:
+        raise AssertionError(f"non-atomic write of {self}")  # every run file goes through utils/io.atomic_write
+
+    monkeypatch.setattr(Path, "write_text", torn_write)
     run = tmp_path / "run"
     run.mkdir()
     (run / "checkpoint.pt").write_bytes(b"earlier run")
     (run / "final.pt").write_bytes(b"earlier final")
-    (run / "notes.txt").write_text("mine")
+    (run / "notes.txt").write_bytes(b"mine")
     res = runner.invoke(app, [*DIGITS, "--out-dir", str(run), "--overwrite"])
     assert res.exit_code == 0, res.output
     assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1
     assert torch.load(run / "final.pt", weights_only=True)["metrics"]["epochs"] == 1
-    assert (run / "notes.txt").read_text() == "mine"  # only the run's own files are removed
+    assert (run / "notes.txt").read_bytes() == b"mine"  # only the run's own files are removed
 
 
 def test_default_run_folders_are_unique_per_run_identity(tmp_path: Path) -> None:
@@ -144,3 +149,22 @@ def test_a_diverging_run_warns_in_one_line(tmp_path: Path) -> None:
     assert "warning: the training loss is diverging" in res.output and "lower --lr" in res.output
     assert "DivergenceWarning" not in res.output and "train.py" not in res.output  # not Python's warning form
     assert any("loss is diverging" in w for w in json.loads(out.read_text())["extra"]["warnings"])
+
+
+def test_recipe_families_are_a_registry_open_for_extension(monkeypatch: pytest.MonkeyPatch) -> None:
+    from quantbench.errors import ConfigError
+    from quantbench.qat.recipe import RECIPE_FAMILIES, FamilyDefaults, register_family
+
+    monkeypatch.setattr(RECIPE_FAMILIES, "_items", {k: v for k, v in RECIPE_FAMILIES._items.items() if k != "small"})
+    with pytest.raises(ConfigError, match=r"family 'small', which has no QAT recipe defaults \(known families: "
+                                          r"densenet, .*register_family\('small'\)"):
+        recipe_defaults("digits_cnn")
+    # explicit values need no family defaults
+    r = load_qat_config(None, {"model": "digits_cnn", "lr": 0.1, "weight_decay": 0.0}).resolved()
+    assert (r["lr"], r["weight_decay"]) == (0.1, 0.0)
+
+    @register_family("small")
+    def _small(model: str) -> FamilyDefaults:
+        return FamilyDefaults(0.5, 1e-3)
+
+    assert recipe_defaults("digits_cnn") == FamilyDefaults(0.5, 1e-3)

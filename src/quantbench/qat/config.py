@@ -89,9 +89,9 @@ class QATConfig(QuantRunConfig):
 
     def resolved(self) -> dict[str, Any]:
         """The recipe values actually used (family defaults filled in)."""
-        d = recipe_defaults(self.model)
-        lr = self.lr if self.lr is not None else d.lr
-        wd = self.weight_decay if self.weight_decay is not None else d.weight_decay
+        d = recipe_defaults(self.model) if self.lr is None or self.weight_decay is None else None
+        lr = self.lr if self.lr is not None else d.lr  # type: ignore[union-attr]
+        wd = self.weight_decay if self.weight_decay is not None else d.weight_decay  # type: ignore[union-attr]
         w_obs, a_obs = self.observers()
         return {"lr": lr, "weight_decay": wd, "quantizer_lr": self.quantizer_lr or lr,
                 "quantizer_weight_decay": wd if self.quantizer_weight_decay is None else self.quantizer_weight_decay,

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from quantbench.errors import QuantbenchError
 from quantbench.qat.prepare import qat_layers, qat_quantizers
+from quantbench.utils.io import atomic_write_text
 
 
 class DivergenceError(QuantbenchError, RuntimeError):
@@ -97,8 +98,7 @@ class JsonLog:
 
     def rewrite(self, records: list[dict[str, Any]]) -> None:
         if self.enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in records))
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in records))
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
@@ -191,7 +191,3 @@ def plot_clipping_ranges(table: list[dict[str, Any]], path: Path, title: str) ->
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def finite_or_none(v: float) -> float | None:
-    return v if math.isfinite(v) else None

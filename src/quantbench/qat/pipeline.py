@@ -173,4 +173,4 @@ def write_artefacts(gm: nn.Module, cfg: QATConfig, result: QATResult, table: lis
     title = f"{cfg.model} {cfg.algorithm} W{result.w_bits}A{result.a_bits} {result.backend}"
     plot_curves(history, out_dir / "curves.png", title)
     plot_clipping_ranges(table, out_dir / "clipping_ranges.png", f"activation clipping ranges: {title}")
-    (out_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+    atomic_write_text(out_dir / "result.json", json.dumps(result.to_dict(), indent=2, default=str) + "\n")
