@@ -9,6 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from quantbench.quant.scheme import QScheme
 
 FirstLast = Literal["same", "fp"] | int
+#: the weight axes every quantized layer kind supports: conv1d/conv2d/linear weights all keep output channels on
+#: axis 0, which BN folding, per-channel scales and ONNX's per-axis QuantizeLinear rely on
+WEIGHT_CH_AXES: tuple[int, ...] = (0,)
 Arithmetic = Literal["fake_quant", "onnxruntime"]
 
 
@@ -65,6 +68,10 @@ class BackendSpec(BaseModel):
             raise ValueError(f"first_last bits must be in 1..16, got {self.first_last}")
         if self.weight.signedness == "adaptive" and self.deployable:
             raise ValueError("adaptive signedness is an academic setting: a deployable backend cannot use it")
+        if self.weight.ch_axis not in WEIGHT_CH_AXES:
+            raise ValueError(
+                f"weight.ch_axis {self.weight.ch_axis}: conv and linear weights (out_channels, in_channels, ...) "
+                f"are quantized per output channel, so the allowed values are {', '.join(map(str, WEIGHT_CH_AXES))}")
         if self.activation.per_channel and self.activation.ch_axis != 1:
             raise ValueError("per-channel activations must use ch_axis 1 (NCHW channels)")
         if not self.deployable and not self.not_deployable_because:
