@@ -39,3 +39,30 @@ def test_a_weight_channel_axis_the_layers_do_not_have_is_refused_at_load(tmp_pat
 
 def test_the_output_channel_axis_loads(tmp_path: Path) -> None:
     assert load_backend(str(spec_file(tmp_path, ch_axis=0))).weight.ch_axis == 0
+
+
+@pytest.mark.fault(input="ptq --backend tensorrt --w-bits 1 (or --a-bits 1)", exit_code=2, kept="nothing run",
+                   message="--w-bits 1: tensorrt's signed symmetric weights at 1 bit have the grid {-1, 0}·s, which "
+                           "zeroes every positive weight: use at least 2 bits (binary/ternary quantizers are not "
+                           "selectable yet)")
+@pytest.mark.parametrize(("flag", "role"), [("--w-bits", "weight"), ("--a-bits", "activation")])
+def test_signed_symmetric_one_bit_is_refused_naming_the_option(flag: str, role: str) -> None:
+    res = runner.invoke(app, ["ptq", "--model", "digits_cnn", "--data", "digits", "--backend", "tensorrt", flag, "1"])
+    assert res.exit_code == 2, res.output
+    line = " ".join(res.output.split())
+    assert line.startswith(f"error: {flag} 1: tensorrt's signed symmetric {role}s at 1 bit")
+    assert "{-1, 0}" in line and "at least 2 bits" in line and "binary" in line
+
+
+@pytest.mark.fault(input="ptq --backend onnxruntime --w-bits 1", exit_code=2, kept="nothing run",
+                   message="--w-bits 1: onnxruntime's weights: narrow_range needs bits >= 2 (a 1-bit narrow signed "
+                           "range is empty)")
+def test_a_spec_override_error_is_one_line_naming_the_cli_option() -> None:
+    res = runner.invoke(app, ["ptq", "--model", "digits_cnn", "--data", "digits", "--backend", "onnxruntime",
+                              "--w-bits", "1"])
+    assert res.exit_code == 2, res.output
+    line = " ".join(res.output.split())
+    assert line == ("error: --w-bits 1: onnxruntime's weights: narrow_range needs bits >= 2 (a 1-bit narrow signed "
+                    "range is empty)"), res.output
+    with pytest.raises(ConfigError, match=r"^--a-bits 1: tensorrt's"):
+        load_backend("tensorrt").configure(a_bits=1)
