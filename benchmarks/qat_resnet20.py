@@ -46,7 +46,7 @@ def main() -> None:
         "bn_fold": args.bn_fold, "log_every": 25, "out_dir": args.out_dir,
     })
     t0 = time.perf_counter()
-    r = run_qat(cfg, progress=False)
+    r = run_qat(cfg, progress=False, overwrite=True)  # a re-run of the benchmark replaces the previous one
     wall = time.perf_counter() - t0
     print_table(f"QAT ResNet-20 {args.algorithm} {args.bits} {r.backend}, {args.epochs} epochs, "
                 f"{torch.get_num_threads()} thread(s)",

@@ -235,6 +235,48 @@ def test_imagefolder_errors(tmp_path: Path) -> None:
         load_data("imagefolder", MEAN, STD, CIFAR_SHAPE)
 
 
+def corrupt_tree(root: Path) -> Path:
+    """A 3-class tree with one corrupt JPEG (truncated garbage after a JPEG header)."""
+    write_tree(root)
+    bad = root / "dog" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0" + b"not a jpeg" * 10)
+    return bad
+
+
+@pytest.mark.fault(input="--data imagefolder:PATH with one corrupt JPEG", exit_code=2, kept="nothing run",
+                   message="cannot read image PATH/dog/broken.jpg (UnidentifiedImageError: ...); replace or remove "
+                           "it, or skip unreadable images with imagefolder:PATH?skip_unreadable")
+def test_a_corrupt_image_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from quantbench.cli.main import app
+
+    bad = corrupt_tree(tmp_path)
+    bundle = load_data(f"imagefolder:{tmp_path}", MEAN, STD, CIFAR_SHAPE)
+    with pytest.raises(DataError, match=rf"cannot read image {bad}.*skip_unreadable"):
+        [bundle.test[i] for i in range(len(bundle.test))]  # type: ignore[arg-type]
+    res = CliRunner().invoke(app, ["ptq", "--model", "resnet20_cifar", "--data", f"imagefolder:{tmp_path}",
+                                   "--calib-size", "4", "--w-observer", "minmax", "--a-observer", "minmax"])
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output and "broken.jpg" in " ".join(res.output.split()), res.output
+    assert len(res.output.strip().splitlines()) <= 3, res.output  # one message (rich wraps a long path)
+
+
+@pytest.mark.fault(input="--data imagefolder:PATH?skip_unreadable with one corrupt JPEG", exit_code=0,
+                   message="DataWarning: skipped 1 unreadable image(s) of 7 in PATH (first: PATH/dog/broken.jpg)",
+                   kept="the readable images, all used")
+def test_skip_unreadable_leaves_out_and_counts_the_corrupt_images(tmp_path: Path) -> None:
+    bad = corrupt_tree(tmp_path)
+    with pytest.warns(UserWarning, match=rf"skipped 1 unreadable image\(s\) of 7 in {tmp_path} \(first: {bad}\)"):
+        bundle = load_data(f"imagefolder:{tmp_path}?skip_unreadable", MEAN, STD, CIFAR_SHAPE)
+    assert len(bundle.test) == 6 and bundle.num_classes == 3  # type: ignore[arg-type]
+    assert all(bundle.test[i][0].shape == CIFAR_SHAPE for i in range(6))
+    with pytest.raises(DataError, match="has no option 'skip_unreadabel'; its options: skip_unreadable"):
+        load_data(f"imagefolder:{tmp_path}?skip_unreadabel", MEAN, STD, CIFAR_SHAPE)
+    with pytest.raises(DataError, match="'digits' has no option"):
+        load_data("digits?skip_unreadable", DIGITS_MEAN, DIGITS_STD, (1, 8, 8))
+
+
 # ------------------------------------------------------------------------------------------ digits
 DIGITS_MEAN, DIGITS_STD = (0.30526028624095713,), (0.3760492217920148,)
 

@@ -261,13 +261,35 @@ class _Evil:
         return os.system, (f"touch {self.marker}",)
 
 
+@pytest.mark.fault(input="--weights a .pt holding a pickled object (os.system payload)", exit_code=2,
+                   message="refusing or unable to load PATH: it holds a pickled object (GLOBAL "
+                           "posix.system), not only tensors; save the weights as .safetensors ... or as a plain "
+                           "state dict", kept="nothing executed")
 def test_torch_checkpoint_with_pickled_object_refused(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
     torch.save({"conv1.weight": torch.zeros(1), "payload": _Evil(marker)}, path)
-    with pytest.raises(CheckpointError, match="weights_only"):
+    with pytest.raises(CheckpointError, match=r"pickled object \(GLOBAL \S*system\)") as exc:
         load_weights(build_model("resnet20_cifar"), path)
     assert not marker.exists()
+    message = str(exc.value)
+    assert "safetensors" in message and "state_dict()" in message  # the safe alternatives
+    assert "False" not in message and "add_safe_globals" not in message and "trust" not in message  # no unsafe hint
+
+
+@pytest.mark.fault(input="qat --resume onto a checkpoint.pt holding a pickled object", exit_code=2,
+                   message="cannot read QAT checkpoint PATH: it holds a pickled object (...), not only tensors; ...",
+                   kept="nothing executed")
+def test_qat_checkpoint_errors_never_suggest_unsafe_loading(tmp_path: Path) -> None:
+    from quantbench.qat.checkpoint import load_checkpoint
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"format": "quantbench-qat/1", "payload": _Evil(marker)}, path)
+    with pytest.raises(CheckpointError, match="pickled object") as exc:
+        load_checkpoint(path)
+    assert not marker.exists()
+    assert "weights_only" not in str(exc.value) and "False" not in str(exc.value)
 
 
 def test_non_tensor_entries_refused(tmp_path: Path) -> None:

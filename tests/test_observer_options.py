@@ -77,3 +77,13 @@ def test_bad_option_fails_when_the_config_is_built():
         PTQConfig(model="digits_cnn", w_observer_options={"nope": 2})  # PTQConfig's default w_observer: mse
     cfg = PTQConfig(model="digits_cnn", a_observer="ema_mse", a_observer_options={"momentum": 0.5})
     assert cfg.a_observer_options == {"momentum": 0.5}
+
+
+def test_qat_config_checks_the_options_of_its_algorithms_default_observers():
+    """QAT leaves the calibrators to the algorithm (lsq: mse/mse); their options are still checked up front."""
+    from pydantic import ValidationError
+
+    from quantbench.qat.config import QATConfig
+
+    with pytest.raises(ValidationError, match="a_observer_options: observer 'mse': unknown option bogus"):
+        QATConfig(model="digits_cnn", data="digits", algorithm="lsq", a_observer_options={"bogus": 1})

@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +17,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from quantbench.data import TensorImageDataset
-from quantbench.qat.checkpoint import ResumeMismatchError, load_checkpoint
+from quantbench.qat.checkpoint import ResumeMismatchError, load_checkpoint, save_checkpoint
 from quantbench.qat.config import QATConfig, load_qat_config
 from quantbench.qat.data import TrainBatches
-from quantbench.qat.diagnostics import DivergenceError
+from quantbench.qat.diagnostics import DivergenceError, DivergenceWarning
 from quantbench.qat.distributed import DistContext
 from quantbench.qat.pipeline import make_trainer, prepare_run
 from quantbench.qat.prepare import qat_quantizers
+from quantbench.qat.train import TrainOutcome
+from quantbench.sweep.weights import ensure_trained
 
 ONE = DistContext(0, 1, torch.device("cpu"))
 
@@ -47,6 +50,11 @@ def train(cfg: QATConfig, resume: bool = False, ctx: DistContext = ONE) -> dict[
     run = prepare_run(cfg, ctx, progress=False)
     make_trainer(cfg, run, ctx, progress=False).fit(resume)
     return run.gm.state_dict()
+
+
+def train_outcome(cfg: QATConfig) -> TrainOutcome:
+    run = prepare_run(cfg, ONE, progress=False)
+    return make_trainer(cfg, run, ONE, progress=False).fit()
 
 
 def test_resume_continues_to_the_same_result_as_an_uninterrupted_run(tmp_path: Path) -> None:
@@ -93,6 +101,83 @@ def test_nan_loss_stops_names_the_quantizer_and_keeps_the_last_good_checkpoint(t
     with pytest.raises(DivergenceError, match=rf"{name}.*diverged.*after epoch 1"):
         trainer.fit(resume=True)
     assert ckpt.read_bytes() == before
+    assert '"event": "diverged"' in (tmp_path / "log.jsonl").read_text()
+
+
+@pytest.mark.fault(input="QAT whose last epoch checkpoint holds NaN weights, then a NaN loss",
+                   message="Training stopped; there is no good checkpoint: OUT/checkpoint.pt (after epoch 1) holds "
+                           "non-finite weights ('...')", exit_code=2, kept="the checkpoint, not called good")
+def test_a_checkpoint_with_nan_weights_is_not_called_good(tmp_path: Path) -> None:
+    cfg = config(tmp_path, epochs=1)
+    run = prepare_run(cfg, ONE, progress=False)
+    make_trainer(cfg, run, ONE, progress=False).fit()
+    ckpt_path = tmp_path / "checkpoint.pt"
+    ckpt = load_checkpoint(ckpt_path)
+    weight = next(k for k in ckpt["model"] if k.endswith("weight"))
+    ckpt["model"][weight].fill_(float("nan"))  # e.g. written by an earlier version that did not check
+    save_checkpoint(ckpt_path, {k: v for k, v in ckpt.items() if k != "format"})
+    trainer = make_trainer(cfg.model_copy(update={"epochs": 2}), run, ONE, progress=False)
+    trainer.resume = lambda: True  # type: ignore[method-assign]
+    trainer.epoch, trainer.step = 1, 4
+    q = next(q for n, q in qat_quantizers(run.gm) if n.endswith("conv2_post"))
+    with torch.no_grad():
+        q.scale.fill_(float("nan"))
+    with pytest.raises(DivergenceError, match=rf"there is no good checkpoint: .*after epoch 1.*non-finite.*{weight}"):
+        trainer.fit(resume=True)
+
+
+@pytest.mark.fault(input="QAT weights that turn NaN by an epoch's end", exit_code=2, kept="the previous checkpoint",
+                   message="after epoch N the weights are not finite ('...'); its checkpoint was not written")
+def test_non_finite_weights_never_replace_a_good_checkpoint(tmp_path: Path) -> None:
+    cfg = config(tmp_path, epochs=1)
+    run = prepare_run(cfg, ONE, progress=False)
+    trainer = make_trainer(cfg, run, ONE, progress=False)
+    trainer.fit()
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    layer = next(m for m in run.gm.modules() if isinstance(m, torch.nn.Conv2d))
+    with torch.no_grad():
+        layer.weight[0, 0, 0, 0] = float("inf")
+    trainer.epoch = 2
+    with pytest.raises(DivergenceError, match=r"after epoch 2 the weights are not finite.*checkpoint was not "
+                                              r"written.*last good checkpoint \(after epoch 1\) is kept"):
+        trainer.save()
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+@pytest.fixture(scope="module")
+def trained_digits(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A digits CNN trained for 3 epochs (about 98 % test top-1), so that QAT starts from a good model."""
+    torch.set_num_threads(1)
+    return str(ensure_trained("digits_cnn", "digits", tmp_path_factory.mktemp("weights"), False, epochs=3))
+
+
+@pytest.mark.fault(input="qat --lr 10 (a finite loss that diverges)", exit_code=0, kept="the run, with a warning",
+                   message="warning: the training loss is diverging: its moving average rose to X, from Y at best, "
+                           "and is above chance level (ln 10 = 2.3) ...: lower --lr")
+def test_an_absurd_learning_rate_warns_that_training_diverges(tmp_path: Path, trained_digits: str) -> None:
+    cfg = config(tmp_path / "bad", lr=10.0, weights=trained_digits, log_every=1)
+    with pytest.warns(DivergenceWarning) as caught:
+        out = train_outcome(cfg)
+    messages = [str(w.message) for w in caught]
+    assert any("training loss is diverging" in m and "lower --lr" in m for m in messages), messages
+    assert any("test top-1 collapsed" in m for m in messages), messages
+    assert out.warnings and len(out.warnings) == len(messages)  # each reported once, and logged
+    logged = [json.loads(line) for line in (tmp_path / "bad" / "log.jsonl").read_text().splitlines()]
+    assert [r["message"] for r in logged if r["event"] == "warning"] == out.warnings
+    with warnings.catch_warnings():  # a sane learning rate trains without a word
+        warnings.simplefilter("error", DivergenceWarning)
+        assert not train_outcome(config(tmp_path / "good", lr=0.002, weights=trained_digits, log_every=1)).warnings
+
+
+@pytest.mark.fault(input="qat --lr 10 --on-divergence stop", exit_code=2, kept="the last good checkpoint, if any",
+                   message="the training loss is diverging ... Training stopped; no checkpoint was written (it "
+                           "diverged in the first epoch)")
+def test_on_divergence_stop_ends_a_diverging_run_as_a_nan_loss_does(tmp_path: Path, trained_digits: str) -> None:
+    cfg = config(tmp_path, lr=10.0, weights=trained_digits, log_every=1, on_divergence="stop")
+    with pytest.warns(DivergenceWarning, match="test top-1 collapsed"), \
+            pytest.raises(DivergenceError, match=r"loss is diverging.*Training stopped; no checkpoint was written"):
+        train_outcome(cfg)  # the accuracy collapse (a main-process finding) warns; the loss stops every process
+    assert not (tmp_path / "checkpoint.pt").exists()
     assert '"event": "diverged"' in (tmp_path / "log.jsonl").read_text()
 
 

@@ -77,11 +77,15 @@ class QuantRunConfig(BaseModel):
             raise ValueError(f"first_last bits must be in 1..16, got {v}")
         return v
 
+    def observers(self) -> tuple[str | None, str | None]:
+        """The weight and activation calibrators this run uses (QAT fills unset ones from its algorithm)."""
+        return self.w_observer, self.a_observer
+
     @model_validator(mode="after")
     def _observer_options_valid(self) -> QuantRunConfig:
         """Each observer's options against its declared ones, so a bad option fails here, not at calibration."""
-        for role, obs, opts in (("w", self.w_observer, self.w_observer_options),
-                                ("a", self.a_observer, self.a_observer_options)):
+        w_obs, a_obs = self.observers()
+        for role, obs, opts in (("w", w_obs, self.w_observer_options), ("a", a_obs, self.a_observer_options)):
             if obs is not None:
                 try:
                     validate_observer_options(obs, opts)

@@ -26,7 +26,9 @@ def read_spec(path: Path) -> BackendSpec:
     try:
         return BackendSpec.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"invalid backend spec {path}:\n{exc}") from exc
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg'].removeprefix('Value error, ')}"
+                             for e in exc.errors())
+        raise ConfigError(f"invalid backend spec {path}: {problems}") from None
 
 
 @cache

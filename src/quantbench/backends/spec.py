@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from quantbench.backends.overrides import LayerOverride, apply_scheme
 from quantbench.errors import ConfigError
 from quantbench.quant.scheme import QScheme
 
 FirstLast = Literal["same", "fp"] | int
+#: the weight axes every quantized layer kind supports: conv1d/conv2d/linear weights all keep output channels on
+#: axis 0, which BN folding, per-channel scales and ONNX's per-axis QuantizeLinear rely on
+WEIGHT_CH_AXES: tuple[int, ...] = (0,)
 Arithmetic = Literal["fake_quant", "onnxruntime"]
 
 
@@ -83,6 +87,16 @@ class BackendSpec(BaseModel):
     def _check_schemes(self, weight: QScheme, activation: QScheme, where: str) -> None:
         if weight.signedness == "adaptive" and self.deployable:
             raise ValueError(f"{where}adaptive signedness is an academic setting: a deployable backend cannot use it")
+        for role, scheme in (("weight", weight), ("activation", activation)):
+            if scheme.bits == 1 and scheme.symmetric and scheme.signedness != "unsigned":
+                raise ValueError(
+                    f"{where}{role}.bits 1: {self.name}'s signed symmetric {role}s at 1 bit have the grid {{-1, 0}}·s, "
+                    f"which zeroes every positive {role}: use at least 2 bits (binary or ternary weights: "
+                    "`quantbench qat --algorithm binary|ternary` at 2 bits or more)")
+        if weight.ch_axis not in WEIGHT_CH_AXES:
+            raise ValueError(
+                f"{where}weight.ch_axis {weight.ch_axis}: conv and linear weights (out_channels, in_channels, ...) "
+                f"are quantized per output channel, so the allowed values are {', '.join(map(str, WEIGHT_CH_AXES))}")
         if activation.per_channel and activation.ch_axis != 1:
             raise ValueError(f"{where}per-channel activations must use ch_axis 1 (NCHW channels)")
         if self.reduce_range and weight.bits > 7:
@@ -120,7 +134,26 @@ class BackendSpec(BaseModel):
             data["placement"]["add_output"] = residual == "quantized"
         if skip is not None:
             data["placement"]["add_inputs"] = skip == "quantized"
-        return BackendSpec.model_validate(data)
+        try:
+            return BackendSpec.model_validate(data)
+        except ValidationError as exc:
+            given = {"weight": ("--w-bits", w_bits), "activation": ("--a-bits", a_bits),
+                     "first_last": ("--first-last", first_last), "reduce_range": ("--reduce-range", reduce_range),
+                     "placement": ("--residual/--skip", residual or skip)}
+            raise ConfigError("; ".join(self._override_problem(e, given) for e in exc.errors())) from None
+
+    def _override_problem(self, error: Any, given: dict[str, tuple[str, Any]]) -> str:
+        """One validation error of :meth:`configure` as ``--option value: what is wrong`` (the spec itself was
+        valid, so an override caused it)."""
+        msg = str(error["msg"]).removeprefix("Value error, ")
+        head = str(error["loc"][0]) if error["loc"] else re.split(r"[. ]", msg, maxsplit=1)[0]
+        msg = re.sub(r"^\w+(\.\w+)? \S+: ", "", msg)  # "weight.bits 1: " is said by the option below
+        option, value = given.get(head, ("", None))
+        if value is None:  # not one override's field: name every override given
+            named = [f"{o} {v}" for o, v in given.values() if v is not None]
+            return f"{', '.join(named) or 'the overrides'}: {msg}"
+        role = {"weight": f"{self.name}'s weights: ", "activation": f"{self.name}'s activations: "}.get(head, "")
+        return f"{option} {value}: {role if self.name not in msg else ''}{msg}"
 
     def first_last_bits(self, default: int) -> int | None:
         """Bits for the first/last layer (None: kept in floating point)."""

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
-from quantbench.cli.errors import friendly_errors
+from quantbench.cli.errors import err_console, friendly_errors
 from quantbench.cli.options import (
     ABitsOpt,
     DataOpt,
@@ -29,6 +33,31 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 class Amp(str, Enum):
     none = "none"
     bf16 = "bf16"
+
+
+class OnDivergence(str, Enum):
+    warn = "warn"
+    stop = "stop"
+
+
+@contextmanager
+def divergence_warnings_as_lines() -> Iterator[None]:
+    """Show a :class:`DivergenceWarning` as one ``warning:`` line on stderr (not Python's file:line form)."""
+    from quantbench.qat.diagnostics import DivergenceWarning
+
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+            if issubclass(category, DivergenceWarning):
+                err_console.print(Text("warning: ", style="bold yellow") + Text(str(message)), soft_wrap=True,
+                                  highlight=False)
+            else:
+                shown(message, category, *args, **kwargs)
+
+        warnings.simplefilter("always", DivergenceWarning)
+        warnings.showwarning = show
+        yield
 
 
 @friendly_errors
@@ -60,11 +89,20 @@ def qat(
     amp: Annotated[Amp | None, typer.Option(help="none or bf16 (autocast)")] = None,
     fused: Annotated[bool, typer.Option("--fused", help="torch.compile-fused LSQ kernels (C++ CPU / Triton GPU)")]
     = False,
+    on_divergence: Annotated[OnDivergence | None, typer.Option(
+        help="a finite loss that diverges: warn (default), or stop as on a NaN loss (a test accuracy collapsing "
+             "to chance always warns)")]
+    = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
-    out_dir: Annotated[str | None, typer.Option(help="checkpoints, log, plots (default qat-out)")] = None,
+    out_dir: Annotated[str | None, typer.Option(
+        help="checkpoints, log, plots (default qat-out/<model>-<backend>-<algorithm>-w<bits>a<bits>-<config hash>)")]
+    = None,
     out: Annotated[Path | None, typer.Option(help="write the result as JSON here")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="continue from OUT_DIR/checkpoint.pt")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from OUT_DIR/checkpoint.pt (which must exist)")]
+    = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="start anew in an OUT_DIR holding an earlier run (its files are deleted)")] = False,
     threads: Annotated[int | None, typer.Option(help="CPU threads per process (torch.set_num_threads)")] = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -90,10 +128,11 @@ def qat(
         "w_observer": w_observer, "a_observer": a_observer, "first_last": parse_first_last(first_last),
         "max_train": max_train, "max_test": max_test, "log_every": log_every, "eval_every": eval_every,
         "amp": amp.value if amp else None, "fused_kernels": True if fused else None, "device": device,
-        "seed": seed, "out_dir": out_dir,
+        "seed": seed, "out_dir": out_dir, "on_divergence": on_divergence.value if on_divergence else None,
     }
     cfg = load_qat_config(config, overrides)
-    result = run_qat(cfg, resume=resume, progress=not quiet)
+    with divergence_warnings_as_lines():
+        result = run_qat(cfg, resume=resume, progress=not quiet, overwrite=overwrite)
     if result.world_size > 1 and not _is_main():
         return
     console.print(results_table([result], title=f"QAT results ({result.algorithm}, {result.epochs} epochs)"))

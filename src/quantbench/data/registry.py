@@ -2,11 +2,13 @@
 
 Kinds: ``cifar10:PATH`` (python-format batches, see :mod:`quantbench.data.cifar10`),
 ``imagefolder:PATH`` (class subfolders, ImageNet-val layout) and ``digits`` (scikit-learn's bundled
-8x8 digits, no download). Images are normalized with the *model's* mean/std.
+8x8 digits, no download). Images are normalized with the *model's* mean/std. Options of a kind follow the path
+after ``?``: ``imagefolder:PATH?skip_unreadable`` skips (and counts) images that cannot be decoded.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,16 +56,22 @@ class DatasetKind:
     channels: int
     needs_path: bool
     description: str
+    options: tuple[str, ...] = ()  # flags the builder takes as keyword arguments (``kind:PATH?flag``)
+
+
+class DataWarning(UserWarning):
+    """Data that was loaded with something left out (e.g. unreadable images skipped)."""
 
 
 DATASETS: Registry[DatasetKind] = Registry[DatasetKind]("dataset kind")
 
 
-def register_dataset(name: str, *, channels: int, needs_path: bool, description: str):
+def register_dataset(name: str, *, channels: int, needs_path: bool, description: str,
+                     options: tuple[str, ...] = ()):
     """Decorator on a :class:`DatasetBuilder`: register it as dataset kind ``name`` (``kind:PATH`` when
-    ``needs_path``), returning the builder unchanged."""
+    ``needs_path``; ``options``: the ``?flag`` keywords the builder takes), returning the builder unchanged."""
     return DATASETS.register(
-        name, wrap=lambda n, builder: DatasetKind(n, builder, channels, needs_path, description)
+        name, wrap=lambda n, builder: DatasetKind(n, builder, channels, needs_path, description, options)
     )
 
 
@@ -77,9 +85,16 @@ def parse_spec(spec: str) -> tuple[str, Path | None]:
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError(f"dataset spec must be a non-empty string like 'cifar10:PATH' or 'digits', got {spec!r}")
     kind, sep, path = spec.strip().partition(":")
+    path = path.partition("?")[0]
     if not sep or not path:
-        return kind, None
+        return kind.partition("?")[0], None
     return kind, Path(path).expanduser()
+
+
+def spec_options(spec: str) -> tuple[str, ...]:
+    """The ``?a,b`` flags after a dataset spec's path (``imagefolder:PATH?skip_unreadable``)."""
+    _, sep, opts = spec.strip().partition("?")
+    return tuple(o.strip() for o in opts.split(",") if o.strip()) if sep else ()
 
 
 def load_data(
@@ -113,12 +128,18 @@ def load_data(
         raise DataError(f"dataset kind {kind_name!r} takes no path: use plain '{kind_name}' instead of {spec!r}")
     if path is not None and not path.exists():
         raise DataError(f"dataset path {path} does not exist; expected {kind.description}")
-    return kind.builder(
+    options = spec_options(spec)
+    unknown = [o for o in options if o not in kind.options]
+    if unknown:
+        raise DataError(f"dataset kind {kind_name!r} has no option {unknown[0]!r}; its options: "
+                        f"{', '.join(kind.options) or 'none'} (written kind:PATH?option)")
+    return kind.builder(  # type: ignore[call-arg]
         path,
         mean=tuple(float(m) for m in mean),
         std=tuple(float(s) for s in std),
         input_size=(size[0], size[1], size[2]),
         augment=bool(augment),
+        **{o: True for o in options},
     )
 
 
@@ -183,15 +204,39 @@ def _train_transform(mean: tuple[float, ...], std: tuple[float, ...], h: int, w:
     return T.Compose([T.RandomResizedCrop((h, w)), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
 
 
-def _image_folder(root: Path, transform: object) -> Dataset[tuple[torch.Tensor, int]]:
+def read_image(path: str) -> object:
+    """An RGB PIL image, decoded now; an unreadable file is a :class:`DataError` naming it (one line)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL.UnidentifiedImageError is an OSError
+        why = str(exc).splitlines()[0] if str(exc) else ""
+        raise DataError(f"cannot read image {path} ({type(exc).__name__}: {why}); replace or remove it, or skip "
+                        "unreadable images with imagefolder:PATH?skip_unreadable") from None
+
+
+def _readable(path: str) -> bool:
+    try:
+        read_image(path)
+    except DataError:
+        return False
+    return True
+
+
+def _image_folder(root: Path, transform: object, skip_unreadable: bool = False) -> Dataset[tuple[torch.Tensor, int]]:
+    """An ``ImageFolder`` whose unreadable images are a one-line error, or (``skip_unreadable``: every image is
+    decoded once here) left out with a :class:`DataWarning` giving the count."""
     from torchvision.datasets import ImageFolder
 
     if not root.is_dir():
         raise DataError(f"imagefolder path {root} is not a directory; expected a folder of class subfolders")
     try:
-        return ImageFolder(
+        ds = ImageFolder(
             str(root),
             transform=transform,  # type: ignore[arg-type]
+            loader=read_image,
             is_valid_file=lambda f: f.lower().endswith(IMG_EXTENSIONS),
         )
     except (FileNotFoundError, RuntimeError) as exc:
@@ -199,12 +244,25 @@ def _image_folder(root: Path, transform: object) -> Dataset[tuple[torch.Tensor, 
             f"imagefolder path {root} is not in ImageFolder layout ({exc}); expected one subfolder per class "
             f"holding images ({', '.join(IMG_EXTENSIONS)}), e.g. {root}/n01440764/x.JPEG"
         ) from exc
+    if skip_unreadable:
+        bad = [p for p, _ in ds.samples if not _readable(p)]
+        if bad:
+            drop = set(bad)
+            ds.samples = ds.imgs = [s for s in ds.samples if s[0] not in drop]
+            ds.targets = [t for _, t in ds.samples]
+            warnings.warn(f"skipped {len(bad)} unreadable image(s) of {len(ds.samples) + len(bad)} in {root} "
+                          f"(first: {bad[0]})", DataWarning, stacklevel=2)
+        if not ds.samples:
+            raise DataError(f"imagefolder {root}: no readable image is left after skipping {len(bad)} unreadable")
+    ds.skipped = len(bad) if skip_unreadable else 0  # type: ignore[attr-defined]
+    return ds
 
 
 @register_dataset(
     "imagefolder", channels=3, needs_path=True,
     description="a folder of class subfolders holding RGB images (ImageNet-val layout), optionally split into "
     "train/ and val/",
+    options=("skip_unreadable",),
 )
 def _build_imagefolder(
     path: Path | None,
@@ -213,6 +271,7 @@ def _build_imagefolder(
     std: tuple[float, ...],
     input_size: tuple[int, int, int],
     augment: bool,
+    skip_unreadable: bool = False,
 ) -> DataBundle:
     """Class-subfolder images. ``PATH/train`` + ``PATH/val`` (or ``test``) when present; otherwise PATH is
     used for both splits (ImageNet-val style; calibration then draws from evaluation images)."""
@@ -224,8 +283,9 @@ def _build_imagefolder(
     else:
         train_root = test_root = path
     eval_tf = _eval_transform(mean, std, h, w)
-    test = _image_folder(test_root, eval_tf)
-    train = _image_folder(train_root, _train_transform(mean, std, h, w) if augment else eval_tf)
+    test = _image_folder(test_root, eval_tf, skip_unreadable)
+    train = (test if train_root == test_root and not augment
+             else _image_folder(train_root, _train_transform(mean, std, h, w) if augment else eval_tf, skip_unreadable))
     classes = test.classes  # type: ignore[attr-defined]
     if train.classes != classes:  # type: ignore[attr-defined]
         raise DataError(

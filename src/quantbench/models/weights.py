@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -22,16 +23,31 @@ def _list_keys(keys: list[str]) -> str:
     return shown + more
 
 
+#: what torch's refusal says is not allowed (its message also suggests unsafe loading, which is never repeated)
+_UNPICKLER = re.compile(r"WeightsUnpickler error: Unsupported global: (GLOBAL \S+)|unsupported (GLOBAL \S+)")
+SAFE_FORMATS = ("save the weights as .safetensors (quantbench.models.save_weights) or as a plain state dict of "
+                "tensors (torch.save(model.state_dict(), path)); pickled objects are never loaded")
+
+
+def load_error_reason(exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in one line, without torch's hint to retry with
+    ``weights_only=False`` (arbitrary code execution) or to allow-list globals."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    m = _UNPICKLER.search(text)
+    if m:
+        return f"it holds a pickled object ({m.group(1) or m.group(2)}), not only tensors"
+    first = text.splitlines()[0].strip() if text.strip() else ""
+    if "weights_only" in first or "Weights only load failed" in first:
+        return "it holds pickled objects, not only tensors"
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 def _read_torch(path: Path) -> Mapping[str, object]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for arbitrary objects, RuntimeError for corrupt files
-        raise CheckpointError(
-            f"refusing or unable to load {path} with torch.load(weights_only=True): "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. Only plain state "
-            "dicts of tensors are accepted (no pickled objects); re-save with "
-            "torch.save(model.state_dict(), path) or quantbench.models.save_weights."
-        ) from exc
+        raise CheckpointError(f"refusing or unable to load {path}: {load_error_reason(exc)}; {SAFE_FORMATS}") \
+            from None
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model"):
             inner = obj.get(key)

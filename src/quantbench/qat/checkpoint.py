@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from quantbench.errors import CheckpointError, ConfigError
+from quantbench.models.weights import load_error_reason
 from quantbench.utils.io import atomic_write
 
 FORMAT = "quantbench-qat/1"
@@ -55,8 +56,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # any unpickling failure means "not our checkpoint"
-        raise CheckpointError(f"cannot read QAT checkpoint {path}: {exc}; delete it or point --out-dir elsewhere") \
-            from None
+        raise CheckpointError(f"cannot read QAT checkpoint {path}: {load_error_reason(exc)}; quantbench writes "
+                              "its checkpoints as tensors and plain containers only (never pickled objects): "
+                              "delete it, or start anew with --overwrite or another --out-dir") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a quantbench QAT checkpoint ({FORMAT})")
     return ckpt

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,7 +18,9 @@ from quantbench.qat.quantizers import ALGORITHMS
 from quantbench.qat.recipe import recipe_defaults
 
 #: fields that change what is logged or evaluated but not the trained weights (ignored when resuming)
-NON_RESULT_FIELDS = frozenset({"out_dir", "eval_batch_size", "max_test", "log_every", "eval_every"})
+NON_RESULT_FIELDS = frozenset({"out_dir", "eval_batch_size", "max_test", "log_every", "eval_every", "on_divergence"})
+#: where runs without an ``out_dir`` go (one sub-folder per run identity)
+DEFAULT_OUT_ROOT = Path("qat-out")
 
 
 class QATConfig(QuantRunConfig):
@@ -47,7 +52,10 @@ class QATConfig(QuantRunConfig):
                                                    "Triton on CUDA); compiles once per process")
     log_every: int = Field(50, ge=1, description="K: train accuracy every K iterations (EMA, momentum 0.3)")
     eval_every: int | None = Field(None, ge=1, description="test accuracy every K iterations (default log_every)")
-    out_dir: str = "qat-out"
+    on_divergence: Literal["warn", "stop"] = Field(
+        "warn", description="a finite loss that diverges: warn, or stop as on a NaN loss (keeping the last good "
+                            "checkpoint)")
+    out_dir: str | None = Field(None, description="run folder; default qat-out/<run name> (see run_dir)")
 
     @field_validator("algorithm")
     @classmethod
@@ -81,9 +89,9 @@ class QATConfig(QuantRunConfig):
 
     def resolved(self) -> dict[str, Any]:
         """The recipe values actually used (family defaults filled in)."""
-        d = recipe_defaults(self.model)
-        lr = self.lr if self.lr is not None else d.lr
-        wd = self.weight_decay if self.weight_decay is not None else d.weight_decay
+        d = recipe_defaults(self.model) if self.lr is None or self.weight_decay is None else None
+        lr = self.lr if self.lr is not None else d.lr  # type: ignore[union-attr]
+        wd = self.weight_decay if self.weight_decay is not None else d.weight_decay  # type: ignore[union-attr]
         w_obs, a_obs = self.observers()
         return {"lr": lr, "weight_decay": wd, "quantizer_lr": self.quantizer_lr or lr,
                 "quantizer_weight_decay": wd if self.quantizer_weight_decay is None else self.quantizer_weight_decay,
@@ -93,8 +101,23 @@ class QATConfig(QuantRunConfig):
         """The fields that decide the trained weights (compared when resuming)."""
         return {k: v for k, v in self.model_dump(mode="json").items() if k not in NON_RESULT_FIELDS}
 
+    def run_name(self) -> str:
+        """``<model>-<backend>-<algorithm>-w<bits>a<bits>-<hash>``: unique per run identity (the hash covers
+        every field of :meth:`identity`), so two different runs never share a default folder."""
+        spec = self.resolved_backend()
+        digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True, default=str).encode()).hexdigest()[:8]
+        backend = Path(self.backend).stem if self.backend.endswith((".yaml", ".yml")) else self.backend
+        name = (f"{self.model}-{backend}-{self.algorithm.replace('+', 'plus')}-w{spec.weight.bits}"
+                f"a{spec.activation.bits}-{digest}")
+        return re.sub(r"[^\w.-]", "_", name)
+
+    def run_dir(self) -> Path:
+        """The run folder: ``out_dir`` if given, else ``qat-out/<run name>`` (:meth:`run_name`)."""
+        return Path(self.out_dir) if self.out_dir is not None else DEFAULT_OUT_ROOT / self.run_name()
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump({**self.model_dump(mode="json"), "resolved": self.resolved()}, sort_keys=False)
+        resolved = {**self.resolved(), "out_dir": str(self.run_dir())}
+        return yaml.safe_dump({**self.model_dump(mode="json"), "resolved": resolved}, sort_keys=False)
 
 
 def load_qat_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> QATConfig:

@@ -13,10 +13,16 @@ from torch import Tensor, nn
 
 from quantbench.errors import QuantbenchError
 from quantbench.qat.prepare import qat_layers, qat_quantizers
+from quantbench.utils.io import atomic_write_text
 
 
 class DivergenceError(QuantbenchError, RuntimeError):
-    """The loss became NaN or infinite; training stopped."""
+    """The loss became NaN or infinite (or, with ``on_divergence: stop``, diverged while finite); training
+    stopped."""
+
+
+class DivergenceWarning(UserWarning):
+    """The training loss or the test accuracy says the run is going wrong, though the loss is still finite."""
 
 
 class EMA:
@@ -30,6 +36,60 @@ class EMA:
         return self.value
 
 
+#: the smoothed training loss is diverging when above LOSS_FACTOR x its best value so far and above chance level
+LOSS_FACTOR = 2.0
+LOSS_MOMENTUM = 0.5  # EMA over the logged losses (each already a mean over ``log_every`` iterations)
+#: the test accuracy collapsed when it falls to at most CHANCE_FACTOR x chance from an init above 3 x chance
+CHANCE_FACTOR = 1.5
+
+
+class DivergenceMonitor:
+    """Finds a run going wrong while its loss is finite (e.g. a learning rate far too high): the smoothed
+    training loss rises above ``LOSS_FACTOR`` times its best value so far *and* above chance level ``ln C``
+    (a classifier worse than guessing uniformly), or the test accuracy falls to chance from a PTQ init that was
+    well above it. Each finding is reported once; the state is part of a checkpoint, so a resumed run reports
+    what an uninterrupted one would."""
+
+    def __init__(self) -> None:
+        self.loss = EMA(LOSS_MOMENTUM)
+        self.best: float | None = None
+        self.init_test: float | None = None
+        self.reported: list[str] = []
+
+    def on_train(self, loss: float, num_classes: int) -> str | None:
+        """A message when the smoothed loss diverges (None otherwise, or when already reported)."""
+        smooth = self.loss.update(loss)
+        if self.best is None or smooth < self.best:
+            self.best = smooth
+            return None
+        chance = math.log(max(num_classes, 2))
+        if "loss" in self.reported or smooth <= max(LOSS_FACTOR * self.best, chance):
+            return None
+        self.reported.append("loss")
+        return (f"the training loss is diverging: its moving average rose to {smooth:.3g}, from {self.best:.3g} at "
+                f"best, and is above chance level (ln {num_classes} = {chance:.3g})")
+
+    def on_test(self, top1: float, num_classes: int) -> str | None:
+        """A message when the test accuracy collapses to chance (the first call records the init's)."""
+        if self.init_test is None:
+            self.init_test = top1
+            return None
+        chance = 100.0 / max(num_classes, 1)
+        if "accuracy" in self.reported or self.init_test <= 3 * chance or top1 > CHANCE_FACTOR * chance:
+            return None
+        self.reported.append("accuracy")
+        return (f"the test top-1 collapsed to {top1:.2f} % from {self.init_test:.2f} % after the PTQ init "
+                f"(chance is {chance:.2f} %)")
+
+    def state(self) -> dict[str, Any]:
+        return {"loss_ema": self.loss.value, "best": self.best, "init_test": self.init_test,
+                "reported": list(self.reported)}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.loss.value, self.best = state["loss_ema"], state["best"]
+        self.init_test, self.reported = state["init_test"], list(state["reported"])
+
+
 class JsonLog:
     """Append-only JSON-lines log (one record per line); only the main process writes."""
 
@@ -38,8 +98,7 @@ class JsonLog:
 
     def rewrite(self, records: list[dict[str, Any]]) -> None:
         if self.enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in records))
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in records))
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
@@ -49,6 +108,11 @@ class JsonLog:
 
 def _finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t).all())
+
+
+def non_finite_tensors(state: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of a state dict holding NaN or infinity."""
+    return [k for k, v in state.items() if isinstance(v, Tensor) and v.is_floating_point() and not _finite(v)]
 
 
 @torch.no_grad()
@@ -127,7 +191,3 @@ def plot_clipping_ranges(table: list[dict[str, Any]], path: Path, title: str) ->
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def finite_or_none(v: float) -> float | None:
-    return v if math.isfinite(v) else None

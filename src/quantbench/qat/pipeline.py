@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 from quantbench.data import TensorImageDataset, calibration_subset, load_data, make_loader
-from quantbench.graph.quantize import prepare
+from quantbench.graph.quantize import list_layers, prepare
 from quantbench.models import build_model, get_entry
 from quantbench.ptq import calibrate, compare, predict
 from quantbench.ptq.pipeline import PTQResult
@@ -25,7 +25,7 @@ from quantbench.qat.data import TrainBatches
 from quantbench.qat.diagnostics import plot_clipping_ranges, plot_curves
 from quantbench.qat.distributed import DistContext, init_distributed
 from quantbench.qat.prepare import initialize_from_data, prepare_qat, quantizer_table, set_fused_kernels
-from quantbench.qat.train import Trainer
+from quantbench.qat.train import Trainer, check_run_dir
 from quantbench.utils.io import atomic_write_json, atomic_write_text
 
 
@@ -114,16 +114,22 @@ def make_trainer(cfg: QATConfig, run: PreparedRun, ctx: DistContext, progress: b
         return compare(run.fp_pred, predict(m, run.test_loader, ctx.device, False)[0], run.labels).quant_top1
 
     batches = TrainBatches(run.train, cfg.batch_size, ctx.world, ctx.rank, cfg.seed, cfg.augment)
-    return Trainer(run.gm, cfg, batches, ctx, Path(cfg.out_dir), evaluate if ctx.is_main else None, progress)
+    return Trainer(run.gm, cfg, batches, ctx, cfg.run_dir(), evaluate if ctx.is_main else None, progress)
 
 
-def run_qat(cfg: QATConfig, resume: bool = False, progress: bool = True) -> QATResult:
-    """Quantization-aware training of one configuration (a process of a ``torchrun`` group, or alone)."""
+def run_qat(cfg: QATConfig, resume: bool = False, progress: bool = True, overwrite: bool = False) -> QATResult:
+    """Quantization-aware training of one configuration (a process of a ``torchrun`` group, or alone).
+
+    The run folder (:meth:`QATConfig.run_dir`) must not hold a checkpoint unless ``resume`` (continue it) or
+    ``overwrite`` (delete its run files first); ``resume`` needs one. Both are checked before any work.
+    """
     cfg.check()
+    out_dir = cfg.run_dir()
     ctx = init_distributed(cfg.device)
     main = ctx.is_main
+    check_run_dir(out_dir, resume, overwrite, remove=main)  # every process refuses alike; rank 0 deletes
+    ctx.barrier()
     spec = cfg.resolved_backend()
-    out_dir = Path(cfg.out_dir)
     run = prepare_run(cfg, ctx, progress)
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -143,8 +149,10 @@ def run_qat(cfg: QATConfig, resume: bool = False, progress: bool = True) -> QATR
         calib_seconds=run.calib_seconds, n_test=ev.n if ev else 0, n_calib=cfg.calib_size, bn_calib=False,
         first_last=str(spec.first_last), residual="quantized" if p.mode == "outputs" and p.add_output else "fp",
         skip="quantized" if p.mode == "outputs" and p.add_inputs else "fp", n_quantizers=len(table),
+        layers=[asdict(layer) for layer in list_layers(gm)],
         device=cfg.device, weights=cfg.weights, data=cfg.data,
-        extra={"history_points": len(outcome.history), "resumed_from_epoch": outcome.resumed_from_epoch},
+        extra={"history_points": len(outcome.history), "resumed_from_epoch": outcome.resumed_from_epoch,
+               "warnings": outcome.warnings},
         algorithm=cfg.algorithm, bn_fold=cfg.bn_fold, init=cfg.init, init_top1=run.init_top1, epochs=cfg.epochs,
         batch_size=cfg.batch_size, lr=cfg.resolved()["lr"], train_seconds=outcome.seconds,
         seconds_per_epoch=outcome.seconds / max(cfg.epochs, 1), world_size=ctx.world, amp=cfg.amp,
@@ -165,4 +173,4 @@ def write_artefacts(gm: nn.Module, cfg: QATConfig, result: QATResult, table: lis
     title = f"{cfg.model} {cfg.algorithm} W{result.w_bits}A{result.a_bits} {result.backend}"
     plot_curves(history, out_dir / "curves.png", title)
     plot_clipping_ranges(table, out_dir / "clipping_ranges.png", f"activation clipping ranges: {title}")
-    (out_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+    atomic_write_text(out_dir / "result.json", json.dumps(result.to_dict(), indent=2, default=str) + "\n")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from quantbench.errors import ConfigError
 from quantbench.models import get_entry
+from quantbench.utils.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -17,26 +20,47 @@ class FamilyDefaults:
     weight_decay: float  # the family's full-precision recipe
 
 
-#: learning rate from seed 001 A's grid search (ResNet family incl. RegNet 0.004, MobileNet family incl.
-#: EfficientNet 0.01); weight decay as each family's FP recipe
-FAMILY_DEFAULTS: dict[str, FamilyDefaults] = {
-    "resnet": FamilyDefaults(0.004, 1e-4),
-    "regnet": FamilyDefaults(0.004, 5e-5),
-    "densenet": FamilyDefaults(0.004, 1e-4),
-    "mobilenet": FamilyDefaults(0.01, 4e-5),
-    "efficientnet": FamilyDefaults(0.01, 1e-5),
-    "shufflenet": FamilyDefaults(0.01, 4e-5),
-    "small": FamilyDefaults(0.004, 5e-4),
-}
+#: ``recipe(model name) -> FamilyDefaults`` for one model family (a function, so a family can treat a model apart)
+FamilyRecipe = Callable[[str], FamilyDefaults]
+RECIPE_FAMILIES: Registry[FamilyRecipe] = Registry[FamilyRecipe]("QAT recipe family")
 
-#: per-model exceptions: MobileNetV2 trains better with weight decay 1e-5 than its FP 4e-5 (seed 001 A)
-MODEL_WEIGHT_DECAY: dict[str, float] = {"mobilenet_v2": 1e-5}
+
+def register_family(name: str) -> Callable[[FamilyRecipe], FamilyRecipe]:
+    """Decorator: ``@register_family("myfamily")`` on ``def recipe(model: str) -> FamilyDefaults`` gives the
+    models of family ``name`` (``ModelEntry.family``) their QAT learning rate and weight decay."""
+    return RECIPE_FAMILIES.register(name)
+
+
+def _fixed(name: str, lr: float, weight_decay: float) -> None:
+    register_family(name)(lambda _model: FamilyDefaults(lr, weight_decay))
+
+
+# learning rate from seed 001 A's grid search (ResNet family incl. RegNet 0.004, MobileNet family incl.
+# EfficientNet 0.01); weight decay as each family's FP recipe
+_fixed("resnet", 0.004, 1e-4)
+_fixed("regnet", 0.004, 5e-5)
+_fixed("densenet", 0.004, 1e-4)
+_fixed("efficientnet", 0.01, 1e-5)
+_fixed("shufflenet", 0.01, 4e-5)
+_fixed("small", 0.004, 5e-4)
+
+
+@register_family("mobilenet")
+def _mobilenet(model: str) -> FamilyDefaults:
+    """MobileNetV2 trains better with weight decay 1e-5 than its FP 4e-5 (seed 001 A)."""
+    return FamilyDefaults(0.01, 1e-5 if model == "mobilenet_v2" else 4e-5)
 
 
 def recipe_defaults(model: str) -> FamilyDefaults:
-    """Learning rate and weight decay for ``model`` from its registry family."""
-    fam = FAMILY_DEFAULTS[get_entry(model).family]
-    return FamilyDefaults(fam.lr, MODEL_WEIGHT_DECAY.get(model, fam.weight_decay))
+    """Learning rate and weight decay for ``model`` from its registry family's recipe."""
+    family = get_entry(model).family
+    if family not in RECIPE_FAMILIES:
+        raise ConfigError(
+            f"model {model!r} is of family {family!r}, which has no QAT recipe defaults (known families: "
+            f"{', '.join(RECIPE_FAMILIES.names())}): pass --lr and --weight-decay, or register the family with "
+            f"@quantbench.qat.recipe.register_family({family!r}) on a function model -> FamilyDefaults(lr, "
+            "weight_decay)")
+    return RECIPE_FAMILIES.get(family)(model)
 
 
 def build_optimizer(model: nn.Module, quantizer_params: list[nn.Parameter], lr: float, weight_decay: float,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,16 +14,56 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor, nn
 
+from quantbench.errors import CheckpointError, ConfigError
 from quantbench.qat.checkpoint import ResumeMismatchError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from quantbench.qat.config import QATConfig, config_diff
 from quantbench.qat.data import TrainBatches
-from quantbench.qat.diagnostics import EMA, DivergenceError, JsonLog, find_diverged
+from quantbench.qat.diagnostics import (
+    EMA,
+    DivergenceError,
+    DivergenceMonitor,
+    DivergenceWarning,
+    JsonLog,
+    find_diverged,
+    non_finite_tensors,
+)
 from quantbench.qat.distributed import DistContext, wrap_ddp
 from quantbench.qat.prepare import quantizer_parameters, quantizer_table
 from quantbench.qat.recipe import build_optimizer, cosine_schedule
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
+#: every file a run writes in its folder (``--overwrite`` removes them before training starts)
+RUN_FILES = (CHECKPOINT, LOG, "config.yaml", "final.pt", "quantizers.json", "curves.png", "clipping_ranges.png",
+             "result.json")
+
+
+class RunFolderError(ConfigError):
+    """A run folder that holds another run's checkpoint, or ``--resume`` with nothing to resume."""
+
+
+def nothing_to_resume(out_dir: Path) -> RunFolderError:
+    return RunFolderError(f"--resume: {out_dir} holds no {CHECKPOINT} to resume from; check --out-dir (or the "
+                          f"run's settings, which name its default folder) or drop --resume to start anew")
+
+
+def check_run_dir(out_dir: Path, resume: bool = False, overwrite: bool = False, remove: bool = True) -> None:
+    """Refuse to train into a folder holding a checkpoint unless resuming or overwriting (then, with
+    ``remove``, its run files are deleted first), and refuse ``resume`` when there is no checkpoint."""
+    if resume and overwrite:
+        raise RunFolderError("--resume and --overwrite contradict each other: give one of them")
+    ckpt = out_dir / CHECKPOINT
+    if resume:
+        if not ckpt.is_file():
+            raise nothing_to_resume(out_dir)
+        return
+    if not ckpt.is_file():
+        return
+    if not overwrite:
+        raise RunFolderError(f"{out_dir} holds the checkpoint of an earlier run ({ckpt}): pass --resume to "
+                             "continue it, --overwrite to delete it and start anew, or another --out-dir")
+    for name in RUN_FILES if remove else ():
+        (out_dir / name).unlink(missing_ok=True)
 
 
 @dataclass
@@ -32,6 +73,11 @@ class TrainOutcome:
     seconds: float
     resumed_from_epoch: int | None
     history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def warnings(self) -> list[str]:
+        """The divergence warnings of the run (``warning`` records of the log)."""
+        return [r["message"] for r in self.history if r.get("event") == "warning"]
 
 
 class Trainer:
@@ -53,6 +99,8 @@ class Trainer:
         self.ckpt_path = self.out_dir / CHECKPOINT
         self.log = JsonLog(self.out_dir / LOG, ctx.is_main)
         self.ema = EMA(0.3)
+        self.monitor = DivergenceMonitor()
+        self.num_classes = 0  # from the logits of the first step
         self.history: list[dict[str, Any]] = []
         self.epoch = 0  # epochs completed
         self.step = 0
@@ -67,9 +115,17 @@ class Trainer:
                 "scheduler": self.sched.state_dict(), "quantizers": quantizer_table(self.gm),  # type: ignore[arg-type]
                 "rng": rng_state(),
                 "train_state": {"ema": self.ema.value, "history": self.history, "meter": self.meter.tolist(),
-                                "last_test_step": self.last_test_step, "seconds": self.t_train}}
+                                "last_test_step": self.last_test_step, "seconds": self.t_train,
+                                "monitor": self.monitor.state(), "num_classes": self.num_classes}}
 
     def save(self) -> None:
+        """Write the epoch checkpoint; weights that are not finite stop training instead (every process sees
+        the same weights), so a good checkpoint is never replaced by a broken one."""
+        bad = non_finite_tensors(self.gm.state_dict())
+        if bad:
+            self.stop(f"after epoch {self.epoch} the weights are not finite ({bad[0]!r}"
+                      + (f" and {len(bad) - 1} more" if len(bad) > 1 else "") + "); its checkpoint was not written",
+                      self.epoch - 1, "diverged")
         if self.ctx.is_main:
             save_checkpoint(self.ckpt_path, self.state())
         self.ctx.barrier()
@@ -93,6 +149,9 @@ class Trainer:
         self.ema.value, self.history = ts["ema"], list(ts["history"])
         self.meter = torch.tensor(ts["meter"], dtype=torch.float64)
         self.last_test_step, self.t_train = int(ts["last_test_step"]), float(ts["seconds"])
+        if "monitor" in ts:  # checkpoints of earlier versions have none
+            self.monitor.load(ts["monitor"])
+            self.num_classes = int(ts["num_classes"])
         self.log.rewrite(self.history)
         return True
 
@@ -110,6 +169,9 @@ class Trainer:
                "seconds": self.t_train}
         self.record(rec)
         self.meter.zero_()
+        message = self.monitor.on_train(rec["loss"], self.num_classes)
+        if message:
+            self.warn(message, epoch, stoppable=True)
         return rec
 
     def log_test(self, epoch: int) -> None:
@@ -121,6 +183,9 @@ class Trainer:
             top1 = self.evaluate(self.gm)
             self.gm.train()
             self.record({"event": "test", "epoch": epoch + 1, "step": self.step, "test_top1": top1})
+            message = self.monitor.on_test(top1, self.num_classes)
+            if message:  # a warning only: the test runs on the main process, a stop must be collective
+                self.warn(message, epoch, stoppable=False)
 
     # ------------------------------------------------------------------------------------ training
     def train_step(self, x: Tensor, y: Tensor, epoch: int) -> None:
@@ -129,6 +194,7 @@ class Trainer:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.cfg.amp == "bf16"):
             logits = self.model(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
+        self.num_classes = int(logits.shape[-1])
         bad = self.ctx.all_sum(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=dev))
         if float(bad) > 0:
             self.diverged(x, float(loss.detach()), epoch)
@@ -143,13 +209,43 @@ class Trainer:
                                        dtype=torch.float64)
 
     def diverged(self, x: Tensor, loss: float, epoch: int) -> None:
+        """The loss is NaN or infinite: log it, name the quantizer, stop."""
         where = find_diverged(self.gm, x)
         self.record({"event": "diverged", "epoch": epoch + 1, "step": self.step, "loss": str(loss), "cause": where})
-        kept = (f"the last good checkpoint (after epoch {self.epoch}) is kept at {self.ckpt_path}"
-                if self.epoch > 0 else "no checkpoint was written (it diverged in the first epoch)")
-        raise DivergenceError(
-            f"the loss became {loss} at epoch {epoch + 1}, iteration {self.step + 1}: {where}. Training stopped; "
-            f"{kept}. Lower --lr (or the quantizer learning rate), or initialise from another calibrator")
+        self.stop(f"the loss became {loss} at epoch {epoch + 1}, iteration {self.step + 1}: {where}", epoch, None)
+
+    def warn(self, message: str, epoch: int, stoppable: bool) -> None:
+        """A finite divergence: a ``warning`` log record and a :class:`DivergenceWarning`; with
+        ``on_divergence: stop`` a ``stoppable`` one (seen alike by every process) follows the NaN policy:
+        training stops, keeping the last good checkpoint."""
+        self.record({"event": "warning", "epoch": epoch + 1, "step": self.step, "message": message})
+        if stoppable and self.cfg.on_divergence == "stop":
+            self.stop(f"{message} (epoch {epoch + 1}, iteration {self.step}; on_divergence: stop)", epoch, "diverged")
+        hint = "; --on-divergence stop ends such a run" if stoppable else ""
+        warnings.warn(f"{message} at epoch {epoch + 1}, iteration {self.step}: lower --lr (or the quantizer "
+                      f"learning rate){hint}", DivergenceWarning, stacklevel=2)
+
+    def stop(self, what: str, epoch: int, event: str | None) -> None:
+        """Raise :class:`DivergenceError` saying which checkpoint, if any, is good (logging ``event``)."""
+        if event is not None:
+            self.record({"event": event, "epoch": epoch + 1, "step": self.step, "cause": what})
+        raise DivergenceError(f"{what}. Training stopped; {self.kept_checkpoint()}. Lower --lr (or the quantizer "
+                              "learning rate), or initialise from another calibrator")
+
+    def kept_checkpoint(self) -> str:
+        """Which checkpoint is good: one is only called good when it loads and all its weights are finite."""
+        if not self.ckpt_path.is_file():
+            return ("no checkpoint was written (it diverged in the first epoch)" if self.epoch == 0
+                    else f"no checkpoint was written to {self.ckpt_path}")
+        try:
+            ckpt = load_checkpoint(self.ckpt_path, "cpu")
+            bad = non_finite_tensors(ckpt["model"])
+        except (CheckpointError, KeyError) as exc:
+            return f"there is no good checkpoint: {self.ckpt_path} cannot be read ({exc})"
+        if bad:
+            return (f"there is no good checkpoint: {self.ckpt_path} (after epoch {ckpt['epoch']}) holds non-finite "
+                    f"weights ({bad[0]!r}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else "") + ")")
+        return f"the last good checkpoint (after epoch {ckpt['epoch']}) is kept at {self.ckpt_path}"
 
     def _progress(self) -> Progress:
         return Progress(TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -158,7 +254,9 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> TrainOutcome:
         """Train ``cfg.epochs`` epochs (the rest of them after a resume)."""
-        resumed = self.epoch if resume and self.resume() else None
+        if resume and not self.resume():
+            raise nothing_to_resume(self.out_dir)
+        resumed = self.epoch if resume else None
         if resumed is None:
             self.log.rewrite([])
             self.log_test(-1)  # the PTQ-initialised model at iteration 0
