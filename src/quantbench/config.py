@@ -18,6 +18,7 @@ from quantbench.backends.spec import BackendSpec
 from quantbench.errors import ConfigError
 from quantbench.models import get_entry
 from quantbench.observers import OBSERVERS, validate_observer_options
+from quantbench.recon.config import RECON_METHODS, ReconOptions
 
 Policy = Literal["quantized", "fp"]
 
@@ -117,6 +118,16 @@ class PTQConfig(QuantRunConfig):
     a_observer: str = "mse"
     bn_calib: bool = False
     bn_calib_size: int | None = Field(None, ge=1, description="images for BN re-calibration (default: calib_size)")
+    method: str = Field("nearest", description="'nearest' (calibration only) or a reconstruction method: "
+                                               "adaround, brecq, qdrop (quantbench.recon)")
+    recon: ReconOptions = Field(default_factory=ReconOptions, description="reconstruction options")
+
+    @field_validator("method")
+    @classmethod
+    def _method_known(cls, v: str) -> str:
+        if v != "nearest":
+            RECON_METHODS.get(v)  # raises UnknownNameError listing the valid names
+        return v
 
 
 def field_from(model: type[BaseModel], name: str) -> Any:

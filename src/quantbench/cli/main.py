@@ -39,6 +39,7 @@ from quantbench.cli.options import (
 )
 from quantbench.cli.tables import backends_table, results_table
 from quantbench.config import PTQConfig, default_of
+from quantbench.recon.config import CPU_ITERS, GPU_ITERS, ReconOptions
 from quantbench.utils.io import atomic_write_json
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -65,6 +66,16 @@ def ptq(
     layer_bits: LayerBitsOpt = None,
     overrides: OverridesOpt = None,
     width_mult: WidthMultOpt = 1.0,
+    method: Annotated[str, typer.Option(
+        help="weight rounding: nearest (calibration only), or reconstruct with adaround, brecq or qdrop")
+    ] = default_of(PTQConfig, "method"),
+    iters: Annotated[int | None, typer.Option(
+        help=f"reconstruction iterations per unit (default: {CPU_ITERS} on cpu, {GPU_ITERS} on cuda)")] = None,
+    recon_size: Annotated[int, typer.Option(help="training images for reconstruction")] = default_of(
+        ReconOptions, "recon_size"),
+    drop_prob: Annotated[float, typer.Option(
+        help="qdrop: probability that an activation quantizer returns its float input (1 - the reference's prob)")
+    ] = default_of(ReconOptions, "drop_prob"),
     device: Annotated[Device, typer.Option(help="cpu or cuda")] = Device.cpu,
     seed: SeedOpt = 0,
     max_test: MaxTestOpt = None,
@@ -86,7 +97,8 @@ def ptq(
         w_observer=w_observer, a_observer=a_observer, calib_size=calib_size, bn_calib=bn_calib,
         first_last=parse_first_last(first_last), residual=policy(residual), skip=policy(skip),
         width_mult=width_mult, device=device.value, seed=seed,
-        max_test=max_test, overrides=layer_overrides(overrides, layer_bits),
+        max_test=max_test, overrides=layer_overrides(overrides, layer_bits), method=method,
+        recon=ReconOptions(iters=iters, recon_size=recon_size, drop_prob=drop_prob),
     )
     spec = cfg.resolved_backend()  # validate overrides before any work
     context = build_context(cfg, not quiet)

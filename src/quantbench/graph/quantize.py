@@ -20,6 +20,7 @@ from quantbench.backends.overrides import (
     shared_activation,
 )
 from quantbench.backends.spec import BackendSpec
+from quantbench.errors import QuantbenchError
 from quantbench.graph.fold import wrap_weighted
 from quantbench.graph.ops import OpKind, op_kind, tensor_inputs
 from quantbench.graph.placement import Site, place_activation_quantizers
@@ -167,9 +168,22 @@ def set_quantizing(gm: nn.Module, on: bool) -> None:
         q.quantizing = on
 
 
+def refuse_if_reconstructed(gm: nn.Module, what: str) -> None:
+    """Raise when ``gm`` was reconstructed (AdaRound, BRECQ, QDrop): ``what`` would undo the learned rounding."""
+    meta = getattr(gm, "meta", {}).get("quantbench", {})
+    if meta.get("reconstructed"):
+        raise QuantbenchError(
+            f"the weights were reconstructed ({meta['reconstructed']}): {what} would re-derive the weight scales "
+            "and undo the learned rounding. Order: calibrate -> BN re-calibration (--bn-calib) -> reconstruct")
+
+
 @torch.no_grad()
 def calibrate_weights(gm: nn.Module) -> None:
-    """Observe each layer's (folded) weight once and compute its quantization parameters."""
+    """Observe each layer's (folded) weight once and compute its quantization parameters.
+
+    Refused on a reconstructed model: new scales would undo the learned rounding.
+    """
+    refuse_if_reconstructed(gm, "calibrating the weights again")
     for _, layer in weight_layers(gm):
         q = layer.weight_quantizer
         if q is None:

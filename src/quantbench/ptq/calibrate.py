@@ -11,6 +11,7 @@ from quantbench.errors import EmptyCalibrationError
 from quantbench.graph.quantize import (
     calibrate_weights,
     finish_activation_calibration,
+    refuse_if_reconstructed,
     set_observing,
     set_quantizing,
 )
@@ -31,6 +32,7 @@ def calibrate(gm: nn.Module, loader: Iterable, device: torch.device | str = "cpu
     Activation statistics come from the float model (all fake quantization off), as in ONNX
     Runtime and PyTorch calibration; weights are observed once from the (folded) weight tensor.
     """
+    refuse_if_reconstructed(gm, "calibrating again")
     gm.eval()
     set_quantizing(gm, False)
     set_observing(gm, True)
@@ -57,6 +59,7 @@ def bn_recalibrate(gm: nn.Module, loader: Iterable, device: torch.device | str =
     parameters afterwards, since the folded weight depends on the running variance. Returns the
     number of BatchNorm layers re-calibrated.
     """
+    refuse_if_reconstructed(gm, "BN re-calibration")
     bns = [m for m in gm.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return 0

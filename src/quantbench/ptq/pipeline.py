@@ -15,6 +15,7 @@ from quantbench.graph.quantize import list_layers, list_quantizers, prepare
 from quantbench.models import build_model, get_entry
 from quantbench.ptq.calibrate import bn_recalibrate, calibrate
 from quantbench.ptq.evaluate import compare, predict
+from quantbench.recon.reconstruct import reconstruct
 
 
 @dataclass
@@ -52,6 +53,8 @@ class PTQResult:
     device: str
     weights: str | None = None
     data: str = ""
+    method: str = "nearest"  # the weights' rounding: nearest, or the reconstruction method
+    recon_seconds: float | None = None  # reconstruction wall time (None: no reconstruction)
     layers: list[dict[str, Any]] = field(default_factory=list)  # per conv/linear layer: name, bits, kept float
     extra: dict[str, Any] = field(default_factory=dict)
     #: The prepared and calibrated graph (so callers such as the sweep's cards need not prepare again);
@@ -83,10 +86,16 @@ def build_context(cfg: PTQConfig, progress: bool = True) -> PTQContext:
     return PTQContext(_context_key(cfg), model, bundle, example, fp_pred, labels, loader)
 
 
+def _images(dataset: Any) -> Tensor:
+    """The images of a (sub)dataset as one tensor (N, C, H, W)."""
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])
+
+
 def run_ptq(cfg: PTQConfig, progress: bool = True, context: PTQContext | None = None,
             keep_quantizers: bool = False) -> PTQResult:
-    """Run one PTQ configuration. Pass ``context`` to reuse a loaded model and data across runs;
-    ``keep_quantizers`` adds every quantizer's scheme, scale and zero-point to ``result.extra``."""
+    """Run one PTQ configuration: calibrate, optionally re-calibrate BN, optionally reconstruct (in that order).
+    Pass ``context`` to reuse a loaded model and data across runs; ``keep_quantizers`` adds every quantizer's
+    scheme, scale and zero-point to ``result.extra``."""
     torch.manual_seed(cfg.seed)
     spec = cfg.resolved_backend()
     if context is None or context.key != _context_key(cfg):
@@ -106,11 +115,17 @@ def run_ptq(cfg: PTQConfig, progress: bool = True, context: PTQContext | None = 
     if cfg.device == "cuda":
         torch.cuda.synchronize()
     calib_seconds = time.perf_counter() - t0
+    recon_seconds: float | None = None
+    extra: dict[str, Any] = {}
+    if cfg.method != "nearest":
+        report = reconstruct(gm, _images(calibration_subset(context.bundle, cfg.recon.recon_size, cfg.seed)),
+                             cfg.method, cfg.recon, cfg.device, progress)
+        recon_seconds = report.seconds
+        extra["reconstruction"] = asdict(report)
     q_pred, _ = predict(gm, context.test_loader, cfg.device, progress, "evaluating quantized")
     ev = compare(context.fp_pred, q_pred, context.labels)
     p = spec.placement
     quantizers = list_quantizers(gm)
-    extra: dict[str, Any] = {}
     if keep_quantizers:
         extra["quantizers"] = [
             {**asdict(q), "scheme": q.scheme.describe()} for q in quantizers
@@ -122,6 +137,7 @@ def run_ptq(cfg: PTQConfig, progress: bool = True, context: PTQContext | None = 
         n_calib=cfg.calib_size, bn_calib=cfg.bn_calib, first_last=str(spec.first_last),
         residual="quantized" if p.mode == "outputs" and p.add_output else "fp",
         skip="quantized" if p.mode == "outputs" and p.add_inputs else "fp",
-        n_quantizers=len(quantizers), device=cfg.device, weights=cfg.weights, data=cfg.data,
+        n_quantizers=len(quantizers), device=cfg.device, weights=cfg.weights, data=cfg.data, method=cfg.method,
+        recon_seconds=recon_seconds,
         layers=[asdict(layer) for layer in list_layers(gm)], extra=extra, graph=gm,
     )

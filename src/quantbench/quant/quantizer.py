@@ -55,6 +55,8 @@ class Quantizer(nn.Module):
         self.rule: LearningRule | None = None
         self.onnx_rounding = False
         self.ort_int8 = False
+        #: QDrop (reconstruction only): while learning, each element is returned unquantized with this probability
+        self.drop_prob = 0.0
         self.set_name(name)
 
     # ------------------------------------------------------------------ switches
@@ -132,6 +134,8 @@ class Quantizer(nn.Module):
             return x
         if self._switch[_LEARNING]:
             assert self.rule is not None
+            if self.drop_prob > 0.0:
+                return torch.where(torch.rand_like(x) < self.drop_prob, x, self.rule(x))
             return self.rule(x)
         if not self.calibrated:
             raise QuantbenchError(f"quantizer {self.name!r} was never calibrated: call compute_qparams()")
