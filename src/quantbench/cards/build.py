@@ -27,6 +27,8 @@ class CardInputs:
     accuracy: dict[str, Any]
     signed: dict[str, bool] = field(default_factory=dict)
     not_applicable: dict[str, str] = field(default_factory=dict)
+    #: the weights' rounding policy (seed 004 2.1: methods that do not round to nearest must say so)
+    rounding: str = "nearest (round half to even)"
 
 
 def _observer_doc(name: str) -> str:
@@ -81,7 +83,7 @@ def _method_section(inp: CardInputs) -> dict[str, Any]:
     summary = (f"uniform; weights {w['symmetry']} {w['granularity']} ({w['calibration']}); activations "
                f"{a['symmetry']} {a['granularity']} ({a['calibration']}); {inp.parameters} quantizer parameters")
     return {"uniformity": "uniform", "weights": w, "activations": a, "parameters": inp.parameters,
-            "summary": summary}
+            "rounding": inp.rounding, "summary": f"{summary}; weight rounding {inp.rounding}"}
 
 
 def _operations_section(inp: CardInputs) -> dict[str, Any]:

@@ -21,6 +21,21 @@ NOT_APPLICABLE = {
 }
 
 
+def reconstruction_rounding(method: str) -> str:
+    """The card's rounding policy of a reconstruction method."""
+    return (f"learned ({method}: AdaRound's rounding, floor(W/s) + {{0, 1}} per weight, scales from the "
+            "calibrator)")
+
+
+def reconstruction_facts(recon: dict[str, Any]) -> dict[str, Any]:
+    """What a card records of a reconstruction (seed 004 Table 1: amount and type of data, labels, time)."""
+    return {"method": recon["method"], "images": recon["n_images"],
+            "data": "real, unlabeled (images from the training split; labels are not used)", "labels_used": False,
+            "preset": recon["preset"], "iterations_per_unit": recon["iters"], "units": len(recon["units"]),
+            "seconds": round(recon["seconds"], 2), "passes_over_images": round(recon["passes"], 3),
+            "options": recon["options"]}
+
+
 def ptq_run_card(config: dict[str, Any], spec: BackendSpec, result: dict[str, Any], gm: fx.GraphModule,
                  example: Tensor, code_version: str) -> dict[str, Any]:
     """A quantization card for a PTQ run: ``config`` is the run's config dump, ``result`` its result dict;
@@ -29,6 +44,16 @@ def ptq_run_card(config: dict[str, Any], spec: BackendSpec, result: dict[str, An
     quantizers = result.get("extra", {}).get("quantizers", [])
     label = result["w_observer"] if result["w_observer"] == result["a_observer"] else \
         f"{result['w_observer']}/{result['a_observer']}"
+    recon = result.get("extra", {}).get("reconstruction")
+    resources = {"method": "ptq", "calibration_examples": result["n_calib"],
+                 "calibration_data": "real, unlabeled (images from the training split; labels are not used)",
+                 "training_examples": NA, "labels_used": False,
+                 "quantization_seconds": round(result["calib_seconds"] + (result.get("recon_seconds") or 0.0), 4),
+                 "epoch_seconds_estimate": NA, "fraction_of_epoch": NA, "device": result["device"]}
+    rounding = "nearest (round half to even)"
+    if recon is not None:
+        rounding = reconstruction_rounding(recon["method"])
+        resources["reconstruction"] = reconstruction_facts(recon)
     return build_card(CardInputs(
         run={"run_id": run_id, "sweep": "", "method": "ptq", "method_label": label, "model": result["model"],
              "backend": spec.name, "backend_description": spec.description.strip(), "w_bits": spec.weight.bits,
@@ -36,11 +61,7 @@ def ptq_run_card(config: dict[str, Any], spec: BackendSpec, result: dict[str, An
         spec=spec, structure=collect_structure(gm, example),
         observers={"weights": result["w_observer"], "activations": result["a_observer"]},
         parameters="static", mixed_precision=False,
-        resources={"method": "ptq", "calibration_examples": result["n_calib"],
-                   "calibration_data": "real, unlabeled (images from the training split; labels are not used)",
-                   "training_examples": NA, "labels_used": False,
-                   "quantization_seconds": round(result["calib_seconds"], 4), "epoch_seconds_estimate": NA,
-                   "fraction_of_epoch": NA, "device": result["device"]},
+        resources=resources, rounding=rounding,
         accuracy={"model": result["model"], "weights": result["weights"] or "random init", "dataset": result["data"],
                   "n_test": result["n_test"], "baseline_top1": result["fp_top1"],
                   "quantized_top1": result["quant_top1"], "agreement": result["agreement"]},

@@ -170,7 +170,10 @@ def reconstruct(gm: fx.GraphModule, images: Tensor, method: str | ReconMethod, o
     report = ReconReport(m.name, opts.preset(dev.type), iters, images.shape[0], 0.0, 0.0,
                          options=opts.model_dump())
     fp_in = q_in = cache.put(images)
-    with LossBar(len(units), f"{m.name}", enabled=progress) as bar:
+    frozen = [p for p in gm.parameters() if p.requires_grad]  # the network's own weights never learn here
+    for prm in frozen:
+        prm.requires_grad_(False)
+    with LossBar(len(units), f"{m.name}", enabled=progress) as bar, _restore_grad(frozen):
         for unit in units:
             layers, acts = _unit_modules(gm, unit)
             sub = extract(gm, unit.input, unit.output, unit.nodes)
@@ -195,6 +198,15 @@ def reconstruct(gm: fx.GraphModule, images: Tensor, method: str | ReconMethod, o
     gm.meta["quantbench"]["reconstructed"] = m.name
     gm.meta["quantbench"]["reconstruction"] = report
     return report
+
+
+@contextlib.contextmanager
+def _restore_grad(params: list[nn.Parameter]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for prm in params:
+            prm.requires_grad_(True)
 
 
 def _run_float(sub: fx.GraphModule, x: Tensor, targets: set[str], cache: _Cache,
@@ -366,13 +378,3 @@ class _Learner:
                 self.bar.update(t + 1, value)
         self.bar.update(iters, last)
         return first, last
-
-
-def rounding_summary(gm: nn.Module) -> dict[str, Any]:
-    """For cards: the rounding policy of the weights of a (possibly reconstructed) model."""
-    meta = gm.meta.get("quantbench", {}) if isinstance(gm, fx.GraphModule) else {}
-    rec: ReconReport | None = meta.get("reconstruction")
-    if rec is None:
-        return {"rounding": "nearest (round half to even)"}
-    return {"rounding": f"learned ({rec.method}: AdaRound rounding, floor(W/s) + {{0, 1}})",
-            "images": rec.n_images, "labels": "none", "preset": rec.preset, "seconds": rec.seconds}

@@ -9,6 +9,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from quantbench.cards.build import CardInputs, build_card
 from quantbench.cards.facts import NA, collect_structure
+from quantbench.cards.ptq import reconstruction_facts, reconstruction_rounding
 from quantbench.config import PTQConfig, default_of, field_from
 from quantbench.errors import SweepError
 from quantbench.observers import OBSERVERS
@@ -119,8 +120,9 @@ class PTQMethod(Method):
         quantizers = result.extra.get("quantizers", [])
         n_bn = (cfg.bn_calib_size or cfg.calib_size) if cfg.bn_calib else 0
         metrics = {k: v for k, v in result.to_dict().items() if k != "extra"}
+        q_seconds = result.calib_seconds + (result.recon_seconds or 0.0)  # calibration + reconstruction
         metrics.update(
-            epoch_seconds_estimate=epoch_s, fraction_of_epoch=result.calib_seconds / epoch_s if epoch_s else None,
+            epoch_seconds_estimate=epoch_s, fraction_of_epoch=q_seconds / epoch_s if epoch_s else None,
             model_size_bytes=structure.size_bytes, fp32_size_bytes=structure.fp32_size_bytes,
             train_seconds=None, latency_ms=None,
         )
@@ -131,12 +133,17 @@ class PTQMethod(Method):
             "bn_calibration_examples": n_bn if n_bn else NA,
             "training_examples": NA,
             "labels_used": False,
-            "quantization_seconds": round(result.calib_seconds, 4),
+            "quantization_seconds": round(q_seconds, 4),
             "epoch_seconds_estimate": round(epoch_s, 4),
-            "fraction_of_epoch": round(result.calib_seconds / epoch_s, 6) if epoch_s else NA,
+            "fraction_of_epoch": round(q_seconds / epoch_s, 6) if epoch_s else NA,
             "epoch_estimate_method": "forward+backward of one 64-image training batch x batches per epoch",
             "device": cfg.device,
         }
+        recon = result.extra.get("reconstruction")
+        rounding = "nearest (round half to even)"
+        if recon is not None:
+            resources["reconstruction"] = reconstruction_facts(recon)
+            rounding = reconstruction_rounding(recon["method"])
         card = build_card(CardInputs(
             run={"run_id": job.run_id, "sweep": job.sweep, "method": self.name, "method_label": job.method_label,
                  "model": cfg.model, "backend": spec.name, "backend_description": spec.description.strip(),
@@ -144,7 +151,7 @@ class PTQMethod(Method):
                  "code_version": job.identity.get("code_version", "")},
             spec=spec, structure=structure,
             observers={"weights": cfg.w_observer, "activations": cfg.a_observer},
-            parameters="static", mixed_precision=False, resources=resources,
+            parameters="static", mixed_precision=False, resources=resources, rounding=rounding,
             accuracy={"model": cfg.model, "weights": cfg.weights or "random init", "dataset": cfg.data,
                       "n_test": result.n_test, "baseline_top1": result.fp_top1, "quantized_top1": result.quant_top1,
                       "agreement": result.agreement},

@@ -1,0 +1,154 @@
+"""Reconstruction PTQ on ResNet-20 (CIFAR-10 subset): nearest vs AdaRound vs BRECQ vs QDrop per backend and bits.
+
+Each row: top-1, agreement with FP32, reconstruction seconds, forward passes over the reconstruction set the
+caching cost, peak RSS during the row, and the optimisation step of the largest unit relative to a plain
+forward + backward of the same unit. ``--rows headline`` runs the issue's acceptance rows 1-2 with the CPU
+preset (1 000 iterations per unit); ``--rows grid`` runs every backend x {W4A8, W4A4, W2A4} x method with
+``--iters`` (e.g. 200, a faster preset named in each row).
+
+    python benchmarks/reconstruction.py --rows headline                 # acceptance 1-2
+    python benchmarks/reconstruction.py --rows grid --iters 200         # acceptance 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from _common import median_time, print_table, write_json
+from quantbench.config import PTQConfig
+from quantbench.ptq.pipeline import build_context, run_ptq
+from quantbench.quant.quantizer import Quantizer
+from quantbench.recon.config import ReconOptions
+from quantbench.recon.reconstruct import float_mode
+from quantbench.recon.units import extract, partition
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+MODELS = {"resnet20_cifar": SHARED / "models/resnet20_cifar10.safetensors",
+          "resnet32_cifar": SHARED / "models/resnet32_cifar10.safetensors"}
+HEADLINE = [  # (model, backend, w_bits, a_bits, methods)
+    ("resnet20_cifar", "academic", 4, 8, ["nearest", "adaround", "brecq", "qdrop"]),
+    ("resnet20_cifar", "academic", 4, 4, ["nearest", "adaround", "brecq", "qdrop"]),
+    ("resnet20_cifar", "tensorrt", 4, 4, ["nearest", "adaround", "brecq", "qdrop"]),
+]
+GRID_BACKENDS = ["academic", "tensorrt", "snpe", "tvm", "acl", "fbgemm", "onnxruntime"]
+GRID_BITS = [(4, 8), (4, 4), (2, 4)]
+METHODS = ["nearest", "adaround", "brecq", "qdrop"]
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_row(model: str, backend: str, w: int, a: int, method: str, iters: int | None, contexts: dict) -> dict:
+    cfg = PTQConfig(model=model, weights=str(MODELS[model]), data=f"cifar10:{SHARED / 'data/cifar10'}",
+                    backend=backend, w_bits=w, a_bits=a, method=method, recon=ReconOptions(iters=iters))
+    if model not in contexts:
+        contexts[model] = build_context(cfg, progress=False)
+    t0 = time.perf_counter()
+    r = run_ptq(cfg, progress=False, context=contexts[model])
+    rec = r.extra.get("reconstruction", {})
+    return {"model": model, "backend": backend, "bits": f"W{w}A{a}", "method": method,
+            "preset": rec.get("preset", "-"), "top1": round(r.quant_top1, 2), "fp_top1": round(r.fp_top1, 2),
+            "agreement": round(100 * r.agreement, 2), "recon_s": round(r.recon_seconds or 0.0, 1),
+            "wall_s": round(time.perf_counter() - t0, 1), "passes": round(rec.get("passes", 0.0), 2),
+            "peak_rss_mib": round(peak_rss_mib()), "units": len(rec.get("units", []))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", choices=["headline", "grid", "resnet32"], default="headline")
+    ap.add_argument("--iters", type=int, default=None, help="iterations per unit (default: the CPU preset)")
+    ap.add_argument("--backends", default=",".join(GRID_BACKENDS))
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    methods = args.methods.split(",")
+    if args.rows == "headline":
+        plan = [(m, b, w, a, me) for m, b, w, a, ms in HEADLINE for me in ms if me in methods]
+    elif args.rows == "resnet32":
+        plan = [("resnet32_cifar", b, 4, 4, me) for b in ("academic", "tensorrt") for me in methods]
+    else:
+        plan = [("resnet20_cifar", b, w, a, me) for b in args.backends.split(",") for w, a in GRID_BITS
+                for me in methods]
+    rows: list[dict] = []
+    contexts: dict = {}
+    cols = ["model", "backend", "bits", "method", "preset", "top1", "agreement", "recon_s", "passes", "peak_rss_mib"]
+    for spec in plan:
+        row = run_row(*spec, args.iters, contexts)
+        rows.append(row)
+        print(" | ".join(str(row[c]) for c in cols), flush=True)
+    # the optimisation step vs a plain forward + backward of the same unit (QDrop, tensorrt W4A4)
+    cfg = PTQConfig(model="resnet20_cifar", weights=str(MODELS["resnet20_cifar"]),
+                    data=f"cifar10:{SHARED / 'data/cifar10'}", backend="tensorrt", w_bits=4, a_bits=4,
+                    method="qdrop", recon=ReconOptions(iters=1))
+    ctx = contexts.get("resnet20_cifar") or build_context(cfg, progress=False)
+    ratio = _learning_step_ratio(cfg, ctx)
+    print_table(f"Reconstruction ({args.rows})", cols, [[r[c] for c in cols] for r in rows])
+    print(f"optimisation step / plain forward+backward of the largest unit (QDrop, tensorrt W4A4): {ratio:.2f}")
+    write_json(f"reconstruction_{args.rows}", {"args": vars(args) | {"out": str(args.out)}, "rows": rows,
+                                               "step_ratio": ratio}, args.out)
+
+
+def _learning_step_ratio(cfg: PTQConfig, ctx: Any) -> float:
+    """Prepare and calibrate, switch the largest unit to QDrop's learning state, time its step."""
+    from quantbench.data import calibration_subset, make_loader
+    from quantbench.graph.quantize import prepare
+    from quantbench.ptq import calibrate
+    from quantbench.recon.adaround import ADAROUND
+
+    gm = prepare(ctx.model, cfg.resolved_backend(), ctx.example, cfg.w_observer, cfg.a_observer)
+    calib = calibration_subset(ctx.bundle, 256, 0)
+    calibrate(gm, make_loader(calib, 64), "cpu", False)
+    for m in gm.modules():
+        wq = getattr(m, "weight_quantizer", None)
+        if wq is not None:
+            w, _ = m.folded_weight_bias()
+            rule = wq.enable_learning(ADAROUND, None, True, "calibrator")
+            rule.init_from_tensor(w.detach())
+            rule.mark_initialized()
+    for m in gm.modules():
+        if isinstance(m, Quantizer) and not m.is_weight and m.rule is None:
+            m.enable_learning("lsq", None, True, "calibrator")
+            m.drop_prob = 0.5
+    x = torch.stack([calib[i][0] for i in range(64)])
+    units = partition(gm)
+    unit = max(units, key=lambda u: len(u.layers))
+    with torch.no_grad():
+        for u in units:
+            if u is unit:
+                break
+            x = extract(gm, u.input, u.output, u.nodes)(x)
+    return step_ratio_at(gm, unit, x)
+
+
+def step_ratio_at(gm: Any, unit: Any, x: torch.Tensor, iters: int = 30) -> float:
+    sub = extract(gm, unit.input, unit.output, unit.nodes)
+    xb = x[:32].clone()
+    qs = [m for m in sub.modules() if isinstance(m, Quantizer)]
+    params = [p for p in sub.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-4)
+
+    def plain() -> None:
+        with float_mode(qs):
+            sub.zero_grad(set_to_none=True)
+            (sub(xb) ** 2).mean().backward()
+
+    def quant() -> None:
+        opt.zero_grad(set_to_none=True)
+        (sub(xb) ** 2).mean().backward()
+        opt.step()
+
+    return median_time(quant, iters) / median_time(plain, iters)
+
+
+if __name__ == "__main__":
+    main()
