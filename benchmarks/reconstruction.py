@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from _common import median_time, print_table, write_json
 from quantbench.config import PTQConfig
