@@ -57,7 +57,14 @@ def run_row(model: str, backend: str, w: int, a: int, method: str, iters: int | 
             "preset": rec.get("preset", "-"), "top1": round(r.quant_top1, 2), "fp_top1": round(r.fp_top1, 2),
             "agreement": round(100 * r.agreement, 2), "recon_s": round(r.recon_seconds or 0.0, 1),
             "wall_s": round(time.perf_counter() - t0, 1), "passes": round(rec.get("passes", 0.0), 2),
-            "peak_rss_mib": round(peak_rss_mib()), "units": len(rec.get("units", []))}
+            "peak_rss_mib": round(peak_rss_mib()), "units": len(rec.get("units", [])),
+            "rss_growth_mib": _growth(rec.get("units", []))}
+
+
+def _growth(units: list[dict]) -> float | None:
+    """Growth of the peak RSS from the first unit to the last (0: memory flat across units)."""
+    rss = [u["peak_rss_mib"] for u in units if u.get("peak_rss_mib") is not None]
+    return round(rss[-1] - rss[0], 1) if rss else None
 
 
 def main() -> None:
@@ -80,7 +87,8 @@ def main() -> None:
                 for me in methods]
     rows: list[dict] = []
     contexts: dict = {}
-    cols = ["model", "backend", "bits", "method", "preset", "top1", "agreement", "recon_s", "passes", "peak_rss_mib"]
+    cols = ["model", "backend", "bits", "method", "preset", "top1", "agreement", "recon_s", "passes", "peak_rss_mib",
+            "rss_growth_mib"]
     for spec in plan:
         row = run_row(*spec, args.iters, contexts)
         rows.append(row)

@@ -16,6 +16,7 @@ from quantbench.graph.qmodules import QuantWeighted
 from quantbench.graph.quantize import all_quantizers, prepare, weight_layers
 from quantbench.models import build_model
 from quantbench.ptq import bn_recalibrate, calibrate
+from quantbench.quant.drop import drop, drop_mask
 from quantbench.quant.quantizer import Quantizer
 from quantbench.quant.scheme import QScheme
 from quantbench.recon.adaround import ADAROUND, GAMMA, ZETA, AdaRoundRule, LinearTempDecay, lp_loss
@@ -292,3 +293,28 @@ def test_quantweighted_layers_hold_weights_on_the_grid_after_reconstruction():
             with torch.no_grad():
                 assert torch.equal(wq(m.module.weight), m.module.weight) or torch.allclose(
                     wq(m.module.weight), m.module.weight, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------- dropping
+@pytest.mark.parametrize("p", [0.5, 0.3, 0.9])
+def test_drop_mask_draws_independent_bernoulli_values(p: float):
+    torch.manual_seed(0)
+    m = drop_mask(torch.zeros(400_000), p)
+    assert set(m.unique().tolist()) <= {0.0, 1.0}
+    assert abs(float(m.mean()) - p) < 0.005
+    # neighbours (bits of one random byte at p = 0.5) are independent: P(both) = p^2
+    assert abs(float((m[:-1] * m[1:]).mean()) - p * p) < 0.005
+    assert abs(float((m[:-8] * m[8:]).mean()) - p * p) < 0.005
+
+
+def test_drop_returns_the_float_value_where_dropped_and_splits_the_gradient():
+    torch.manual_seed(0)
+    x = torch.randn(64, 8, requires_grad=True)
+    q = torch.round(x.detach() * 4) / 4
+    q.requires_grad_(True)
+    out = drop(q, x, 0.5)
+    is_float = out.detach() == x.detach()
+    assert torch.equal(out.detach()[~is_float], q.detach()[~is_float])
+    out.sum().backward()
+    assert torch.equal(x.grad + q.grad, torch.ones_like(x))
+    assert 0.4 < float(x.grad.mean()) < 0.6

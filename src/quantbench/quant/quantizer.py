@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from quantbench.errors import QuantbenchError
 from quantbench.observers import build_observer
+from quantbench.quant.drop import drop
 from quantbench.quant.fake_quant import fake_quantize, quantize_div
 from quantbench.quant.scheme import QScheme
 
@@ -135,7 +136,7 @@ class Quantizer(nn.Module):
         if self._switch[_LEARNING]:
             assert self.rule is not None
             if self.drop_prob > 0.0:
-                return torch.where(torch.rand_like(x) < self.drop_prob, x, self.rule(x))
+                return drop(self.rule(x), x, self.drop_prob)
             return self.rule(x)
         if not self.calibrated:
             raise QuantbenchError(f"quantizer {self.name!r} was never calibrated: call compute_qparams()")

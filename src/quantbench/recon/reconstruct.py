@@ -31,6 +31,7 @@ from torch import Tensor, nn
 import quantbench.qat.quantizers  # noqa: F401  (registers LSQ, the activation steps' learning rule)
 from quantbench.errors import QuantbenchError
 from quantbench.graph.qmodules import QuantWeighted
+from quantbench.quant.drop import drop as mix
 from quantbench.quant.quantizer import Quantizer
 from quantbench.recon.adaround import ADAROUND, AdaRoundRule, LinearTempDecay, lp_loss
 from quantbench.recon.config import RECON_METHODS, ReconMethod, ReconOptions
@@ -52,6 +53,7 @@ class UnitReport:
     seconds: float
     loss_first: float
     loss_last: float
+    peak_rss_mib: float | None = None  # the process's peak resident memory after this unit (flat = no growth)
 
 
 @dataclass
@@ -81,6 +83,15 @@ class _Passes:
     @property
     def passes(self) -> float:
         return self.done / self.total
+
+
+def peak_rss_mib() -> float | None:
+    """The process's peak resident set size in MiB (None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _unit_modules(gm: fx.GraphModule, unit: Unit) -> tuple[list[QuantWeighted], list[Quantizer]]:
@@ -189,7 +200,8 @@ def reconstruct(gm: fx.GraphModule, images: Tensor, method: str | ReconMethod, o
             else:
                 losses = learner.unit(sub, layers, acts, q_in, fp_in, fp_out, unit.name)
             bar.advance()
-            report.units.append(UnitReport(unit.name, unit.layers, iters, time.perf_counter() - t_unit, *losses))
+            report.units.append(UnitReport(unit.name, unit.layers, iters, time.perf_counter() - t_unit, *losses,
+                                           peak_rss_mib=peak_rss_mib()))
             q_in = cache.run(sub, q_in, passes)
             fp_in = fp_out
             del layer_targets
@@ -350,7 +362,7 @@ class _Learner:
             idx = torch.randint(n, (min(opts.batch_size, n),))
             x = cache.get(q_in, idx)
             if drop > 0 and fp_in is not None:
-                x = torch.where(torch.rand_like(x) < drop, cache.get(fp_in, idx), x)
+                x = mix(x, cache.get(fp_in, idx), drop)
             with autocast:
                 out = sub(x)
             rec = lp_loss(out.float(), cache.get(target, idx), p)
