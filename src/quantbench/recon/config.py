@@ -83,6 +83,8 @@ class ReconOptions(BaseModel):
         "two_phase", description="BRECQ: activation steps after the rounding (reference) or jointly with it")
     cache_dtype: Literal["float32", "float16"] = "float32"
     cache_on_device: bool = Field(False, description="keep cached unit inputs on the GPU instead of the CPU")
+    cache_dir: str | None = Field(None, description=(
+        "spill cached tensors to memory-mapped files in this folder (large models); removed as soon as mapped"))
     bf16: bool = Field(False, description="bf16 autocast of the unit forward (GPU)")
     granularity: Granularity | None = Field(None, description="unit granularity (None: the method's)")
 

@@ -19,9 +19,12 @@ are released unit by unit, so memory does not grow. Afterwards nothing may re-de
 from __future__ import annotations
 
 import contextlib
+import os
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -130,18 +133,37 @@ class _Cache:
         self.device = device
         self.store_device = device if opts.cache_on_device else torch.device("cpu")
         self.dtype = torch.float16 if opts.cache_dtype == "float16" else torch.float32
+        self.spill = Path(opts.cache_dir) if opts.cache_dir is not None else None
+        if self.spill is not None:
+            self.spill.mkdir(parents=True, exist_ok=True)
 
     def put(self, t: Tensor) -> Tensor:
-        return t.detach().to(self.store_device, self.dtype)
+        t = t.detach().to(self.store_device, self.dtype)
+        return t if self.spill is None or self.store_device.type != "cpu" else self._spilled(t)
+
+    def _spilled(self, t: Tensor) -> Tensor:
+        """``t`` as a tensor over a memory-mapped file; the file's name is removed at once (Linux and macOS keep
+        the data while it is mapped), so nothing is left behind whatever happens."""
+        assert self.spill is not None
+        fd, name = tempfile.mkstemp(prefix="recon-", suffix=".bin", dir=self.spill)
+        os.close(fd)
+        try:
+            mm = torch.from_file(name, shared=True, size=t.numel(), dtype=t.dtype).view(t.shape)
+            mm.copy_(t)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+        return mm
 
     def get(self, t: Tensor, idx: Tensor | slice) -> Tensor:
         return t[idx].to(self.device, torch.float32, non_blocking=True)
 
     @torch.no_grad()
     def run(self, sub: fx.GraphModule, x: Tensor, passes: _Passes) -> Tensor:
-        outs = [self.put(sub(self.get(x, slice(i, i + RUN_BATCH)))) for i in range(0, x.shape[0], RUN_BATCH)]
+        outs = [sub(self.get(x, slice(i, i + RUN_BATCH))).to(self.store_device, self.dtype)
+                for i in range(0, x.shape[0], RUN_BATCH)]
         passes.add(sub, x.shape[0])
-        return torch.cat(outs)
+        return self.put(torch.cat(outs))
 
 
 def check_ready(gm: fx.GraphModule) -> None:
@@ -233,9 +255,9 @@ def _run_float(sub: fx.GraphModule, x: Tensor, targets: set[str], cache: _Cache,
     chunks: list[list[Tensor]] = []
     with torch.no_grad():
         for i in range(0, x.shape[0], RUN_BATCH):
-            chunks.append([cache.put(t) for t in probe(cache.get(x, slice(i, i + RUN_BATCH)))])
+            chunks.append([t.to(cache.store_device, cache.dtype) for t in probe(cache.get(x, slice(i, i + RUN_BATCH)))])
     passes.add(sub, x.shape[0])
-    cols = [torch.cat(c) for c in zip(*chunks, strict=True)]
+    cols = [cache.put(torch.cat(c)) for c in zip(*chunks, strict=True)]
     return cols[0], dict(zip(sorted(targets), cols[1:], strict=True))
 
 
