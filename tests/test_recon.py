@@ -358,3 +358,25 @@ def test_drop_returns_the_float_value_where_dropped_and_splits_the_gradient():
     out.sum().backward()
     assert torch.equal(x.grad + q.grad, torch.ones_like(x))
     assert 0.4 < float(x.grad.mean()) < 0.6
+
+
+def test_fused_lsq_drop_kernel_equals_the_op_by_op_path():
+    from quantbench.qat.quantizers.lsq_kernel import fused_kernels_available, lsq_drop_fake_quant, lsq_fake_quant
+
+    if not fused_kernels_available("cpu"):
+        pytest.skip("torch.compile cannot build kernels on this machine (no C++ compiler)")
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 9, 9) * 2
+    m = drop_mask(x, 0.5)
+    s0 = torch.tensor([0.2])
+    z = torch.tensor([3.0])
+    xa, sa = x.clone().requires_grad_(True), s0.clone().requires_grad_(True)
+    xb, sb = x.clone().requires_grad_(True), s0.clone().requires_grad_(True)
+    ya = lsq_drop_fake_quant(xa, m, sa, z, 0, 15, 0.5)
+    yb = torch.lerp(lsq_fake_quant(xb, sb, z, 0, 15, 0.5, None), xb, m)
+    assert torch.equal(ya, yb)
+    g = torch.randn_like(x)
+    ya.backward(g)
+    yb.backward(g)
+    assert torch.allclose(xa.grad, xb.grad, atol=1e-6)
+    assert torch.allclose(sa.grad, sb.grad, rtol=1e-4, atol=1e-5)

@@ -154,6 +154,13 @@ class LearningRule(nn.Module):
     def quantize(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def quantize_dropping(self, x: Tensor, p: float) -> Tensor:
+        """QDrop (reconstruction): each element keeps its float value with probability ``p``, else is quantized.
+        Rules with a fused kernel for it override this; gradients reach ``x`` on both branches."""
+        from quantbench.quant.drop import drop
+
+        return drop(self(x), x, p)
+
     # ------------------------------------------------------------------ reporting / export
     def export_qparams(self) -> tuple[Tensor, Tensor] | None:
         """Scale and zero-point of the integer grid the output lies on (None for non-uniform levels)."""

@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 from quantbench.errors import QuantbenchError
 from quantbench.observers import build_observer
-from quantbench.quant.drop import drop
 from quantbench.quant.fake_quant import fake_quantize, quantize_div
 from quantbench.quant.scheme import QScheme
 
@@ -136,7 +135,7 @@ class Quantizer(nn.Module):
         if self._switch[_LEARNING]:
             assert self.rule is not None
             if self.drop_prob > 0.0:
-                return drop(self.rule(x), x, self.drop_prob)
+                return self.rule.quantize_dropping(x, self.drop_prob)
             return self.rule(x)
         if not self.calibrated:
             raise QuantbenchError(f"quantizer {self.name!r} was never calibrated: call compute_qparams()")

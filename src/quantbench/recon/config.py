@@ -86,6 +86,9 @@ class ReconOptions(BaseModel):
     cache_dir: str | None = Field(None, description=(
         "spill cached tensors to memory-mapped files in this folder (large models); removed as soon as mapped"))
     bf16: bool = Field(False, description="bf16 autocast of the unit forward (GPU)")
+    fused: bool | None = Field(None, description=(
+        "torch.compile-fused LSQ / QDrop activation kernels (None: on where they compile here; the op-by-op "
+        "kernels otherwise; the first call compiles, about 10 s on the CPU)"))
     granularity: Granularity | None = Field(None, description="unit granularity (None: the method's)")
 
     def resolved_iters(self, device: str) -> int:

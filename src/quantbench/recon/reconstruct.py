@@ -34,6 +34,7 @@ from torch import Tensor, nn
 import quantbench.qat.quantizers  # noqa: F401  (registers LSQ, the activation steps' learning rule)
 from quantbench.errors import QuantbenchError
 from quantbench.graph.qmodules import QuantWeighted
+from quantbench.qat.quantizers.lsq_kernel import fused_kernels_available
 from quantbench.quant.drop import drop as mix
 from quantbench.quant.quantizer import Quantizer
 from quantbench.recon.adaround import ADAROUND, AdaRoundRule, LinearTempDecay, lp_loss
@@ -314,6 +315,7 @@ class _Learner:
                  hardware: bool, bar: LossBar) -> None:
         self.m, self.opts, self.iters, self.cache, self.device = method, opts, iters, cache, device
         self.hardware, self.bar = hardware, bar
+        self.fused = fused_kernels_available(device.type) if opts.fused is None else opts.fused
 
     def unit(self, sub: fx.GraphModule, layers: list[QuantWeighted], acts: list[Quantizer], q_in: Tensor,
              fp_in: Tensor | None, target: Tensor, name: str) -> tuple[float, float]:
@@ -361,7 +363,8 @@ class _Learner:
     def _start_steps(self, acts: list[Quantizer]) -> None:
         for q in acts:
             if q.rule is None:
-                q.enable_learning("lsq", None, self.hardware, "calibrator")
+                rule = q.enable_learning("lsq", None, self.hardware, "calibrator")
+                rule.fused_kernels = self.fused
 
     def _loop(self, sub: fx.GraphModule, rules: list[AdaRoundRule], acts: list[Quantizer], q_in: Tensor,
               fp_in: Tensor | None, target: Tensor, iters: int, drop: float, p: float,

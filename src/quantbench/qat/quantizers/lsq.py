@@ -8,7 +8,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-from quantbench.qat.quantizers.lsq_kernel import lsq_fake_quant
+from quantbench.qat.quantizers.lsq_kernel import lsq_drop_fake_quant, lsq_fake_quant
+from quantbench.quant.drop import drop_mask
 from quantbench.quant.learning import Algorithm, LearningRule, QuantizerContext, register_algorithm
 from quantbench.quant.qparams import pow2_scale, range_qparams
 from quantbench.quant.ste import per_channel_rows, pow2_ste
@@ -94,6 +95,17 @@ class LSQQuantizer(LearningRule):
         learn_z = self.learn_zero_point and not self.ctx.scheme.symmetric
         return lsq_fake_quant(x, self.effective_scale(), self.effective_zero_point(), self.qmin, self.qmax,
                               self._g, self.axis, learn_z, self.ctx.scheme.symmetric, self.fused_kernels)
+
+    def quantize_dropping(self, x: Tensor, p: float) -> Tensor:
+        """QDrop's dropping fused with the LSQ kernel (one pass each way) where the fused kernels are on and the
+        case is the per-tensor float32 one they cover; otherwise the generic mix."""
+        fusable = (self.fused_kernels and self.axis is None and x.dtype == torch.float32 and self._ready
+                   and not (self.learn_zero_point and not self.ctx.scheme.symmetric) and not self.pow2)
+        if not fusable:
+            return super().quantize_dropping(x, p)
+        if self._g == 0.0:
+            self._set_grad_factor(x)
+        return lsq_drop_fake_quant(x, drop_mask(x, p), self.scale, self.zero_point, self.qmin, self.qmax, self._g)
 
     def export_qparams(self) -> tuple[Tensor, Tensor]:
         s = pow2_scale(self.scale) if self.pow2 else self.scale

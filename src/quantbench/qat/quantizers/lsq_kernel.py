@@ -112,3 +112,65 @@ def lsq_fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax
     float32 tensors (needs a C++ compiler on CPU, Triton on CUDA; the first call of each kind compiles)."""
     return LSQFunction.apply(x, scale, zero_point, qmin, qmax, grad_factor, axis, learn_zero_point, zero_is_zero,
                              fused)
+
+
+# ------------------------------------------------------------------------------------------ QDrop
+def _drop_fwd_math(x: Tensor, m: Tensor, s: Tensor, z: Tensor, qmin: int, qmax: int) -> Tensor:
+    q = ((x / s + z).clamp(qmin, qmax).round() - z) * s
+    return torch.where(m != 0, x, q)  # exact on both branches (q + m (x - q) is not, by an ulp)
+
+
+def _drop_bwd_math(x: Tensor, m: Tensor, s: Tensor, z: Tensor, grad: Tensor, qmin: int,
+                   qmax: int) -> tuple[Tensor, Tensor]:
+    xs = x / s
+    v = xs + z
+    vc = v.clamp(qmin, qmax)
+    inside = (vc == v).to(x.dtype)
+    gq = grad * (1 - m)  # the gradient that reaches the quantized branch
+    gx = grad * m + gq * inside
+    return gx, (gq * (vc.round() - z - inside * xs)).sum()
+
+
+@cache
+def _compiled_drop() -> tuple[Callable[..., Tensor], Callable[..., tuple[Tensor, Tensor]]]:
+    return torch.compile(_drop_fwd_math, dynamic=True), torch.compile(_drop_bwd_math, dynamic=True)
+
+
+class LSQDropFunction(torch.autograd.Function):
+    """``lerp(lsq(x), x, m)`` in one fused pass each way (QDrop's dropping of an LSQ activation quantizer; ``m`` is
+    the 0/1 mask of elements that keep their float value). Per-tensor scale, zero-point not learned."""
+
+    @staticmethod
+    def forward(ctx, x, m, scale, zero_point, qmin, qmax, grad_factor):  # type: ignore[override]
+        ctx.save_for_backward(x, m, scale, zero_point)
+        ctx.cfg = (qmin, qmax, grad_factor)
+        return _compiled_drop()[0](x, m, scale.reshape(()), zero_point.reshape(()).to(x.dtype), qmin, qmax)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, m, scale, zero_point = ctx.saved_tensors
+        qmin, qmax, g = ctx.cfg
+        gx, gs = _compiled_drop()[1](x, m, scale.reshape(()), zero_point.reshape(()).to(x.dtype), grad, qmin, qmax)
+        return gx, None, (gs * g).reshape(scale.shape).to(scale.dtype), None, None, None, None
+
+
+def lsq_drop_fake_quant(x: Tensor, mask: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
+                        grad_factor: float) -> Tensor:
+    """Fused ``lerp(lsq_fake_quant(x), x, mask)`` for a per-tensor float32 ``x`` (``torch.compile``)."""
+    return LSQDropFunction.apply(x, mask, scale, zero_point, qmin, qmax, grad_factor)
+
+
+@cache
+def fused_kernels_available(device: str = "cpu") -> bool:
+    """Whether ``torch.compile`` can build the fused kernels here (a C++ compiler on CPU, Triton on CUDA): one
+    small forward and backward of each fused function, compiled once per process; False on any failure."""
+    try:
+        x = torch.randn(2, 3, 5, 5, device=device, requires_grad=True)
+        s = torch.full((1,), 0.1, device=device, requires_grad=True)
+        z = torch.zeros(1, device=device)
+        m = (torch.rand_like(x) < 0.5).to(x.dtype)
+        lsq_drop_fake_quant(x, m, s, z, 0, 15, 1.0).sum().backward()
+        lsq_fake_quant(x, s, z, 0, 15, 1.0, None, fused=True).sum().backward()
+        return True
+    except Exception:
+        return False
