@@ -51,6 +51,10 @@ class QuantRunConfig(BaseModel):
     max_test: int | None = Field(None, ge=1, description="evaluate on the first N test images only")
     overrides: list[LayerOverride] = Field(
         default_factory=list, description="per-layer overrides after the backend's own (later entries win)")
+    calib_data: str = Field("real", description=(
+        "images for calibration, BN re-calibration and reconstruction: real (the dataset's training split), "
+        "noise[:N] or synthetic:GENERATOR[:N] (made from the float model's BN statistics, quantbench.datafree)"))
+    synthetic_options: dict[str, Any] = Field(default_factory=dict, description="the generator's options")
 
     @field_validator("w_observer", "a_observer")
     @classmethod
@@ -58,6 +62,19 @@ class QuantRunConfig(BaseModel):
         if v is not None:
             OBSERVERS.get(v)  # raises UnknownNameError listing the valid names
         return v
+
+    @model_validator(mode="after")
+    def _data_source_valid(self) -> QuantRunConfig:
+        from quantbench.datafree.generators import GENERATORS
+        from quantbench.datafree.source import parse_data_source
+
+        src = parse_data_source(self.calib_data)  # ConfigError naming the valid forms
+        if self.synthetic_options:
+            if src.kind == "real":
+                raise ValueError("synthetic_options given but calib_data is real: set calib_data to "
+                                 "synthetic:GENERATOR or noise")
+            GENERATORS.get(src.generator or "noise").options_type.model_validate(self.synthetic_options)
+        return self
 
     @field_validator("model")
     @classmethod

@@ -21,6 +21,20 @@ NOT_APPLICABLE = {
 }
 
 
+REAL_UNLABELED = "real, unlabeled (images from the training split; labels are not used)"
+
+
+def calibration_data(result: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+    """The card's ``calibration_data`` sentence and, for noise / synthetic sets, their facts."""
+    src = result.get("extra", {}).get("data_source")
+    if src is None:
+        return REAL_UNLABELED, None
+    real = src.get("real_images_used", 0)
+    kind = "data-free" if src.get("data_free", True) else f"NOT data-free: {real} real images read"
+    return (f"{src['type']}, {src['images']} images made from the float model, no labels ({kind}); "
+            f"generation {src['generation_seconds']} s{' (cached)' if src.get('cached') else ''}"), src
+
+
 def reconstruction_rounding(method: str) -> str:
     """The card's rounding policy of a reconstruction method."""
     return (f"learned ({method}: AdaRound's rounding, floor(W/s) + {{0, 1}} per weight, scales from the "
@@ -30,7 +44,7 @@ def reconstruction_rounding(method: str) -> str:
 def reconstruction_facts(recon: dict[str, Any]) -> dict[str, Any]:
     """What a card records of a reconstruction (seed 004 Table 1: amount and type of data, labels, time)."""
     return {"method": recon["method"], "images": recon["n_images"],
-            "data": "real, unlabeled (images from the training split; labels are not used)", "labels_used": False,
+            "data": "as calibration_data", "labels_used": False,
             "preset": recon["preset"], "iterations_per_unit": recon["iters"], "units": len(recon["units"]),
             "seconds": round(recon["seconds"], 2), "passes_over_images": round(recon["passes"], 3),
             "options": recon["options"]}
@@ -45,8 +59,8 @@ def ptq_run_card(config: dict[str, Any], spec: BackendSpec, result: dict[str, An
     label = result["w_observer"] if result["w_observer"] == result["a_observer"] else \
         f"{result['w_observer']}/{result['a_observer']}"
     recon = result.get("extra", {}).get("reconstruction")
-    resources = {"method": "ptq", "calibration_examples": result["n_calib"],
-                 "calibration_data": "real, unlabeled (images from the training split; labels are not used)",
+    data_text, data_source = calibration_data(result)
+    resources = {"method": "ptq", "calibration_examples": result["n_calib"], "calibration_data": data_text,
                  "training_examples": NA, "labels_used": False,
                  "quantization_seconds": round(result["calib_seconds"] + (result.get("recon_seconds") or 0.0), 4),
                  "epoch_seconds_estimate": NA, "fraction_of_epoch": NA, "device": result["device"]}
@@ -54,6 +68,8 @@ def ptq_run_card(config: dict[str, Any], spec: BackendSpec, result: dict[str, An
     if recon is not None:
         rounding = reconstruction_rounding(recon["method"])
         resources["reconstruction"] = reconstruction_facts(recon)
+    if data_source is not None:
+        resources["data_generation"] = data_source
     return build_card(CardInputs(
         run={"run_id": run_id, "sweep": "", "method": "ptq", "method_label": label, "model": result["model"],
              "backend": spec.name, "backend_description": spec.description.strip(), "w_bits": spec.weight.bits,

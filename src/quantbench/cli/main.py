@@ -17,6 +17,7 @@ from quantbench.cli.options import (
     ABitsOpt,
     AObserverOpt,
     BnCalibOpt,
+    CalibDataOpt,
     CalibSizeOpt,
     Device,
     FirstLastOpt,
@@ -76,6 +77,7 @@ def ptq(
     drop_prob: Annotated[float, typer.Option(
         help="qdrop: probability that an activation quantizer returns its float input (1 - the reference's prob)")
     ] = default_of(ReconOptions, "drop_prob"),
+    calib_data: CalibDataOpt = default_of(PTQConfig, "calib_data"),
     device: Annotated[Device, typer.Option(help="cpu or cuda")] = Device.cpu,
     seed: SeedOpt = 0,
     max_test: MaxTestOpt = None,
@@ -98,7 +100,7 @@ def ptq(
         first_last=parse_first_last(first_last), residual=policy(residual), skip=policy(skip),
         width_mult=width_mult, device=device.value, seed=seed,
         max_test=max_test, overrides=layer_overrides(overrides, layer_bits), method=method,
-        recon=ReconOptions(iters=iters, recon_size=recon_size, drop_prob=drop_prob),
+        recon=ReconOptions(iters=iters, recon_size=recon_size, drop_prob=drop_prob), calib_data=calib_data,
     )
     spec = cfg.resolved_backend()  # validate overrides before any work
     context = build_context(cfg, not quiet)

@@ -56,6 +56,9 @@ FirstLastOpt = Annotated[str | None, typer.Option(help="first/last layer: same, 
 ResidualOpt = Annotated[PolicyOpt | None, typer.Option(help="residual add output: quantized or fp")]
 SkipOpt = Annotated[PolicyOpt | None, typer.Option(help="branches entering an add: quantized or fp")]
 WidthMultOpt = Annotated[float, typer.Option(help="width multiplier")]
+CalibDataOpt = Annotated[str, typer.Option(help=(
+    "calibration / reconstruction images: real, noise[:N] (Gaussian, the baseline) or synthetic:GENERATOR[:N] "
+    "(zeroq, bns-ce, fdda: made from the model's BN statistics, cached)"))]
 SeedOpt = Annotated[int, typer.Option(help="random seed")]
 MaxTestOpt = Annotated[int | None, typer.Option(help="evaluate on the first N test images")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="no progress bars")]

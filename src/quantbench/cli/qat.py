@@ -104,6 +104,9 @@ def qat(
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="start anew in an OUT_DIR holding an earlier run (its files are deleted)")] = False,
     threads: Annotated[int | None, typer.Option(help="CPU threads per process (torch.set_num_threads)")] = None,
+    calib_data: Annotated[str | None, typer.Option(help=(
+        "images for the PTQ init: real (default), noise[:N] or synthetic:GENERATOR[:N]; training uses --data"))]
+    = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Quantization-aware training (seed 001's unified recipe); prints a table, writes JSON.
@@ -129,6 +132,7 @@ def qat(
         "max_train": max_train, "max_test": max_test, "log_every": log_every, "eval_every": eval_every,
         "amp": amp.value if amp else None, "fused_kernels": True if fused else None, "device": device,
         "seed": seed, "out_dir": out_dir, "on_divergence": on_divergence.value if on_divergence else None,
+        "calib_data": calib_data,
     }
     cfg = load_qat_config(config, overrides)
     with divergence_warnings_as_lines():

@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, fx, nn
 
 from quantbench.config import PTQConfig
-from quantbench.data import DataBundle, calibration_subset, load_data, make_loader
+from quantbench.data import DataBundle, TensorImageDataset, calibration_subset, load_data, make_loader
+from quantbench.datafree.source import SourceImages, make_images, parse_data_source
 from quantbench.graph.quantize import list_layers, list_quantizers, prepare
 from quantbench.models import build_model, get_entry
 from quantbench.ptq.calibrate import bn_recalibrate, calibrate
@@ -55,6 +56,7 @@ class PTQResult:
     data: str = ""
     method: str = "nearest"  # the weights' rounding: nearest, or the reconstruction method
     recon_seconds: float | None = None  # reconstruction wall time (None: no reconstruction)
+    calib_data: str = "real"  # where calibration / reconstruction images came from
     layers: list[dict[str, Any]] = field(default_factory=list)  # per conv/linear layer: name, bits, kept float
     extra: dict[str, Any] = field(default_factory=dict)
     #: The prepared and calibrated graph (so callers such as the sweep's cards need not prepare again);
@@ -91,6 +93,51 @@ def _images(dataset: Any) -> Tensor:
     return torch.stack([dataset[i][0] for i in range(len(dataset))])
 
 
+@dataclass
+class RunImages:
+    """The images one run calibrates, re-calibrates BN and reconstructs on: the dataset's training split, or a
+    noise / synthetic set (:mod:`quantbench.datafree`) made once for the largest of those needs."""
+
+    cfg: PTQConfig
+    context: PTQContext
+    made: SourceImages | None = None
+
+    def _subset(self, n: int) -> Any:
+        assert self.made is not None
+        m = min(n, self.made.images.shape[0])
+        return TensorImageDataset(self.made.images[:m], torch.zeros(m, dtype=torch.long))
+
+    def calibration(self) -> Any:
+        if self.made is None:
+            return calibration_subset(self.context.bundle, self.cfg.calib_size, self.cfg.seed)
+        return self._subset(self.cfg.calib_size)
+
+    def bn_calibration(self, calib_set: Any) -> Any:
+        n_bn = self.cfg.bn_calib_size or self.cfg.calib_size
+        if self.made is not None:
+            return self._subset(n_bn)
+        return calibration_subset(self.context.bundle, n_bn, self.cfg.seed + 1) if n_bn != self.cfg.calib_size \
+            else calib_set
+
+    def reconstruction(self) -> Tensor:
+        if self.made is None:
+            return _images(calibration_subset(self.context.bundle, self.cfg.recon.recon_size, self.cfg.seed))
+        return self.made.images[:self.cfg.recon.recon_size]
+
+
+def run_images(cfg: PTQConfig, context: PTQContext, progress: bool) -> RunImages:
+    """The run's image source; noise / synthetic sets are made (or read from the cache) here."""
+    src = parse_data_source(cfg.calib_data)
+    if src.kind == "real":
+        return RunImages(cfg, context)
+    need = max(cfg.calib_size, (cfg.bn_calib_size or cfg.calib_size) if cfg.bn_calib else 0,
+               cfg.recon.recon_size if cfg.method != "nearest" else 0)
+    entry = get_entry(cfg.model)
+    made = make_images(src, context.model, tuple(context.example.shape[1:]), context.bundle.num_classes, need,
+                       cfg.seed, cfg.device, progress, cfg.synthetic_options, entry.mean, entry.std)
+    return RunImages(cfg, context, made)
+
+
 def run_ptq(cfg: PTQConfig, progress: bool = True, context: PTQContext | None = None,
             keep_quantizers: bool = False) -> PTQResult:
     """Run one PTQ configuration: calibrate, optionally re-calibrate BN, optionally reconstruct (in that order).
@@ -102,24 +149,24 @@ def run_ptq(cfg: PTQConfig, progress: bool = True, context: PTQContext | None = 
         context = build_context(cfg, progress)
     gm = prepare(context.model, spec, context.example, cfg.w_observer, cfg.a_observer,
                  cfg.w_observer_options, cfg.a_observer_options)
-    calib_set = calibration_subset(context.bundle, cfg.calib_size, cfg.seed)
+    data = run_images(cfg, context, progress)
+    calib_set = data.calibration()
     calib_loader = make_loader(calib_set, cfg.calib_batch_size)
     if cfg.device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     calibrate(gm, calib_loader, cfg.device, progress)
     if cfg.bn_calib:
-        n_bn = cfg.bn_calib_size or cfg.calib_size
-        bn_set = calibration_subset(context.bundle, n_bn, cfg.seed + 1) if n_bn != cfg.calib_size else calib_set
-        bn_recalibrate(gm, make_loader(bn_set, cfg.calib_batch_size), cfg.device, progress)
+        bn_recalibrate(gm, make_loader(data.bn_calibration(calib_set), cfg.calib_batch_size), cfg.device, progress)
     if cfg.device == "cuda":
         torch.cuda.synchronize()
     calib_seconds = time.perf_counter() - t0
     recon_seconds: float | None = None
     extra: dict[str, Any] = {}
+    if data.made is not None:
+        extra["data_source"] = data.made.card()
     if cfg.method != "nearest":
-        report = reconstruct(gm, _images(calibration_subset(context.bundle, cfg.recon.recon_size, cfg.seed)),
-                             cfg.method, cfg.recon, cfg.device, progress)
+        report = reconstruct(gm, data.reconstruction(), cfg.method, cfg.recon, cfg.device, progress)
         recon_seconds = report.seconds
         extra["reconstruction"] = asdict(report)
     q_pred, _ = predict(gm, context.test_loader, cfg.device, progress, "evaluating quantized")
@@ -134,10 +181,10 @@ def run_ptq(cfg: PTQConfig, progress: bool = True, context: PTQContext | None = 
         model=cfg.model, backend=spec.name, w_bits=spec.weight.bits, a_bits=spec.activation.bits,
         w_observer=cfg.w_observer, a_observer=cfg.a_observer, fp_top1=ev.fp_top1,
         quant_top1=ev.quant_top1, agreement=ev.agreement, calib_seconds=calib_seconds, n_test=ev.n,
-        n_calib=cfg.calib_size, bn_calib=cfg.bn_calib, first_last=str(spec.first_last),
+        n_calib=len(calib_set), bn_calib=cfg.bn_calib, first_last=str(spec.first_last),
         residual="quantized" if p.mode == "outputs" and p.add_output else "fp",
         skip="quantized" if p.mode == "outputs" and p.add_inputs else "fp",
         n_quantizers=len(quantizers), device=cfg.device, weights=cfg.weights, data=cfg.data, method=cfg.method,
-        recon_seconds=recon_seconds,
+        recon_seconds=recon_seconds, calib_data=cfg.calib_data,
         layers=[asdict(layer) for layer in list_layers(gm)], extra=extra, graph=gm,
     )

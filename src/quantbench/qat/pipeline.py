@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 from quantbench.data import TensorImageDataset, calibration_subset, load_data, make_loader
+from quantbench.datafree.source import make_images, parse_data_source
 from quantbench.graph.quantize import list_layers, prepare
 from quantbench.models import build_model, get_entry
 from quantbench.ptq import calibrate, compare, predict
@@ -92,7 +93,15 @@ def prepare_run(cfg: QATConfig, ctx: DistContext, progress: bool = True) -> Prep
     example = bundle.test[0][0].unsqueeze(0).to(ctx.device)
     gm = prepare(model, cfg.resolved_backend(), example, w_obs, a_obs, cfg.w_observer_options,
                  cfg.a_observer_options)
-    calib_loader = make_loader(calibration_subset(bundle, cfg.calib_size, cfg.seed), cfg.calib_batch_size)
+    src = parse_data_source(cfg.calib_data)
+    if src.kind == "real":
+        calib_set = calibration_subset(bundle, cfg.calib_size, cfg.seed)
+    else:  # noise / synthetic images for the PTQ init; training stays on the --data training split
+        made = make_images(src, model, entry.input_size, bundle.num_classes, cfg.calib_size, cfg.seed, ctx.device,
+                           progress and main, cfg.synthetic_options, entry.mean, entry.std)
+        calib_set = TensorImageDataset(made.images[:cfg.calib_size], torch.zeros(
+            min(cfg.calib_size, made.images.shape[0]), dtype=torch.long))
+    calib_loader = make_loader(calib_set, cfg.calib_batch_size)
     t0 = time.perf_counter()
     calibrate(gm, calib_loader, ctx.device, progress and main)
     calib_seconds = time.perf_counter() - t0

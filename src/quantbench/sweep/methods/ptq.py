@@ -9,7 +9,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from quantbench.cards.build import CardInputs, build_card
 from quantbench.cards.facts import NA, collect_structure
-from quantbench.cards.ptq import reconstruction_facts, reconstruction_rounding
+from quantbench.cards.ptq import calibration_data, reconstruction_facts, reconstruction_rounding
 from quantbench.config import PTQConfig, default_of, field_from
 from quantbench.errors import SweepError
 from quantbench.observers import OBSERVERS
@@ -121,6 +121,7 @@ class PTQMethod(Method):
         n_bn = (cfg.bn_calib_size or cfg.calib_size) if cfg.bn_calib else 0
         metrics = {k: v for k, v in result.to_dict().items() if k != "extra"}
         q_seconds = result.calib_seconds + (result.recon_seconds or 0.0)  # calibration + reconstruction
+        data_text, data_source = calibration_data(result.to_dict())
         metrics.update(
             epoch_seconds_estimate=epoch_s, fraction_of_epoch=q_seconds / epoch_s if epoch_s else None,
             model_size_bytes=structure.size_bytes, fp32_size_bytes=structure.fp32_size_bytes,
@@ -129,7 +130,7 @@ class PTQMethod(Method):
         resources = {
             "method": self.name,
             "calibration_examples": cfg.calib_size,
-            "calibration_data": "real, unlabeled (images from the training split; labels are not used)",
+            "calibration_data": data_text,
             "bn_calibration_examples": n_bn if n_bn else NA,
             "training_examples": NA,
             "labels_used": False,
@@ -144,6 +145,8 @@ class PTQMethod(Method):
         if recon is not None:
             resources["reconstruction"] = reconstruction_facts(recon)
             rounding = reconstruction_rounding(recon["method"])
+        if data_source is not None:
+            resources["data_generation"] = data_source
         card = build_card(CardInputs(
             run={"run_id": job.run_id, "sweep": job.sweep, "method": self.name, "method_label": job.method_label,
                  "model": cfg.model, "backend": spec.name, "backend_description": spec.description.strip(),

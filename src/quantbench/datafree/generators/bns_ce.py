@@ -1,0 +1,62 @@
+"""``bns-ce``: DeepInversion-style images (Yin et al. 2020): BN statistics plus class targets and an image prior.
+
+Loss per batch: ``CE(model(x), t) + bn_weight * sum_l (||mu_l - mu_BN|| + ||var_l - var_BN||)`` (batch
+statistics, as DeepInversion) ``+ tv_weight * TV(x) + l2_weight * mean(x^2)``, with class targets ``t``
+balanced over the classes (each class ``n / classes`` times), so the float model's predictions on the
+output are balanced by construction of the objective. Adam with betas (0.5, 0.9) as DeepInversion's code.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor
+
+from quantbench.datafree.bns import BNSHooks
+from quantbench.datafree.generators.base import (
+    Generated,
+    Generator,
+    GeneratorOptions,
+    Target,
+    balanced_labels,
+    optimise_images,
+    register_generator,
+)
+
+
+class BNSCEOptions(GeneratorOptions):
+    lr: float = Field(0.1, gt=0)
+    bn_weight: float = Field(1.0, ge=0, description="weight of the BN-statistics term")
+    tv_weight: float = Field(1e-3, ge=0, description="total-variation prior (mean squared neighbour differences)")
+    l2_weight: float = Field(1e-5, ge=0)
+
+
+def total_variation(x: Tensor) -> Tensor:
+    """Mean squared difference of horizontally and vertically neighbouring pixels."""
+    return ((x[..., 1:, :] - x[..., :-1, :]) ** 2).mean() + ((x[..., :, 1:] - x[..., :, :-1]) ** 2).mean()
+
+
+@register_generator
+class BNSCEGenerator(Generator):
+    name = "bns-ce"
+    options_type = BNSCEOptions
+    description = "DeepInversion-style: BN statistics + cross-entropy to balanced class targets + image prior"
+
+    def generate(self, target: Target, n: int, seed: int, progress: bool = True) -> Generated:
+        opts = self.options
+        assert isinstance(opts, BNSCEOptions)
+        hooks = BNSHooks(target.model, "batch")
+        labels = balanced_labels(n, target.num_classes, seed)
+
+        def labels_of(b: int, size: int) -> Tensor:
+            return labels[b * opts.batch_size:b * opts.batch_size + size]
+
+        def loss(x: Tensor, b: int) -> Tensor:
+            hooks.reset()
+            logits = target.model(x)
+            t = labels_of(b, x.shape[0]).to(x.device)
+            return (F.cross_entropy(logits, t) + opts.bn_weight * hooks.loss()
+                    + opts.tv_weight * total_variation(x) + opts.l2_weight * (x ** 2).mean())
+
+        with hooks.active():
+            return optimise_images(target, n, opts, seed, progress, "bns-ce", loss, labels_of, betas=(0.5, 0.9))
