@@ -40,7 +40,7 @@ def _trained_like() -> nn.Module:
     data = (smooth - smooth.mean()) / smooth.std()  # normalised like a model input: mean 0, std 1
     for bn in BNSHooks(model, "batch").bns:
         seen: list[torch.Tensor] = []
-        handle = bn.register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
+        handle = bn.register_forward_pre_hook(lambda _m, a, seen=seen: seen.append(a[0]))
         with torch.no_grad():
             model(data)
         handle.remove()
@@ -165,7 +165,7 @@ def test_cache_returns_the_same_images_and_regenerates_when_the_weights_change()
 
 def test_a_model_without_batch_norm_is_refused_by_name():
     plain = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10))
-    with pytest.raises(NoBatchNormError, match="no BatchNorm layer.*--calib-data real"):
+    with pytest.raises(NoBatchNormError, match=r"no BatchNorm layer.*--calib-data real"):
         make_images(parse_data_source("synthetic:zeroq"), plain, SIZE, 10, 4, 0, "cpu", False)
 
 
