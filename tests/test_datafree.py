@@ -205,3 +205,26 @@ def test_qat_initialises_from_synthetic_images(tmp_path):
                               "--max-test", "64", "--batch-size", "32", "--calib-data", "noise:16",
                               "--out-dir", str(tmp_path / "q"), "--threads", "1", "--quiet"])
     assert res.exit_code == 0, res.output
+
+
+def test_a_sweep_runs_on_synthetic_data_and_the_report_shows_the_set(tmp_path):
+    from quantbench.report.html import render_report
+    from quantbench.store import RunRow
+    from quantbench.sweep.execute import execute
+    from quantbench.sweep.expand import expand
+    from quantbench.sweep.load import parse_sweep
+    from quantbench.sweep.methods import ContextCache
+    from tests.test_sweep_plugin import tiny_sweep
+
+    method = {"kind": "ptq", "calibrator": "minmax", "calib_size": 8, "calib_batch_size": 8,
+              "calib_data": "synthetic:zeroq:8", "synthetic_options": {"iterations": 5}}
+    job = expand(parse_sweep(tiny_sweep(backends=["tensorrt"], methods=[method]), tmp_path)).jobs[0]
+    record = execute(job, ContextCache())
+    assert record.status == "done", record.error
+    gen = record.card["resource_complexity"]["data_generation"]
+    assert gen["type"] == "synthetic (zeroq)" and gen["images"] == 8
+    row = RunRow(run_id=job.run_id, status="done", model="digits_cnn", data="digits", backend="tensorrt",
+                 w_bits=8, a_bits=8, fp_top1=10.0, quant_top1=10.0, agreement=1.0, card=record.card,
+                 metrics=record.metrics, config=job.config, method="ptq", method_label="x")
+    html = render_report([row])
+    assert 'id="synthetic"' in html and "generated images" in html and "loss curve" in html

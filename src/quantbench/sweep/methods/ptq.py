@@ -39,6 +39,8 @@ class PTQParams(MethodParams):
     calib_batch_size: int = field_from(PTQConfig, "calib_batch_size")
     bn_calib: bool = field_from(PTQConfig, "bn_calib")
     bn_calib_size: int | None = field_from(PTQConfig, "bn_calib_size")
+    calib_data: str = field_from(PTQConfig, "calib_data")
+    synthetic_options: dict[str, Any] = field_from(PTQConfig, "synthetic_options")
 
     @model_validator(mode="after")
     def _observers(self) -> PTQParams:
@@ -59,7 +61,8 @@ class PTQParams(MethodParams):
     def default_label(self) -> str:
         w, a = self.observers
         label = w if w == a else f"{w}/{a}"
-        return label + ("+bn" if self.bn_calib else "")
+        data = "" if self.calib_data == "real" else f"@{self.calib_data}"
+        return label + ("+bn" if self.bn_calib else "") + data
 
 
 def _context_key(cfg: PTQConfig) -> tuple[Any, ...]:

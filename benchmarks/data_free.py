@@ -1,0 +1,122 @@
+"""Data-free quantization on ResNet-20 (CIFAR-10 subset): real vs noise vs synthetic images.
+
+Sections (each prints a table; all go into one JSON):
+
+1. ``w8a8``: W8A8 on every backend, calibrated on 256 images of each source (sanity floor).
+2. ``recon``: AdaRound academic W4A8 and QDrop W4A4 (academic, tensorrt) on 1 024 images of each source.
+3. ``balance``: the float model's predicted classes on the synthetic sets (uniform = 10 % each).
+4. ``cost``: generation seconds per generator for 256 and 1 024 images, beside calibration and reconstruction.
+
+Synthetic sets are generated once (1 024 images per generator, cached by identity); runs needing fewer take
+the first images of the same set.
+
+    python benchmarks/data_free.py                        # everything (about an hour on 2 cores)
+    python benchmarks/data_free.py --sections w8a8,balance --generators zeroq
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from _common import print_table, write_json
+from quantbench.config import PTQConfig
+from quantbench.datafree import make_images, parse_data_source
+from quantbench.models import get_entry
+from quantbench.ptq.pipeline import build_context, run_ptq
+from quantbench.recon.config import ReconOptions
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+WEIGHTS = str(SHARED / "models/resnet20_cifar10.safetensors")
+DATA = f"cifar10:{SHARED / 'data/cifar10'}"
+BACKENDS = ["academic", "tensorrt", "snpe", "tvm", "acl", "fbgemm", "onnxruntime"]
+N = 1024
+
+
+def sources(generators: list[str]) -> list[str]:
+    return ["real", f"noise:{N}", *(f"synthetic:{g}:{N}" for g in generators)]
+
+
+def run(ctx: Any, backend: str, w: int, a: int, source: str, method: str = "nearest",
+        iters: int | None = None) -> dict[str, Any]:
+    cfg = PTQConfig(model="resnet20_cifar", weights=WEIGHTS, data=DATA, backend=backend, w_bits=w, a_bits=a,
+                    calib_data=source, method=method, recon=ReconOptions(iters=iters))
+    t0 = time.perf_counter()
+    r = run_ptq(cfg, progress=False, context=ctx)
+    src = r.extra.get("data_source", {})
+    return {"backend": backend, "bits": f"W{w}A{a}", "method": method, "source": source.split(f":{N}")[0],
+            "top1": round(r.quant_top1, 2), "agreement": round(100 * r.agreement, 2),
+            "calib_s": round(r.calib_seconds, 2), "recon_s": round(r.recon_seconds or 0.0, 1),
+            "generation_s": src.get("generation_seconds", 0.0), "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sections", default="cost,balance,w8a8,recon")
+    ap.add_argument("--generators", default="zeroq,bns-ce,fdda")
+    ap.add_argument("--recon-generators", default="bns-ce", help="synthetic sets the reconstruction rows use")
+    ap.add_argument("--iters", type=int, default=None, help="reconstruction iterations (default: the CPU preset)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    sections = args.sections.split(",")
+    gens = args.generators.split(",")
+    cfg = PTQConfig(model="resnet20_cifar", weights=WEIGHTS, data=DATA)
+    ctx = build_context(cfg, progress=False)
+    entry = get_entry("resnet20_cifar")
+    out: dict[str, Any] = {"args": vars(args) | {"out": str(args.out)}}
+
+    if "cost" in sections:  # generation first: the later sections read the cached 1 024-image sets
+        rows = []
+        for g in gens:
+            for n in (256, N):
+                s = make_images(parse_data_source(f"synthetic:{g}:{n}"), ctx.model, entry.input_size, 10, n, 0,
+                                "cpu", False, None, entry.mean, entry.std)
+                rows.append({"generator": g, "images": n, "seconds": round(s.generation_seconds, 1),
+                             "cached": s.cached, "final_bns_loss": s.loss_curve[-1] if s.loss_curve else None,
+                             "real_images": s.real_images})
+                print(rows[-1], flush=True)
+        out["cost"] = rows
+        print_table("Generation cost (ResNet-20, 500 iterations per batch of 32, 1 thread)",
+                    list(rows[0]), [list(r.values()) for r in rows])
+
+    if "balance" in sections:
+        rows = []
+        for g in gens:
+            s = make_images(parse_data_source(f"synthetic:{g}:{N}"), ctx.model, entry.input_size, 10, N, 0, "cpu",
+                            False, None, entry.mean, entry.std)
+            with torch.no_grad():
+                pred = torch.cat([ctx.model(s.images[i:i + 256]).argmax(1) for i in range(0, N, 256)])
+            counts = torch.bincount(pred, minlength=10).tolist()
+            dev = max(abs(c - N / 10) / (N / 10) for c in counts)
+            rows.append({"generator": g, "counts": counts, "max_deviation_from_uniform": round(dev, 3)})
+        out["balance"] = rows
+        print_table("Float model's predicted classes on 1 024 synthetic images", list(rows[0]),
+                    [[str(v) for v in r.values()] for r in rows])
+
+    if "w8a8" in sections:
+        rows = [run(ctx, b, 8, 8, src) for b in BACKENDS for src in sources(gens)]
+        out["w8a8"] = rows
+        print_table("W8A8, 256 calibration images per source", list(rows[0]), [list(r.values()) for r in rows])
+
+    if "recon" in sections:
+        rgens = args.recon_generators.split(",")
+        plan = [("academic", 4, 8, "adaround"), ("academic", 4, 4, "qdrop"), ("tensorrt", 4, 4, "qdrop")]
+        rows = []
+        for b, w, a, m in plan:
+            for src in sources(rgens):
+                rows.append(run(ctx, b, w, a, src, m, args.iters))
+                print(rows[-1], flush=True)
+        out["recon"] = rows
+        print_table("Reconstruction on 1 024 images per source", list(rows[0]), [list(r.values()) for r in rows])
+
+    write_json("data_free", out, args.out)
+
+
+if __name__ == "__main__":
+    main()
