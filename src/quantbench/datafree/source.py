@@ -90,7 +90,7 @@ class SourceImages:
                 "real_images_used": self.real_images, "data_free": self.real_images == 0,
                 "labels": "none" if self.labels is None else "generator class targets (not used for calibration)",
                 "generation_seconds": round(self.generation_seconds, 3), "cached": self.cached,
-                "identity": self.identity, **self.info}
+                "identity": self.identity, **{k: v for k, v in self.info.items() if k != "batch_seconds"}}
 
 
 def cache_dir() -> Path:

@@ -104,6 +104,7 @@ def optimise_images(target: Target, n: int | list[int], opts: GeneratorOptions, 
     labels: list[Tensor] = []
     curve = torch.zeros(opts.iterations)
     t0 = time.perf_counter()
+    batch_seconds: list[float] = []
     n_batches = len(sizes)
     with LossBar(n_batches, description, enabled=progress) as bar:
         for b, size in enumerate(sizes):
@@ -126,8 +127,9 @@ def optimise_images(target: Target, n: int | list[int], opts: GeneratorOptions, 
                     bar.update(it + 1, value)
             bar.advance()
             out.append(x.detach().cpu())
+            batch_seconds.append(round(time.perf_counter() - t0 - sum(batch_seconds), 3))
     return Generated(torch.cat(out), torch.cat(labels).cpu() if labels else None, time.perf_counter() - t0,
-                     [round(float(v), 6) for v in curve])
+                     [round(float(v), 6) for v in curve], info={"batch_seconds": batch_seconds})
 
 
 def balanced_labels(n: int, num_classes: int, seed: int) -> Tensor:
