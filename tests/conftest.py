@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# the fused torch.compile kernels cost seconds to compile per process and shape; tests of them opt in explicitly
+os.environ.setdefault("QUANTBENCH_NO_COMPILE", "1")
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 RESNET20 = SHARED / "models" / "resnet20_cifar10.safetensors"

@@ -18,6 +18,7 @@ traffic of a copy; the op-by-op path stays the reference and the fallback.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from functools import cache
 
@@ -160,10 +161,18 @@ def lsq_drop_fake_quant(x: Tensor, mask: Tensor, scale: Tensor, zero_point: Tens
     return LSQDropFunction.apply(x, mask, scale, zero_point, qmin, qmax, grad_factor)
 
 
-@cache
 def fused_kernels_available(device: str = "cpu") -> bool:
     """Whether ``torch.compile`` can build the fused kernels here (a C++ compiler on CPU, Triton on CUDA): one
-    small forward and backward of each fused function, compiled once per process; False on any failure."""
+    small forward and backward of each fused function, compiled once per process; False on any failure, and
+    when ``QUANTBENCH_NO_COMPILE=1`` (the test suite sets it: compiling costs seconds per process)."""
+    if os.environ.get("QUANTBENCH_NO_COMPILE") == "1":
+        return False
+    return compile_probe(device)
+
+
+@cache
+def compile_probe(device: str = "cpu") -> bool:
+    """Compile and run the fused kernels once on small tensors; True when that worked."""
     try:
         x = torch.randn(2, 3, 5, 5, device=device, requires_grad=True)
         s = torch.full((1,), 0.1, device=device, requires_grad=True)
