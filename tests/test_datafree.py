@@ -228,3 +228,13 @@ def test_a_sweep_runs_on_synthetic_data_and_the_report_shows_the_set(tmp_path):
                  metrics=record.metrics, config=job.config, method="ptq", method_label="x")
     html = render_report([row])
     assert 'id="synthetic"' in html and "generated images" in html and "loss curve" in html
+
+
+@pytest.mark.parametrize("model", ["resnet18", "mobilenet_v2", "regnet_x_400mf", "efficientnet_b0", "resnet20_cifar"])
+def test_generators_work_on_torchvision_and_cifar_models(model):
+    net = build_model(model, num_classes=10).eval()
+    for gen in ("zeroq", "bns-ce"):
+        out = make_images(parse_data_source(f"synthetic:{gen}"), net, (3, 32, 32), 10, 2, 0, "cpu", False,
+                          {"iterations": 2, "batch_size": 2})
+        assert out.images.shape == (2, 3, 32, 32) and torch.isfinite(out.images).all()
+        assert len(out.loss_curve) == 2
