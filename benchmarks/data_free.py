@@ -37,8 +37,8 @@ BACKENDS = ["academic", "tensorrt", "snpe", "tvm", "acl", "fbgemm", "onnxruntime
 N = 1024
 
 
-def sources(generators: list[str]) -> list[str]:
-    return ["real", f"noise:{N}", *(f"synthetic:{g}:{N}" for g in generators)]
+def sources(generators: list[str], n: int = N) -> list[str]:
+    return ["real", f"noise:{n}", *(f"synthetic:{g}:{n}" for g in generators)]
 
 
 def run(ctx: Any, backend: str, w: int, a: int, source: str, method: str = "nearest",
@@ -48,7 +48,7 @@ def run(ctx: Any, backend: str, w: int, a: int, source: str, method: str = "near
     t0 = time.perf_counter()
     r = run_ptq(cfg, progress=False, context=ctx)
     src = r.extra.get("data_source", {})
-    return {"backend": backend, "bits": f"W{w}A{a}", "method": method, "source": source.split(f":{N}")[0],
+    return {"backend": backend, "bits": f"W{w}A{a}", "method": method, "source": source,
             "top1": round(r.quant_top1, 2), "agreement": round(100 * r.agreement, 2),
             "calib_s": round(r.calib_seconds, 2), "recon_s": round(r.recon_seconds or 0.0, 1),
             "generation_s": src.get("generation_seconds", 0.0), "wall_s": round(time.perf_counter() - t0, 1)}
@@ -61,12 +61,14 @@ def main() -> None:
     ap.add_argument("--recon-generators", default="bns-ce", help="synthetic sets the reconstruction rows use")
     ap.add_argument("--iters", type=int, default=None, help="reconstruction iterations (default: the CPU preset)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--n", type=int, default=N, help="images per generated set")
     ap.add_argument("--recon-real", action="store_true",
                     help="also the real-data reconstruction rows (the same runs as reconstruction.py --rows headline)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sections = args.sections.split(",")
+    n = args.n
     gens = args.generators.split(",")
     cfg = PTQConfig(model="resnet20_cifar", weights=WEIGHTS, data=DATA)
     ctx = build_context(cfg, progress=False)
@@ -76,12 +78,12 @@ def main() -> None:
     if "cost" in sections:  # generation first: the later sections read the cached 1 024-image sets
         rows = []
         for g in gens:  # one 1 024-image run; its first 256 images are the 256-image set (same seeded stream)
-            s = make_images(parse_data_source(f"synthetic:{g}:{N}"), ctx.model, entry.input_size, 10, N, 0,
+            s = make_images(parse_data_source(f"synthetic:{g}:{n}"), ctx.model, entry.input_size, 10, n, 0,
                             "cpu", False, None, entry.mean, entry.std)
             per_batch = s.info.get("batch_seconds", [])
             before = s.generation_seconds - sum(per_batch)  # fdda's class centres, made before the batches
             first = before + sum(per_batch[:256 // 32])
-            rows.append({"generator": g, "seconds_256": round(first, 1), "seconds_1024": round(s.generation_seconds, 1),
+            rows.append({"generator": g, "seconds_256": round(first, 1), f"seconds_{n}": round(s.generation_seconds, 1),
                          "cached": s.cached, "final_loss": s.loss_curve[-1] if s.loss_curve else None,
                          "real_images": s.real_images})
             print(rows[-1], flush=True)
@@ -92,19 +94,19 @@ def main() -> None:
     if "balance" in sections:
         rows = []
         for g in gens:
-            s = make_images(parse_data_source(f"synthetic:{g}:{N}"), ctx.model, entry.input_size, 10, N, 0, "cpu",
+            s = make_images(parse_data_source(f"synthetic:{g}:{n}"), ctx.model, entry.input_size, 10, n, 0, "cpu",
                             False, None, entry.mean, entry.std)
             with torch.no_grad():
-                pred = torch.cat([ctx.model(s.images[i:i + 256]).argmax(1) for i in range(0, N, 256)])
+                pred = torch.cat([ctx.model(s.images[i:i + 256]).argmax(1) for i in range(0, n, 256)])
             counts = torch.bincount(pred, minlength=10).tolist()
-            dev = max(abs(c - N / 10) / (N / 10) for c in counts)
+            dev = max(abs(c - n / 10) / (n / 10) for c in counts)
             rows.append({"generator": g, "counts": counts, "max_deviation_from_uniform": round(dev, 3)})
         out["balance"] = rows
-        print_table("Float model's predicted classes on 1 024 synthetic images", list(rows[0]),
+        print_table(f"Float model's predicted classes on {n} synthetic images", list(rows[0]),
                     [[str(v) for v in r.values()] for r in rows])
 
     if "w8a8" in sections:
-        rows = [run(ctx, b, 8, 8, src) for b in BACKENDS for src in sources(gens)]
+        rows = [run(ctx, b, 8, 8, src) for b in BACKENDS for src in sources(gens, n)]
         out["w8a8"] = rows
         print_table("W8A8, 256 calibration images per source", list(rows[0]), [list(r.values()) for r in rows])
 
@@ -112,7 +114,7 @@ def main() -> None:
         rgens = args.recon_generators.split(",")
         plan = [("academic", 4, 8, "adaround"), ("academic", 4, 4, "qdrop"), ("tensorrt", 4, 4, "qdrop")]
         rows = []
-        srcs = [s for s in sources(rgens) if args.recon_real or s != "real"]  # real rows: reconstruction.py
+        srcs = [s for s in sources(rgens, n) if args.recon_real or s != "real"]  # real rows: reconstruction.py
         for b, w, a, m in plan:
             for src in srcs:
                 rows.append(run(ctx, b, w, a, src, m, args.iters))
