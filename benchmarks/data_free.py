@@ -62,6 +62,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=None, help="reconstruction iterations (default: the CPU preset)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--n", type=int, default=N, help="images per generated set")
+    ap.add_argument("--no-recon-noise", dest="recon_noise", action="store_false",
+                    help="leave out the noise rows of the reconstruction section (already measured)")
     ap.add_argument("--recon-real", action="store_true",
                     help="also the real-data reconstruction rows (the same runs as reconstruction.py --rows headline)")
     ap.add_argument("--out", type=Path, default=None)
@@ -114,7 +116,8 @@ def main() -> None:
         rgens = args.recon_generators.split(",")
         plan = [("academic", 4, 8, "adaround"), ("academic", 4, 4, "qdrop"), ("tensorrt", 4, 4, "qdrop")]
         rows = []
-        srcs = [s for s in sources(rgens, n) if args.recon_real or s != "real"]  # real rows: reconstruction.py
+        srcs = [s for s in sources(rgens, n) if (args.recon_real or s != "real")  # real rows: reconstruction.py
+                and (args.recon_noise or not s.startswith("noise"))]
         for b, w, a, m in plan:
             for src in srcs:
                 rows.append(run(ctx, b, w, a, src, m, args.iters))
