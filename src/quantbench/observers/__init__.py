@@ -1,15 +1,11 @@
 """Calibration algorithms (observers). Every module in this package registers itself on import,
 so adding an observer means adding one file."""
 
-import importlib
-import pkgutil
-
 from quantbench.observers.base import OBSERVERS, Observer, list_observers, register_observer
 from quantbench.observers.options import ObserverOptionError, validate_observer_options
+from quantbench.utils.registry import import_submodules
 
-for _mod in pkgutil.iter_modules(__path__):
-    if _mod.name != "base":
-        importlib.import_module(f"{__name__}.{_mod.name}")
+import_submodules(__name__, __path__, skip=("base",))
 
 
 def build_observer(name: str, scheme, is_weight: bool = False, **options) -> Observer:

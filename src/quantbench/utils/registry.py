@@ -98,3 +98,16 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def import_submodules(package: str, path: Iterable[str], skip: Iterable[str] = ("base",)) -> None:
+    """Import every module of a package (each registers what it defines): one file per observer, QAT
+    algorithm, sweep method kind or data generator, and no list to keep in step."""
+    import importlib
+    import pkgutil
+
+    skipped = set(skip)
+    for mod in pkgutil.iter_modules(list(path)):
+        if mod.name not in skipped:
+            importlib.import_module(f"{package}.{mod.name}")
+

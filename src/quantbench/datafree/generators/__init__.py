@@ -1,8 +1,5 @@
 """Data generators, one file each (``noise``, ``zeroq``, ``bns-ce``, ``fdda``), registered on import."""
 
-import importlib
-import pkgutil
-
 from quantbench.datafree.generators.base import (
     GENERATORS,
     Generated,
@@ -12,10 +9,9 @@ from quantbench.datafree.generators.base import (
     build_generator,
     register_generator,
 )
+from quantbench.utils.registry import import_submodules
 
-for _mod in pkgutil.iter_modules(__path__):
-    if _mod.name != "base":
-        importlib.import_module(f"{__name__}.{_mod.name}")
+import_submodules(__name__, __path__, skip=("base",))
 
 __all__ = ["GENERATORS", "Generated", "Generator", "GeneratorOptions", "Target", "build_generator",
            "register_generator"]

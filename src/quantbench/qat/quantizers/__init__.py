@@ -4,9 +4,6 @@ Every module in this package registers its algorithm on import, so adding one me
 interface and the registry are in :mod:`quantbench.quant.learning`.
 """
 
-import importlib
-import pkgutil
-
 from quantbench.quant.learning import (
     ALGORITHMS,
     Algorithm,
@@ -15,8 +12,8 @@ from quantbench.quant.learning import (
     list_algorithms,
     register_algorithm,
 )
+from quantbench.utils.registry import import_submodules
 
-for _mod in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_mod.name}")
+import_submodules(__name__, __path__, skip=())
 
 __all__ = ["ALGORITHMS", "Algorithm", "LearningRule", "QuantizerContext", "list_algorithms", "register_algorithm"]

@@ -1,8 +1,5 @@
 """Method kinds. Every module in this package registers its kind on import (one file per kind)."""
 
-import importlib
-import pkgutil
-
 from quantbench.sweep.methods.base import (
     METHODS,
     ContextCache,
@@ -11,9 +8,8 @@ from quantbench.sweep.methods.base import (
     MethodParams,
     register_method,
 )
+from quantbench.utils.registry import import_submodules
 
-for _mod in pkgutil.iter_modules(__path__):
-    if _mod.name != "base":
-        importlib.import_module(f"{__name__}.{_mod.name}")
+import_submodules(__name__, __path__, skip=("base",))
 
 __all__ = ["METHODS", "ContextCache", "Method", "MethodOutcome", "MethodParams", "register_method"]
