@@ -56,18 +56,13 @@ class Generator:
     name: ClassVar[str] = ""
     options_type: ClassVar[type[BaseModel]] = GeneratorOptions
     description: ClassVar[str] = ""
-    #: False: the output depends on real images (the card must not call it data-free)
-    data_free: ClassVar[bool] = True
 
     def __init__(self, options: BaseModel) -> None:
         self.options = options
 
     def generate(self, target: Target, n: int, seed: int, progress: bool = True) -> Generated:
+        """``n`` images; ``Generated.real_images`` says how many real images went into them."""
         raise NotImplementedError
-
-    def real_images(self) -> int:
-        """How many real images this configuration reads (0 for data-free ones)."""
-        return 0
 
 
 GENERATORS: Registry[type[Generator]] = Registry("data generator")

@@ -42,11 +42,13 @@ class BNSCEGenerator(Generator):
     options_type = BNSCEOptions
     description = "DeepInversion-style: BN statistics + cross-entropy to balanced class targets + image prior"
 
-    def generate(self, target: Target, n: int, seed: int, progress: bool = True) -> Generated:
+    def generate(self, target: Target, n: int, seed: int, progress: bool = True,
+                 labels: Tensor | None = None) -> Generated:
+        """``labels`` (n class targets) replace the balanced ones (fdda makes one class at a time)."""
         opts = self.options
         assert isinstance(opts, BNSCEOptions)
         hooks = BNSHooks(target.model, "batch")
-        labels = balanced_labels(n, target.num_classes, seed)
+        labels = balanced_labels(n, target.num_classes, seed) if labels is None else labels
 
         def labels_of(b: int, size: int) -> Tensor:
             return labels[b * opts.batch_size:b * opts.batch_size + size]

@@ -34,7 +34,7 @@ from quantbench.datafree.generators.base import (
     optimise_images,
     register_generator,
 )
-from quantbench.datafree.generators.bns_ce import BNSCEOptions, total_variation
+from quantbench.datafree.generators.bns_ce import BNSCEGenerator, BNSCEOptions, total_variation
 
 
 class FDDAOptions(GeneratorOptions):
@@ -53,15 +53,6 @@ class FDDAGenerator(Generator):
     name = "fdda"
     options_type = FDDAOptions
     description = "FDDA-style class-wise BNS alignment (centres from the model itself, or one real image per class)"
-
-    @property
-    def data_free(self) -> bool:  # type: ignore[override]
-        opts = self.options
-        assert isinstance(opts, FDDAOptions)
-        return opts.real_centres is None
-
-    def real_images(self) -> int:
-        return -1 if not self.data_free else 0  # resolved to the class count when generating
 
     def generate(self, target: Target, n: int, seed: int, progress: bool = True) -> Generated:
         opts = self.options
@@ -100,14 +91,13 @@ class FDDAGenerator(Generator):
                            progress: bool) -> tuple[list[list[tuple[Tensor, Tensor]]], int]:
         opts = self.options
         assert isinstance(opts, FDDAOptions)
-        from quantbench.datafree.generators.bns_ce import BNSCEGenerator
-
         k = opts.centre_images
         base = BNSCEGenerator(BNSCEOptions(iterations=opts.centre_iterations, batch_size=k, lr=opts.lr,
-                                           bn_weight=opts.bn_weight, tv_weight=opts.tv_weight))
+                                           bn_weight=opts.bn_weight, tv_weight=opts.tv_weight, l2_weight=0.0))
         centres = []
-        for c in range(target.num_classes):
-            images = _ClassTargeted(base, c).generate(target, k, seed + 1000 + c, progress=False).images
+        for c in range(target.num_classes):  # bns-ce's objective with every target set to class c
+            one_class = torch.full((k,), c, dtype=torch.long)
+            images = base.generate(target, k, seed + 1000 + c, progress=False, labels=one_class).images
             centres.append(_stats(target, hooks, images))
         return centres, 0
 
@@ -132,30 +122,6 @@ class FDDAGenerator(Generator):
             raise ValueError(f"fdda real_centres: the training split of {opts.real_centres} has no image of "
                              f"classes {missing}")
         return [_stats(target, hooks, first[k].unsqueeze(0)) for k in range(target.num_classes)], len(first)
-
-
-class _ClassTargeted:
-    """``bns-ce`` with every target set to one class."""
-
-    def __init__(self, base: Generator, cls: int) -> None:
-        self.base, self.cls = base, cls
-
-    def generate(self, target: Target, n: int, seed: int, progress: bool) -> Generated:
-        opts = self.base.options
-        assert isinstance(opts, BNSCEOptions)
-        hooks = BNSHooks(target.model, "batch")
-        cls = self.cls
-
-        def loss(x: Tensor, _: int) -> Tensor:
-            hooks.reset()
-            logits = target.model(x)
-            t = torch.full((x.shape[0],), cls, dtype=torch.long, device=x.device)
-            return (F.cross_entropy(logits, t) + opts.bn_weight * hooks.loss()
-                    + opts.tv_weight * total_variation(x))
-
-        with hooks.active():
-            return optimise_images(target, n, opts, seed, progress, f"fdda centre {cls}", loss, None,
-                                   betas=(0.5, 0.9))
 
 
 @torch.no_grad()
