@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
+from quantbench.data.loaders import TensorImageDataset
 from quantbench.datafree.generators import GENERATORS, Target, build_generator
 from quantbench.errors import ConfigError
 from quantbench.utils.io import atomic_write
@@ -83,6 +84,11 @@ class SourceImages:
     identity: str
     loss_curve: list[float] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+
+    def dataset(self, n: int) -> TensorImageDataset:
+        """The first ``n`` images (all when fewer) as a dataset with placeholder labels (calibration reads none)."""
+        m = min(n, self.images.shape[0])
+        return TensorImageDataset(self.images[:m], torch.zeros(m, dtype=torch.long))
 
     def card(self) -> dict[str, Any]:
         """The card's facts about the data (seed 004 Table 1: type, amount, labels, time)."""

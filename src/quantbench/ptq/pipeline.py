@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from quantbench.config import PTQConfig
-from quantbench.data import DataBundle, TensorImageDataset, calibration_subset, load_data, make_loader
+from quantbench.data import DataBundle, calibration_subset, load_data, make_loader
 from quantbench.datafree.source import SourceImages, make_images, parse_data_source
 from quantbench.graph.quantize import list_layers, list_quantizers, prepare
 from quantbench.models import build_model, get_entry
@@ -102,20 +102,15 @@ class RunImages:
     context: PTQContext
     made: SourceImages | None = None
 
-    def _subset(self, n: int) -> Any:
-        assert self.made is not None
-        m = min(n, self.made.images.shape[0])
-        return TensorImageDataset(self.made.images[:m], torch.zeros(m, dtype=torch.long))
-
     def calibration(self) -> Any:
         if self.made is None:
             return calibration_subset(self.context.bundle, self.cfg.calib_size, self.cfg.seed)
-        return self._subset(self.cfg.calib_size)
+        return self.made.dataset(self.cfg.calib_size)
 
     def bn_calibration(self, calib_set: Any) -> Any:
         n_bn = self.cfg.bn_calib_size or self.cfg.calib_size
         if self.made is not None:
-            return self._subset(n_bn)
+            return self.made.dataset(n_bn)
         return calibration_subset(self.context.bundle, n_bn, self.cfg.seed + 1) if n_bn != self.cfg.calib_size \
             else calib_set
 

@@ -99,8 +99,7 @@ def prepare_run(cfg: QATConfig, ctx: DistContext, progress: bool = True) -> Prep
     else:  # noise / synthetic images for the PTQ init; training stays on the --data training split
         made = make_images(src, model, entry.input_size, bundle.num_classes, cfg.calib_size, cfg.seed, ctx.device,
                            progress and main, cfg.synthetic_options, entry.mean, entry.std)
-        calib_set = TensorImageDataset(made.images[:cfg.calib_size], torch.zeros(
-            min(cfg.calib_size, made.images.shape[0]), dtype=torch.long))
+        calib_set = made.dataset(cfg.calib_size)
     calib_loader = make_loader(calib_set, cfg.calib_batch_size)
     t0 = time.perf_counter()
     calibrate(gm, calib_loader, ctx.device, progress and main)
