@@ -13,6 +13,9 @@ from quantbench.observers import OBSERVERS
 CARD_VERSION = 1
 
 
+NEAREST = "nearest (round half to even)"  # the weights' rounding without reconstruction
+
+
 @dataclass
 class CardInputs:
     """Everything a card is made of. ``signed`` maps quantizer names to the signedness calibration chose."""
@@ -28,7 +31,7 @@ class CardInputs:
     signed: dict[str, bool] = field(default_factory=dict)
     not_applicable: dict[str, str] = field(default_factory=dict)
     #: the weights' rounding policy (seed 004 2.1: methods that do not round to nearest must say so)
-    rounding: str = "nearest (round half to even)"
+    rounding: str = NEAREST
 
 
 def _observer_doc(name: str) -> str:

@@ -10,7 +10,7 @@ import torch.fx as fx
 from torch import Tensor
 
 from quantbench.backends.spec import BackendSpec
-from quantbench.cards.build import CardInputs, build_card
+from quantbench.cards.build import NEAREST, CardInputs, build_card
 from quantbench.cards.facts import NA, collect_structure
 
 NOT_APPLICABLE = {
@@ -33,6 +33,18 @@ def calibration_data(result: dict[str, Any]) -> tuple[str, dict[str, Any] | None
     kind = "data-free" if src.get("data_free", True) else f"NOT data-free: {real} real images read"
     return (f"{src['type']}, {src['images']} images made from the float model, no labels ({kind}); "
             f"generation {src['generation_seconds']} s{' (cached)' if src.get('cached') else ''}"), src
+
+
+def add_method_facts(result: dict[str, Any], resources: dict[str, Any]) -> str:
+    """Put a run's reconstruction and generated-data facts into its card resources; return the rounding policy."""
+    extra = result.get("extra", {})
+    if extra.get("data_source") is not None:
+        resources["data_generation"] = extra["data_source"]
+    recon = extra.get("reconstruction")
+    if recon is None:
+        return NEAREST
+    resources["reconstruction"] = reconstruction_facts(recon)
+    return reconstruction_rounding(recon["method"])
 
 
 def reconstruction_rounding(method: str) -> str:
@@ -58,18 +70,12 @@ def ptq_run_card(config: dict[str, Any], spec: BackendSpec, result: dict[str, An
     quantizers = result.get("extra", {}).get("quantizers", [])
     label = result["w_observer"] if result["w_observer"] == result["a_observer"] else \
         f"{result['w_observer']}/{result['a_observer']}"
-    recon = result.get("extra", {}).get("reconstruction")
-    data_text, data_source = calibration_data(result)
+    data_text, _ = calibration_data(result)
     resources = {"method": "ptq", "calibration_examples": result["n_calib"], "calibration_data": data_text,
                  "training_examples": NA, "labels_used": False,
                  "quantization_seconds": round(result["calib_seconds"] + (result.get("recon_seconds") or 0.0), 4),
                  "epoch_seconds_estimate": NA, "fraction_of_epoch": NA, "device": result["device"]}
-    rounding = "nearest (round half to even)"
-    if recon is not None:
-        rounding = reconstruction_rounding(recon["method"])
-        resources["reconstruction"] = reconstruction_facts(recon)
-    if data_source is not None:
-        resources["data_generation"] = data_source
+    rounding = add_method_facts(result, resources)
     return build_card(CardInputs(
         run={"run_id": run_id, "sweep": "", "method": "ptq", "method_label": label, "model": result["model"],
              "backend": spec.name, "backend_description": spec.description.strip(), "w_bits": spec.weight.bits,

@@ -9,7 +9,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from quantbench.cards.build import CardInputs, build_card
 from quantbench.cards.facts import NA, collect_structure
-from quantbench.cards.ptq import calibration_data, reconstruction_facts, reconstruction_rounding
+from quantbench.cards.ptq import add_method_facts, calibration_data
 from quantbench.config import PTQConfig, default_of, field_from
 from quantbench.errors import SweepError
 from quantbench.observers import OBSERVERS
@@ -124,7 +124,7 @@ class PTQMethod(Method):
         n_bn = (cfg.bn_calib_size or cfg.calib_size) if cfg.bn_calib else 0
         metrics = {k: v for k, v in result.to_dict().items() if k != "extra"}
         q_seconds = result.calib_seconds + (result.recon_seconds or 0.0)  # calibration + reconstruction
-        data_text, data_source = calibration_data(result.to_dict())
+        data_text, _ = calibration_data(result.to_dict())
         metrics.update(
             epoch_seconds_estimate=epoch_s, fraction_of_epoch=q_seconds / epoch_s if epoch_s else None,
             model_size_bytes=structure.size_bytes, fp32_size_bytes=structure.fp32_size_bytes,
@@ -143,13 +143,7 @@ class PTQMethod(Method):
             "epoch_estimate_method": "forward+backward of one 64-image training batch x batches per epoch",
             "device": cfg.device,
         }
-        recon = result.extra.get("reconstruction")
-        rounding = "nearest (round half to even)"
-        if recon is not None:
-            resources["reconstruction"] = reconstruction_facts(recon)
-            rounding = reconstruction_rounding(recon["method"])
-        if data_source is not None:
-            resources["data_generation"] = data_source
+        rounding = add_method_facts({"extra": result.extra}, resources)
         card = build_card(CardInputs(
             run={"run_id": job.run_id, "sweep": job.sweep, "method": self.name, "method_label": job.method_label,
                  "model": cfg.model, "backend": spec.name, "backend_description": spec.description.strip(),
