@@ -212,10 +212,11 @@ def reconstruct(gm: fx.GraphModule, images: Tensor, method: str | ReconMethod, o
             layers, acts = _unit_modules(gm, unit)
             sub = extract(gm, unit.input, unit.output, unit.nodes)
             modules = dict(gm.named_modules())
-            targets = {fuse_end(n, modules).name for n in unit.nodes
-                       if n.op == "call_module" and str(n.target) in unit.layers} if granularity == "layer" else set()
+            targets = sorted({fuse_end(n, modules) for n in unit.nodes
+                              if n.op == "call_module" and str(n.target) in unit.layers}, key=unit.nodes.index) \
+                if granularity == "layer" else []
             with float_mode(_all_quantizers(layers, acts)):
-                fp_out, layer_targets = _run_float(sub, fp_in, targets, cache, passes)
+                fp_out, layer_targets = _run_float(gm, unit, sub, fp_in, targets, cache, passes)
             t_unit = time.perf_counter()
             learner = _Learner(m, opts, iters, cache, dev, hardware, bar)
             if granularity == "layer":
@@ -244,33 +245,19 @@ def _restore_grad(params: list[nn.Parameter]) -> Iterator[None]:
             prm.requires_grad_(True)
 
 
-def _run_float(sub: fx.GraphModule, x: Tensor, targets: set[str], cache: _Cache,
-               passes: _Passes) -> tuple[Tensor, dict[str, Tensor]]:
-    """The unit's float output, and the outputs of the nodes named in ``targets`` (one pass)."""
+def _run_float(gm: fx.GraphModule, unit: Unit, sub: fx.GraphModule, x: Tensor, targets: list[fx.Node],
+               cache: _Cache, passes: _Passes) -> tuple[Tensor, dict[str, Tensor]]:
+    """The unit's float output, and the outputs of the ``targets`` nodes by name (one pass)."""
     if not targets:
         return cache.run(sub, x, passes), {}
-    nodes = {n.name: n for n in sub.graph.nodes}
-    out_node = next(n for n in sub.graph.nodes if n.op == "output")
-    ret = out_node.args[0]
-    probe = fx.GraphModule(sub, _with_outputs(sub.graph, [ret, *(nodes[t] for t in sorted(targets))]))
+    probe = extract(gm, unit.input, unit.output, unit.nodes, also=targets)
     chunks: list[list[Tensor]] = []
     with torch.no_grad():
         for i in range(0, x.shape[0], RUN_BATCH):
             chunks.append([t.to(cache.store_device, cache.dtype) for t in probe(cache.get(x, slice(i, i + RUN_BATCH)))])
     passes.add(sub, x.shape[0])
     cols = [cache.put(torch.cat(c)) for c in zip(*chunks, strict=True)]
-    return cols[0], dict(zip(sorted(targets), cols[1:], strict=True))
-
-
-def _with_outputs(graph: fx.Graph, outs: list[Any]) -> fx.Graph:
-    g = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    for n in graph.nodes:
-        if n.op == "output":
-            continue
-        env[n] = g.node_copy(n, lambda a: env[a])
-    g.output(tuple(env[o] for o in outs))
-    return g
+    return cols[0], {n.name: col for n, col in zip(targets, cols[1:], strict=True)}
 
 
 def _layerwise(gm: fx.GraphModule, unit: Unit, layer_targets: dict[str, Tensor], q_in: Tensor, learner: _Learner,

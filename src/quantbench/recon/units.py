@@ -16,6 +16,7 @@ needs no cut point: its input is captured inside the surrounding block unit.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -201,11 +202,13 @@ def _layer_units(u: Unit, modules: dict[str, nn.Module]) -> list[Unit]:
     return out
 
 
-def extract(gm: fx.GraphModule, inp: fx.Node, out: fx.Node, nodes: list[fx.Node] | None = None) -> fx.GraphModule:
+def extract(gm: fx.GraphModule, inp: fx.Node, out: fx.Node, nodes: list[fx.Node] | None = None,
+            also: Sequence[fx.Node] = ()) -> fx.GraphModule:
     """A GraphModule computing ``out`` from ``inp``'s value, sharing ``gm``'s modules (training it trains ``gm``).
 
     ``nodes`` (default: every node between ``inp`` and ``out`` in graph order) are copied in order; the
-    constants they read (``get_attr``) come along; what ``out`` does not need is removed.
+    constants they read (``get_attr``) come along; what ``out`` does not need is removed. With ``also`` (nodes
+    among ``nodes``), it returns the tuple ``(out, *also)``: intermediate values from the same pass.
     """
     all_nodes = list(gm.graph.nodes)
     if nodes is None:
@@ -225,7 +228,7 @@ def extract(gm: fx.GraphModule, inp: fx.Node, out: fx.Node, nodes: list[fx.Node]
     for n in nodes:
         if n not in env:
             env[n] = graph.node_copy(n, lookup)
-    graph.output(env[out])
+    graph.output(tuple(env[o] for o in (out, *also)) if also else env[out])
     sub = fx.GraphModule(gm, graph, f"{inp.name}_to_{out.name}")
     sub.graph.eliminate_dead_code()
     sub.recompile()
