@@ -3,7 +3,10 @@
 An override matches conv/linear layers by module name glob (``fnmatch`` on the module's name in the
 model, e.g. ``layer3.*``), by module type (``type:Conv2d``, ``type:Linear``) or ``depthwise`` (convs
 with ``groups == in_channels > 1``), and refines what the backend spec says for them: weight and
-activation bits, scheme fields, observers, or ``keep_float``.
+activation bits, scheme fields, observers, or ``keep_float``. ``quantizer:GLOB`` matches activation
+quantizers by name instead (``quantbench ptq --list-quantizers`` prints the names, e.g. ``add_3_post``) and
+sets only activation fields; it applies after the layer-based resolution below, so it can set a tensor
+that several layers, adds or concats read (what a learned mixed-precision allocation writes).
 
 Precedence: entries apply in order, field by field; a later entry that sets a field replaces what an
 earlier one set for that field. The backend's ``first_last`` policy comes first, then the spec's
@@ -32,6 +35,7 @@ from quantbench.errors import ConfigError
 from quantbench.quant.scheme import Granularity, QScheme, ScaleType, Signedness
 
 TYPE_PREFIX = "type:"
+QUANTIZER_PREFIX = "quantizer:"
 DEPTHWISE = "depthwise"
 
 
@@ -57,7 +61,8 @@ class LayerOverride(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    match: str = Field(description="module name glob ('layer3.*'), 'type:Conv2d', 'type:Linear' or 'depthwise'")
+    match: str = Field(description="module name glob ('layer3.*'), 'type:Conv2d', 'type:Linear', 'depthwise' or "
+                                   "'quantizer:GLOB' (activation quantizers by name)")
     w_bits: int | None = Field(None, ge=1, le=16, description="weight bits (shorthand for weight.bits)")
     a_bits: int | None = Field(None, ge=1, le=16, description="bits of the layer's input activations")
     weight: SchemeUpdate | None = None
@@ -72,8 +77,8 @@ class LayerOverride(BaseModel):
     @classmethod
     def _match(cls, v: str) -> str:
         v = v.strip()
-        if not v or v == TYPE_PREFIX:
-            raise ValueError("match must be a module name glob, 'type:NAME' or 'depthwise'")
+        if not v or v in (TYPE_PREFIX, QUANTIZER_PREFIX):
+            raise ValueError("match must be a module name glob, 'type:NAME', 'depthwise' or 'quantizer:GLOB'")
         return v
 
     @field_validator("w_observer", "a_observer")
@@ -90,6 +95,10 @@ class LayerOverride(BaseModel):
     def _check(self) -> LayerOverride:
         sets_quant = bool(self._weight_changes() or self._activation_changes() or self.w_observer
                           or self.a_observer or self.w_observer_options or self.a_observer_options)
+        if self.targets_quantizer and (self.keep_float is not None or self._weight_changes() or self.w_observer
+                                       or self.w_observer_options):
+            raise ValueError(f"override {self.match!r} names activation quantizers: it can set only a_bits, "
+                             "activation, a_observer and a_observer_options")
         if self.keep_float and sets_quant:
             raise ValueError(f"override {self.match!r}: keep_float: true cannot be combined with bits, "
                              "schemes or observers")
@@ -114,8 +123,19 @@ class LayerOverride(BaseModel):
             out["bits"] = self.a_bits
         return out
 
+    @property
+    def targets_quantizer(self) -> bool:
+        """Whether this entry names activation quantizers (``quantizer:GLOB``) rather than layers."""
+        return self.match.startswith(QUANTIZER_PREFIX)
+
+    def matches_quantizer(self, name: str) -> bool:
+        """Whether this ``quantizer:GLOB`` entry applies to the activation quantizer ``name``."""
+        return self.targets_quantizer and fnmatchcase(name, self.match[len(QUANTIZER_PREFIX):])
+
     def matches(self, name: str, module: nn.Module) -> bool:
         """Whether this entry applies to the layer ``name`` (its module name in the model)."""
+        if self.targets_quantizer:
+            return False
         if self.match.startswith(TYPE_PREFIX):
             return type(module).__name__ == self.match[len(TYPE_PREFIX):]
         if self.match == DEPTHWISE:
@@ -177,7 +197,7 @@ def resolve_layers(layers: Sequence[tuple[str, nn.Module]], overrides: Iterable[
 
     A pattern that matches no layer is a ConfigError naming it and listing the layers.
     """
-    overrides = list(overrides)
+    overrides = [o for o in overrides if not o.targets_quantizer]  # applied per quantizer: quantizer_side()
     names = [n for n, _ in layers]
     for o in overrides:
         if not any(o.matches(n, m) for n, m in layers):
@@ -229,6 +249,23 @@ def shared_activation(readers: Sequence[Side | None], base: Side) -> tuple[Side 
     best = [r for r in live if r.scheme.bits == top]
     chosen = base if base in best else best[0]
     return chosen, len(distinct) > 1
+
+
+def quantizer_side(name: str, side: Side, overrides: Iterable[LayerOverride], where: str) -> tuple[Side, list[str]]:
+    """``side`` refined by the ``quantizer:GLOB`` entries matching the activation quantizer ``name`` (in order,
+    field by field); also the patterns that matched."""
+    matched = [o for o in overrides if o.matches_quantizer(name)]
+    if not matched:
+        return side, []
+    changes: dict[str, Any] = {}
+    obs, opts = None, None
+    for o in matched:
+        changes.update(o._activation_changes())
+        obs = o.a_observer or obs
+        opts = o.a_observer_options if o.a_observer_options is not None else opts
+    pats = [o.match for o in matched]
+    scheme = apply_scheme(side.scheme, changes, f"{where} ({', '.join(pats)})")
+    return _observer_side(side, scheme, obs, opts), pats
 
 
 FirstLastPolicy = Literal["same", "fp"] | int

@@ -16,11 +16,12 @@ from quantbench.backends.overrides import (
     LayerOverride,
     Side,
     first_last_overrides,
+    quantizer_side,
     resolve_layers,
     shared_activation,
 )
 from quantbench.backends.spec import BackendSpec
-from quantbench.errors import QuantbenchError
+from quantbench.errors import ConfigError, QuantbenchError
 from quantbench.graph.fold import wrap_weighted
 from quantbench.graph.ops import OpKind, op_kind, tensor_inputs
 from quantbench.graph.placement import Site, place_activation_quantizers
@@ -99,6 +100,9 @@ def prepare(
     by_node = {n: layers[target[n]] for n in weighted}
     notes: dict[str, str] = {}
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    by_quantizer = [o for o in entries if o.targets_quantizer]
+    act_names: list[str] = []
+    quantizer_matched: dict[str, list[str]] = {}
 
     def make_weight_quantizer(name: str, node: fx.Node) -> Quantizer | None:
         side = layers[name].weight
@@ -110,16 +114,26 @@ def prepare(
         readers = sorted(consumers, key=lambda c: order.get(c, len(order)))
         side, conflict = shared_activation(
             [by_node[c].activation if c in by_node else base_a for c in readers], base_a)
+        act_names.append(name)
         if side is None:
             return None
         if conflict:
             asked = ", ".join(f"{target.get(c, c)}: {_side_text(by_node[c].activation if c in by_node else base_a)}"
                               for c in readers)
             notes[name] = f"read by layers with different settings ({asked}): took the highest precision"
+        side, pats = quantizer_side(name, side, by_quantizer, f"override of activation quantizer {name}")
+        if pats:
+            quantizer_matched[name] = pats
+            notes[name] = f"set by {', '.join(pats)}"
         return Quantizer(side.scheme, side.observer, False, name, side.options)
 
     wrap_weighted(gm, spec.fold_bn, make_weight_quantizer)
     sites = place_activation_quantizers(gm, spec, make_act_quantizer)
+    for o in by_quantizer:
+        if not any(o.match in pats for pats in quantizer_matched.values()):
+            shown = ", ".join(act_names[:12]) + (f", ... ({len(act_names)})" if len(act_names) > 12 else "")
+            raise ConfigError(f"override pattern {o.match!r} matches no activation quantizer; they are: {shown} "
+                              "(quantbench ptq --list-quantizers prints them)")
     gm.meta["quantbench"] = {
         "backend": spec,
         "sites": {s.name: s for s in sites},
