@@ -32,6 +32,11 @@ class CardInputs:
     not_applicable: dict[str, str] = field(default_factory=dict)
     #: the weights' rounding policy (seed 004 2.1: methods that do not round to nearest must say so)
     rounding: str = NEAREST
+    #: the bit-widths the run was *allowed* (a mixed-precision search's set); None: a fixed-precision run, whose
+    #: allowed bit-widths are those its configuration sets
+    allowed_bitwidths: dict[str, list[int]] | None = None
+    #: a mixed-precision search's facts (constraint kind and targets, first/last in the budget, labels, ...)
+    search: dict[str, Any] | None = None
 
 
 def _observer_doc(name: str) -> str:
@@ -104,9 +109,10 @@ def _mixed_section(inp: CardInputs) -> dict[str, Any]:
     w_bits = sorted({b for b in st.weight_bits.values() if b is not None})
     a_bits = sorted({f.bits for f in maps})
     fp_layers = sorted(k for k, b in st.weight_bits.items() if b is None)
-    return {
+    out = {
         "mixed": inp.mixed_precision,
-        "allowed_bitwidths": {"weights": w_bits, "activations": a_bits},
+        "allowed_bitwidths": inp.allowed_bitwidths or {"weights": w_bits, "activations": a_bits},
+        "bits_used": {"weights": w_bits, "activations": a_bits},
         "float_layers": fp_layers,
         "average_weight_bits": round(average_weight_bits(st), 4),
         "average_activation_bits": (round(v, 4) if isinstance(v := average_activation_bits(st), float) else v),
@@ -118,6 +124,9 @@ def _mixed_section(inp: CardInputs) -> dict[str, Any]:
         "compression_ratio": round(st.fp32_size_bytes / st.size_bytes, 4) if st.size_bytes else NA,
         "per_layer": st.layers,
     }
+    if inp.search is not None:
+        out["search"] = inp.search
+    return out
 
 
 def _pretrained_section(acc: dict[str, Any]) -> dict[str, Any]:

@@ -63,9 +63,10 @@ def reconstruction_facts(recon: dict[str, Any]) -> dict[str, Any]:
 
 
 def ptq_run_card(config: dict[str, Any], spec: BackendSpec, result: dict[str, Any], gm: fx.GraphModule,
-                 example: Tensor, code_version: str) -> dict[str, Any]:
+                 example: Tensor, code_version: str, search: dict[str, Any] | None = None) -> dict[str, Any]:
     """A quantization card for a PTQ run: ``config`` is the run's config dump, ``result`` its result dict;
-    the run id is a hash of the config."""
+    the run id is a hash of the config. ``search``: the facts of the mixed-precision search that chose the
+    run's per-layer bits (:func:`quantbench.mixed.card.search_facts`)."""
     run_id = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
     quantizers = result.get("extra", {}).get("quantizers", [])
     label = result["w_observer"] if result["w_observer"] == result["a_observer"] else \
@@ -76,13 +77,22 @@ def ptq_run_card(config: dict[str, Any], spec: BackendSpec, result: dict[str, An
                  "quantization_seconds": round(result["calib_seconds"] + (result.get("recon_seconds") or 0.0), 4),
                  "epoch_seconds_estimate": NA, "fraction_of_epoch": NA, "device": result["device"]}
     rounding = add_method_facts(result, resources)
+    method = "ptq"
+    if search is not None:
+        method = "mixed"
+        resources.update({"method": "mixed", "training_examples": search["images"],
+                          "labels_used": search["labels"] == "true",
+                          "quantization_seconds": round(search["seconds"], 2),
+                          "fraction_of_epoch": search["fraction_of_epoch"],
+                          "epoch_estimate_method": "images processed by the search / training-set size"})
     return build_card(CardInputs(
-        run={"run_id": run_id, "sweep": "", "method": "ptq", "method_label": label, "model": result["model"],
+        run={"run_id": run_id, "sweep": "", "method": method, "method_label": label, "model": result["model"],
              "backend": spec.name, "backend_description": spec.description.strip(), "w_bits": spec.weight.bits,
              "a_bits": spec.activation.bits, "seed": int(config.get("seed", 0)), "code_version": code_version},
         spec=spec, structure=collect_structure(gm, example),
         observers={"weights": result["w_observer"], "activations": result["a_observer"]},
-        parameters="static", mixed_precision=False,
+        parameters="static", mixed_precision=search is not None,
+        allowed_bitwidths=search["allowed_bitwidths"] if search else None, search=search,
         resources=resources, rounding=rounding,
         accuracy={"model": result["model"], "weights": result["weights"] or "random init", "dataset": result["data"],
                   "n_test": result["n_test"], "baseline_top1": result["fp_top1"],

@@ -32,6 +32,14 @@ def _tensor_line(name: str, t: dict[str, Any]) -> str:
             f"{'/'.join(map(str, t['bits']))}-bit, calibration {t['calibration']}")
 
 
+def _search_line(s: dict[str, Any]) -> str:
+    """One sentence of a mixed-precision search's design choices (seed 004 Obs. 4-7)."""
+    targets = ", ".join(f"{k} {v}" for k, v in (("weights avg", s.get("w_avg")), ("activations avg", s.get("a_avg")),
+                                                 ("max feature map bytes", s.get("a_max_fmap_bytes"))) if v is not None)
+    return (f"search: {s['kind']} constraint ({targets}), {s['allowed_kind']} bit-widths, first/last layer "
+            f"{s['first_last']} the budget, {s['labels']} labels, {s['images']} images, {s['steps']} steps")
+
+
 def summary_rows(card: dict[str, Any]) -> list[tuple[str, str]]:
     """The card's five categories (seed 004 Table 1), each one line of design trade-offs."""
     qm, ops = card["quantization_method"], card["quantized_operations"]
@@ -51,6 +59,9 @@ def summary_rows(card: dict[str, Any]) -> list[tuple[str, str]]:
         "mixed precision" if mp["mixed"] else "fixed bit-widths (no mixed-precision search)",
         f"allowed bit-widths: weights {_fmt(mp['allowed_bitwidths']['weights'])}, activations "
         f"{_fmt(mp['allowed_bitwidths']['activations'])}",
+        *([f"used: weights {_fmt(mp['bits_used']['weights'])}, activations {_fmt(mp['bits_used']['activations'])}"]
+          if mp.get("bits_used") and mp["bits_used"] != mp["allowed_bitwidths"] else []),
+        *([_search_line(mp["search"])] if mp.get("search") else []),
         f"average bits: weights {_fmt(mp['average_weight_bits'])}, activations {_fmt(mp['average_activation_bits'])}",
         f"feature maps: max {_kib(mp['max_feature_map_bytes'])}, average {_kib(mp['average_feature_map_bytes'])}",
         f"model size {_kib(mp['model_size_bytes'])} ({_fmt(mp['compression_ratio'])}x smaller than FP32)",

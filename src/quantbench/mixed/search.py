@@ -1,0 +1,194 @@
+"""Learning a mixed-precision allocation (seed 004 App. A; Uhlich et al. 2020).
+
+Minimise ``CE(f(x; theta, B), y) + lam max(avg_w(B) - target_w, 0) + lam max(avg_a(B) - target_a, 0)`` over the
+bit-widths ``B`` only (the network's weights and BN statistics stay fixed; activation ranges learn with the bits
+when activations are allocated). The step whose allocation meets every constraint with the best exponential
+moving average of the training accuracy is returned, since the last step often does not meet them; when no step
+did, the last allocation is repaired (bits lowered where they cost the least size) and the report says so.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx
+
+from quantbench.graph.quantize import activation_quantizers, weight_layers
+from quantbench.mixed.allocation import Allocation
+from quantbench.mixed.budget import Budget
+from quantbench.mixed.config import MixedConfig
+from quantbench.mixed.rule import BITWIDTH, BitWidthRule
+from quantbench.observers import build_observer
+from quantbench.quant.quantizer import Quantizer
+from quantbench.utils.progress import LossBar
+
+
+@dataclass
+class Searchable:
+    """A calibrated prepared model whose allocated quantizers carry a :class:`BitWidthRule`."""
+
+    gm: fx.GraphModule
+    w_rules: dict[str, BitWidthRule]  # layer name -> rule
+    a_rules: dict[str, BitWidthRule]  # activation quantizer name -> rule
+
+    def rules(self) -> list[BitWidthRule]:
+        return [*self.w_rules.values(), *self.a_rules.values()]
+
+    def allocation(self) -> Allocation:
+        return Allocation({n: r.rounded_bits() for n, r in self.w_rules.items()},
+                          {n: r.rounded_bits() for n, r in self.a_rules.items()})
+
+    def set(self, alloc: Allocation) -> None:
+        for n, b in alloc.weights.items():
+            self.w_rules[n].set_bits(b)
+        for n, b in alloc.activations.items():
+            self.a_rules[n].set_bits(b)
+
+
+@torch.no_grad()
+def weight_grids(q: Quantizer, w: Tensor, allowed: list[int]) -> tuple[Tensor, Tensor]:
+    """The calibrator's ``(K, C)`` scales and zero-points for weight ``w`` at each allowed bit-width."""
+    scales, zps = [], []
+    for b in allowed:
+        obs = build_observer(q.observer_name, q.scheme.with_bits(b), is_weight=True, **q.observer_options)
+        obs.observe(w.detach())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # clipping warnings at 2-3 bits are expected here
+            s, z, _, _ = obs.calculate_qparams()
+        scales.append(s.reshape(-1).float())
+        zps.append(z.reshape(-1).float())
+    return torch.stack(scales), torch.stack(zps)
+
+
+def attach(gm: fx.GraphModule, w_names: list[str], a_names: list[str], allowed: list[int], start: float,
+           hardware: bool = True) -> Searchable:
+    """Give the quantizers of layers ``w_names`` and activation quantizers ``a_names`` a learned bit-width."""
+    w_rules: dict[str, BitWidthRule] = {}
+    a_rules: dict[str, BitWidthRule] = {}
+    for name, layer in weight_layers(gm):
+        q = layer.weight_quantizer
+        if name not in w_names or q is None:
+            continue
+        rule = q.enable_learning(BITWIDTH, None, hardware, init="paper")
+        assert isinstance(rule, BitWidthRule)
+        rule.set_allowed(allowed, start)
+        rule.set_weight_grids(*weight_grids(q, layer.folded_weight_bias()[0], allowed))
+        w_rules[name] = rule
+    for _, q in activation_quantizers(gm):
+        if q.name in a_names:
+            rule = q.enable_learning(BITWIDTH, None, hardware, init="calibrator")
+            assert isinstance(rule, BitWidthRule)
+            rule.set_allowed(allowed, start)
+            a_rules[q.name] = rule
+    return Searchable(gm, w_rules, a_rules)
+
+
+@dataclass
+class SearchReport:
+    """What the learned search did: steps, time, the selected step and the curve (every ``log_every`` steps)."""
+
+    steps: int
+    seconds: float
+    best_step: int | None  # None: no step met the constraints (the allocation was repaired)
+    best_ema_accuracy: float | None
+    met_constraints_steps: int
+    repaired: bool
+    curve: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _bits(rules: dict[str, BitWidthRule]) -> Tensor | None:
+    return torch.stack([r.bits() for r in rules.values()]) if rules else None
+
+
+def learn(s: Searchable, budget: Budget, images: Tensor, labels: Tensor, cfg: MixedConfig,
+          device: str = "cpu", progress: bool = True, log_every: int = 10) -> tuple[Allocation, SearchReport]:
+    """Learn the bit-widths of ``s`` on ``images`` / ``labels`` under ``budget`` (seed 004 App. A)."""
+    gm = s.gm
+    gm.eval()
+    for p in gm.parameters():
+        p.requires_grad_(False)
+    bit_params = [r.log_bits for r in s.rules()]
+    range_params = [p for r in s.a_rules.values() for p in (r.lo, r.hi)]
+    for p in bit_params + range_params:
+        p.requires_grad_(True)
+    groups = [{"params": bit_params}] + ([{"params": range_params}] if range_params else [])
+    opt = torch.optim.Adam(groups, lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n = images.shape[0]
+    order = torch.randperm(n, generator=gen)
+    pos = 0
+    ema: float | None = None
+    best: tuple[float, int, Allocation] | None = None
+    met = 0
+    curve: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    with LossBar(1, "learning the bit allocation", progress) as bar:
+        bar.start(f"{len(s.w_rules)} weight / {len(s.a_rules)} activation bit-widths", cfg.steps)
+        for step in range(cfg.steps):
+            if pos + cfg.batch_size > n:
+                order, pos = torch.randperm(n, generator=gen), 0
+            idx = order[pos:pos + cfg.batch_size]
+            pos += cfg.batch_size
+            x, y = images[idx].to(device), labels[idx].to(device)
+            alloc = s.allocation()  # the allocation this forward runs
+            logits = gm(x)
+            ce = F.cross_entropy(logits, y)
+            pen = budget.penalty(_bits(s.w_rules), _bits(s.a_rules))
+            loss = ce + pen.to(ce)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for r in s.rules():
+                r.clamp_()
+            acc = float((logits.detach().argmax(1) == y).float().mean())
+            ema = acc if ema is None else cfg.ema * ema + (1 - cfg.ema) * acc
+            ok = budget.satisfied(alloc.weights, alloc.activations)
+            met += ok
+            if ok and (best is None or ema > best[0]):
+                best = (ema, step, alloc)
+            if step % log_every == 0 or step == cfg.steps - 1:
+                curve.append({"step": step, "loss": float(loss.detach()), "ce": float(ce.detach()),
+                              "penalty": float(pen.detach()), "ema_accuracy": ema, "met": ok,
+                              **budget.averages(alloc.weights, alloc.activations)})
+                bar.update(step + 1, float(loss.detach()))
+    seconds = time.perf_counter() - t0
+    if best is None:
+        final = repair(s.allocation(), budget, sorted(float(b) for b in next(iter(s.rules())).allowed.tolist()))
+        return final, SearchReport(cfg.steps, seconds, None, None, 0, True, curve)
+    return best[2], SearchReport(cfg.steps, seconds, best[1], best[0], met, False, curve)
+
+
+def repair(alloc: Allocation, budget: Budget, allowed: list[float]) -> Allocation:
+    """Lower bit-widths one allowed step at a time until ``alloc`` meets ``budget``: each time the quantizer whose
+    step saves the most size (bits x size; the largest feature map for a max-feature-map budget)."""
+    levels = sorted(int(b) for b in allowed)
+    w, a = dict(alloc.weights), dict(alloc.activations)
+    w_size = dict(zip(budget.w_names, budget.w_sizes, strict=True))
+    a_size = dict(zip(budget.a_names, budget.a_sizes, strict=True))
+
+    def lower(bits: dict[str, int], sizes: dict[str, int]) -> bool:
+        cands = [(bits[k] * sizes[k], k) for k in sizes if bits[k] > levels[0]]
+        if not cands:
+            return False
+        k = max(cands)[1]
+        bits[k] = max(b for b in levels if b < bits[k])
+        return True
+
+    for _ in range(10_000):
+        if budget.satisfied(w, a):
+            return Allocation(w, a)
+        w_over = budget.w_avg is not None and w_size and float(
+            budget.weighted([w[k] for k in budget.w_names], budget.w_sizes)) > budget.w_avg + 1e-9
+        progressed = lower(w, w_size) if w_over else False
+        if not w_over and not lower(a, a_size):
+            break
+        if w_over and not progressed:
+            break
+    if not budget.satisfied(w, a):
+        raise RuntimeError("the constraints cannot be met even at the smallest allowed bit-width")
+    return Allocation(w, a)
