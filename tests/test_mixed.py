@@ -256,3 +256,73 @@ def test_allocation_round_trips_through_ptq_overrides_export_and_verify(digits_w
     assert res.exit_code == 0, res.output
     v = json.loads((tmp_path / "v.json").read_text())
     assert v["agreement"] == 1.0, v
+
+
+def test_sweep_method_kind_mixed_runs_and_writes_a_mixed_card(tmp_path: Path):
+    from quantbench.sweep.execute import execute
+    from quantbench.sweep.expand import expand
+    from quantbench.sweep.load import parse_sweep
+    from quantbench.sweep.methods import ContextCache
+    from tests.test_sweep_plugin import tiny_sweep
+
+    method = {"kind": "mixed", "w_avg": 4, "allowed": [2, 4, 8], "steps": 5, "images": 64, "calib_size": 32,
+              "baselines": False}
+    job = expand(parse_sweep(tiny_sweep(backends=["fbgemm"], methods=[method]), tmp_path)).jobs[0]
+    assert job.method_label == "mixed:w4{2,4,8}"
+    record = execute(job, ContextCache())
+    assert record.status == "done", record.error
+    assert record.metrics["avg_weight_bits"] <= 4.0 and record.metrics["constraint"]["allowed"] == [2, 4, 8]
+    mp = record.card["mixed_precision"]
+    assert mp["mixed"] and mp["allowed_bitwidths"]["weights"] == [2, 4, 8] and mp["search"]["steps"] == 5
+
+
+def test_sweep_refuses_a_mixed_entry_without_a_constraint(tmp_path: Path):
+    from quantbench.errors import SweepError
+    from quantbench.sweep.expand import expand
+    from quantbench.sweep.load import parse_sweep
+    from tests.test_sweep_plugin import tiny_sweep
+
+    with pytest.raises(SweepError, match="give a constraint"):
+        expand(parse_sweep(tiny_sweep(backends=["fbgemm"], methods=[{"kind": "mixed"}]), tmp_path))
+
+
+@pytest.mark.fault(input="`mixed --allowed 2,four,8` (a bit-width that is not a number)",
+                   message="--allowed takes comma-separated bit-widths such as 2,4,8 (or 'any'), got '2,four,8'",
+                   exit_code=2, kept="nothing is computed")
+def test_mixed_refuses_an_unreadable_allowed_set():
+    res = runner.invoke(app, ["mixed", "--model", "digits_cnn", "--data", "digits", "--w-avg", "4",
+                              "--allowed", "2,four,8", "--quiet"])
+    assert res.exit_code == 2 and "--allowed takes comma-separated bit-widths" in res.output
+
+
+@pytest.mark.fault(input="`mixed` with no --w-avg, --a-avg or --a-max-fmap",
+                   message="give a constraint: w_avg (--w-avg), a_avg (--a-avg) or a_max_fmap (--a-max-fmap)",
+                   exit_code=2, kept="nothing is computed")
+def test_mixed_without_a_constraint_is_refused_before_any_work():
+    res = runner.invoke(app, ["mixed", "--model", "digits_cnn", "--data", "digits", "--quiet"])
+    assert res.exit_code == 2 and "give a constraint" in res.output
+
+
+@pytest.mark.fault(input="`mixed --a-max-fmap 10` (below the smallest allowed bit-width on the largest map)",
+                   message="--a-max-fmap 10 bytes is below 2 bits on x_in (...): the smallest feasible budget is "
+                           "N bytes",
+                   exit_code=2, kept="nothing is written")
+def test_an_infeasible_feature_map_budget_names_the_smallest_feasible_one(digits_weights):
+    res = runner.invoke(app, ["mixed", "--model", "digits_cnn", "--weights", digits_weights, "--data", "digits",
+                              "--a-max-fmap", "10", "--max-test", "32", "--quiet"])
+    assert res.exit_code == 2 and "smallest feasible budget" in res.output
+
+
+def test_analytic_max_fmap_run_fits_the_budget_and_reports_uniform_beside_it(digits_weights):
+    probe = MixedConfig(model="digits_cnn", weights=digits_weights, data="digits", backend="fbgemm",
+                        a_max_fmap=1e9, max_test=64, baselines=False)
+    sizes = run_mixed(probe, progress=False).layer_sizes["activations"]
+    budget = 4 * max(sizes.values()) / 8  # uniform A4's largest feature map
+    cfg = probe.model_copy(update={"a_max_fmap": budget, "baselines": True})
+    r = run_mixed(cfg, progress=False)
+    assert r.search is None and r.constraint["kind"] == "max_fmap_analytic"
+    acts = r.allocation.activations
+    assert all(acts[q] * e <= 8 * budget for q, e in sizes.items())
+    assert max(acts.values()) > 4  # smaller maps get more bits than uniform A4
+    uni = r.baselines["uniform"]
+    assert set(uni["allocation"]["activations"].values()) == {4}
