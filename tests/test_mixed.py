@@ -274,6 +274,13 @@ def test_sweep_method_kind_mixed_runs_and_writes_a_mixed_card(tmp_path: Path):
     assert record.metrics["avg_weight_bits"] <= 4.0 and record.metrics["constraint"]["allowed"] == [2, 4, 8]
     mp = record.card["mixed_precision"]
     assert mp["mixed"] and mp["allowed_bitwidths"]["weights"] == [2, 4, 8] and mp["search"]["steps"] == 5
+    from quantbench.report.mixed import mixed_section
+    from quantbench.store import RunRow
+
+    html = mixed_section([RunRow(run_id="r", status="done", method_label=job.method_label, model="digits_cnn",
+                                 backend="fbgemm", quant_top1=record.metrics["quant_top1"], metrics=record.metrics,
+                                 card=record.card)])
+    assert "Mixed precision" in html and html.count("data:image/png;base64,") == 1 and "any integer" not in html
 
 
 def test_sweep_refuses_a_mixed_entry_without_a_constraint(tmp_path: Path):
