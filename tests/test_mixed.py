@@ -333,3 +333,24 @@ def test_analytic_max_fmap_run_fits_the_budget_and_reports_uniform_beside_it(dig
     assert max(acts.values()) > 4  # smaller maps get more bits than uniform A4
     uni = r.baselines["uniform"]
     assert set(uni["allocation"]["activations"].values()) == {4}
+
+
+def test_dither_estimator_adds_one_step_of_noise_with_gradients_and_rounds_when_evaluating():
+    gm = _digits_gm()
+    s = attach(gm, ["block.conv1"], [], [2, 3, 4, 8], 3.0, dither=True)
+    rule = s.w_rules["block.conv1"]
+    w = dict(gm.named_modules())["block.conv1"].folded_weight_bias()[0].detach()
+    torch.manual_seed(0)
+    noisy = rule(w)
+    scale = rule.scale_table[1].reshape(-1, 1, 1, 1)  # the 3-bit grid
+    off_grid = ((noisy.detach() / scale) - torch.round(noisy.detach() / scale)).abs()
+    assert float(off_grid.max()) > 0.1  # not on the grid: noise, not rounding
+    assert float((noisy.detach() - w).abs().div(scale).max()) <= 0.5 + 1e-5  # within half a step
+    noisy.sum().backward()
+    assert rule.log_bits.grad is not None and float(rule.log_bits.grad) != 0.0
+    with torch.no_grad():
+        rule.dither = True
+        hard = rule(w)
+    rule.dither = False
+    with torch.no_grad():
+        torch.testing.assert_close(hard, rule(w))

@@ -79,6 +79,9 @@ def mixed(
     lr: Annotated[float, typer.Option(help="Adam learning rate")] = default_of(MixedConfig, "lr"),
     lam: Annotated[float, typer.Option("--lambda", help="weight of the constraint hinge")] = default_of(
         MixedConfig, "lam"),
+    estimator: Annotated[str, typer.Option(
+        help="ste (rounding, straight-through gradient: the paper's) or dither (one step of uniform noise while "
+             "searching)")] = default_of(MixedConfig, "estimator"),
     w_observer: WObserverOpt = default_of(MixedConfig, "w_observer"),
     a_observer: AObserverOpt = default_of(MixedConfig, "a_observer"),
     baselines: Annotated[bool, typer.Option(help="also evaluate uniform precision and the sensitivity greedy")] = True,
@@ -105,7 +108,7 @@ def mixed(
         model=model, weights=weights, data=data, backend=backend, w_avg=w_avg, a_avg=a_avg, a_max_fmap=a_max_fmap,
         fmap_mode=fmap_mode, allowed=_allowed(allowed), min_bits=min_bits, max_bits=max_bits,
         first_last_budget=first_last, labels=labels, images=images, steps=steps, batch_size=batch_size, lr=lr,
-        lam=lam, w_observer=w_observer, a_observer=a_observer, baselines=baselines,
+        lam=lam, estimator=estimator, w_observer=w_observer, a_observer=a_observer, baselines=baselines,
         overrides=layer_overrides(overrides, None), width_mult=width_mult, device=device.value, seed=seed,
         max_test=max_test,
     )

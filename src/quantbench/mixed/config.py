@@ -38,6 +38,9 @@ class MixedConfig(QuantRunConfig):
     lam: float = Field(2.0, ge=0, description="weight of the constraint hinge (lambda_1 = lambda_2)")
     ema: float = Field(0.9, ge=0, lt=1, description="EMA factor of the training accuracy used for model selection")
     init_bits: float | None = Field(None, description="starting bit-width (default: max_bits)")
+    estimator: Literal["ste", "dither"] = Field(
+        "ste", description="gradient of the loss to the bit-widths: ste (rounding with a straight-through gradient, "
+                           "the paper's) or dither (uniform noise of one step during the search)")
     baselines: bool = Field(True, description="also evaluate uniform precision and the sensitivity greedy")
     sensitivity_images: int = Field(256, ge=1, description="images the greedy baseline's sensitivities use")
 

@@ -125,7 +125,7 @@ def run_mixed(cfg: MixedConfig, progress: bool = True, context: PTQContext | Non
                   cfg.device, False)
         start = cfg.init_bits if cfg.init_bits is not None else allowed[-1]
         return attach(gm, w_names if cfg.learns_weights else [], a_names if cfg.learns_activations else [],
-                      allowed, start, bool(spec.deployable))
+                      allowed, start, bool(spec.deployable), cfg.estimator == "dither")
 
     report: SearchReport | None = None
     learned = Allocation()

@@ -33,6 +33,15 @@ def _fake_quant(x: Tensor, s: Tensor, z: Tensor, qmin: int, qmax: int) -> Tensor
     return (q - z) * s
 
 
+def _dithered(x: Tensor, s: Tensor, z: Tensor, qmin: int, qmax: int) -> Tensor:
+    """``(clamp(x/s + z + u, N_min, N_max) - z) * s`` with ``u ~ U(-1/2, 1/2)``: quantization replaced by noise of
+    the same step, fresh every call, so ``d/ds`` is the noise itself and its correlation with the loss gradient
+    measures how much the loss grows with the step (the rounding error of fixed weights is the same every step, so
+    the straight-through estimate keeps a bias that this one averages out)."""
+    u = torch.rand_like(x) - 0.5
+    return (torch.clamp(x / s + z + u, qmin, qmax) - z) * s
+
+
 class BitWidthOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -54,6 +63,8 @@ class BitWidthRule(LearningRule):
         # activations: the learned clipping range
         self.lo = nn.Parameter(torch.zeros(()))
         self.hi = nn.Parameter(torch.ones(()))
+        #: while gradients are on, add uniform noise of one step instead of rounding (``estimator: dither``)
+        self.dither = False
         self.mark_initialized()
 
     # ------------------------------------------------------------------ set-up
@@ -103,6 +114,8 @@ class BitWidthRule(LearningRule):
         s, z = self._grid(b, nb, qmin, qmax)
         if self.pow2:
             s = pow2_ste(s)
+        if self.dither and torch.is_grad_enabled():
+            return _dithered(x, self.shaped(s, x), self.shaped(z, x), qmin, qmax)
         return _fake_quant(x, self.shaped(s, x), self.shaped(z, x), qmin, qmax)
 
     def _grid(self, b: Tensor, nb: int, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:

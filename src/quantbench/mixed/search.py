@@ -66,7 +66,7 @@ def weight_grids(q: Quantizer, w: Tensor, allowed: list[int]) -> tuple[Tensor, T
 
 
 def attach(gm: fx.GraphModule, w_names: list[str], a_names: list[str], allowed: list[int], start: float,
-           hardware: bool = True) -> Searchable:
+           hardware: bool = True, dither: bool = False) -> Searchable:
     """Give the quantizers of layers ``w_names`` and activation quantizers ``a_names`` a learned bit-width."""
     w_rules: dict[str, BitWidthRule] = {}
     a_rules: dict[str, BitWidthRule] = {}
@@ -78,12 +78,14 @@ def attach(gm: fx.GraphModule, w_names: list[str], a_names: list[str], allowed: 
         assert isinstance(rule, BitWidthRule)
         rule.set_allowed(allowed, start)
         rule.set_weight_grids(*weight_grids(q, layer.folded_weight_bias()[0], allowed))
+        rule.dither = dither
         w_rules[name] = rule
     for _, q in activation_quantizers(gm):
         if q.name in a_names:
             rule = q.enable_learning(BITWIDTH, None, hardware, init="calibrator")
             assert isinstance(rule, BitWidthRule)
             rule.set_allowed(allowed, start)
+            rule.dither = dither
             a_rules[q.name] = rule
     return Searchable(gm, w_rules, a_rules)
 
