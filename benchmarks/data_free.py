@@ -1,4 +1,4 @@
-"""Data-free quantization on ResNet-20 (CIFAR-10 subset): real vs noise vs synthetic images.
+"""Data-free quantization on a CIFAR ResNet (ResNet-20 or -32, CIFAR-10 subset): real vs noise vs synthetic images.
 
 Sections (each prints a table; all go into one JSON):
 
@@ -12,6 +12,7 @@ the first images of the same set.
 
     python benchmarks/data_free.py                        # everything (about an hour on 2 cores)
     python benchmarks/data_free.py --sections w8a8,balance --generators zeroq
+    python benchmarks/data_free.py --model resnet32_cifar --generators bns-ce --recon-real
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from quantbench.ptq.pipeline import build_context, run_ptq
 from quantbench.recon.config import ReconOptions
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-WEIGHTS = str(SHARED / "models/resnet20_cifar10.safetensors")
+MODELS = {"resnet20_cifar": SHARED / "models/resnet20_cifar10.safetensors",
+          "resnet32_cifar": SHARED / "models/resnet32_cifar10.safetensors"}
 DATA = f"cifar10:{SHARED / 'data/cifar10'}"
 BACKENDS = ["academic", "tensorrt", "snpe", "tvm", "acl", "fbgemm", "onnxruntime"]
 N = 1024
@@ -41,14 +43,14 @@ def sources(generators: list[str], n: int = N) -> list[str]:
     return ["real", f"noise:{n}", *(f"synthetic:{g}:{n}" for g in generators)]
 
 
-def run(ctx: Any, backend: str, w: int, a: int, source: str, method: str = "nearest",
+def run(ctx: Any, model: str, backend: str, w: int, a: int, source: str, method: str = "nearest",
         iters: int | None = None) -> dict[str, Any]:
-    cfg = PTQConfig(model="resnet20_cifar", weights=WEIGHTS, data=DATA, backend=backend, w_bits=w, a_bits=a,
+    cfg = PTQConfig(model=model, weights=str(MODELS[model]), data=DATA, backend=backend, w_bits=w, a_bits=a,
                     calib_data=source, method=method, recon=ReconOptions(iters=iters))
     t0 = time.perf_counter()
     r = run_ptq(cfg, progress=False, context=ctx)
     src = r.extra.get("data_source", {})
-    return {"backend": backend, "bits": f"W{w}A{a}", "method": method, "source": source,
+    return {"model": model, "backend": backend, "bits": f"W{w}A{a}", "method": method, "source": source,
             "top1": round(r.quant_top1, 2), "agreement": round(100 * r.agreement, 2),
             "calib_s": round(r.calib_seconds, 2), "recon_s": round(r.recon_seconds or 0.0, 1),
             "generation_s": src.get("generation_seconds", 0.0), "wall_s": round(time.perf_counter() - t0, 1)}
@@ -56,6 +58,7 @@ def run(ctx: Any, backend: str, w: int, a: int, source: str, method: str = "near
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(MODELS), default="resnet20_cifar")
     ap.add_argument("--sections", default="cost,balance,w8a8,recon")
     ap.add_argument("--generators", default="zeroq,bns-ce,fdda")
     ap.add_argument("--recon-generators", default="bns-ce", help="synthetic sets the reconstruction rows use")
@@ -72,9 +75,10 @@ def main() -> None:
     sections = args.sections.split(",")
     n = args.n
     gens = args.generators.split(",")
-    cfg = PTQConfig(model="resnet20_cifar", weights=WEIGHTS, data=DATA)
+    model = args.model
+    cfg = PTQConfig(model=model, weights=str(MODELS[model]), data=DATA)
     ctx = build_context(cfg, progress=False)
-    entry = get_entry("resnet20_cifar")
+    entry = get_entry(model)
     out: dict[str, Any] = {"args": vars(args) | {"out": str(args.out)}}
 
     if "cost" in sections:  # generation first: the later sections read the cached 1 024-image sets
@@ -90,7 +94,7 @@ def main() -> None:
                          "real_images": s.real_images})
             print(rows[-1], flush=True)
         out["cost"] = rows
-        print_table("Generation cost (ResNet-20, 500 iterations per batch of 32, 1 thread)",
+        print_table(f"Generation cost ({model}, 500 iterations per batch of 32, 1 thread)",
                     list(rows[0]), [list(r.values()) for r in rows])
 
     if "balance" in sections:
@@ -108,7 +112,7 @@ def main() -> None:
                     [[str(v) for v in r.values()] for r in rows])
 
     if "w8a8" in sections:
-        rows = [run(ctx, b, 8, 8, src) for b in BACKENDS for src in sources(gens, n)]
+        rows = [run(ctx, model, b, 8, 8, src) for b in BACKENDS for src in sources(gens, n)]
         out["w8a8"] = rows
         print_table("W8A8, 256 calibration images per source", list(rows[0]), [list(r.values()) for r in rows])
 
@@ -120,7 +124,7 @@ def main() -> None:
                 and (args.recon_noise or not s.startswith("noise"))]
         for b, w, a, m in plan:
             for src in srcs:
-                rows.append(run(ctx, b, w, a, src, m, args.iters))
+                rows.append(run(ctx, model, b, w, a, src, m, args.iters))
                 print(rows[-1], flush=True)
         out["recon"] = rows
         print_table("Reconstruction on 1 024 images per source", list(rows[0]), [list(r.values()) for r in rows])
