@@ -154,15 +154,22 @@ def learn(s: Searchable, budget: Budget, images: Tensor, labels: Tensor, cfg: Mi
             if ok and (best is None or ema > best[0]):
                 best = (ema, step, alloc)
             if step % log_every == 0 or step == cfg.steps - 1:
+                avg = budget.averages(alloc.weights, alloc.activations)
                 curve.append({"step": step, "loss": float(loss.detach()), "ce": float(ce.detach()),
-                              "penalty": float(pen.detach()), "ema_accuracy": ema, "met": ok,
-                              **budget.averages(alloc.weights, alloc.activations)})
-                bar.update(step + 1, float(loss.detach()))
+                              "penalty": float(pen.detach()), "ema_accuracy": ema, "met": ok, **avg})
+                bar.update(step + 1, float(loss.detach()), _status(avg, ok, ema))
     seconds = time.perf_counter() - t0
     if best is None:
         final = repair(s.allocation(), budget, sorted(float(b) for b in next(iter(s.rules())).allowed.tolist()))
         return final, SearchReport(cfg.steps, seconds, None, None, 0, True, curve)
     return best[2], SearchReport(cfg.steps, seconds, best[1], best[0], met, False, curve)
+
+
+def _status(avg: dict[str, float | None], ok: bool, ema: float) -> str:
+    """The progress bar's text: current averages, whether they meet the constraints, the EMA accuracy."""
+    parts = [f"{k} {v:.2f}" for k, v in (("W", avg["avg_weight_bits"]), ("A", avg["avg_activation_bits"]))
+             if v is not None]
+    return ", ".join([*parts, "meets the budget" if ok else "over budget", f"EMA acc {ema:.3f}"])
 
 
 def repair(alloc: Allocation, budget: Budget, allowed: list[float]) -> Allocation:

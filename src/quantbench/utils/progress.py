@@ -49,9 +49,10 @@ class LossBar:
         if self._progress is not None:
             self._progress.reset(self._unit, total=total, description=f"  {name}", loss="", visible=True)
 
-    def update(self, done: int, loss: float) -> None:
+    def update(self, done: int, loss: float, extra: str = "") -> None:
+        """``done`` iterations of the current unit, its latest ``loss`` and any ``extra`` text after it."""
         if self._progress is not None:
-            self._progress.update(self._unit, completed=done, loss=f"loss {loss:.4g}")
+            self._progress.update(self._unit, completed=done, loss=f"loss {loss:.4g}" + (f", {extra}" if extra else ""))
 
     def advance(self) -> None:
         if self._progress is not None:
