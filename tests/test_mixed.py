@@ -126,9 +126,10 @@ def test_allowed_sets_are_respected_in_every_forward_and_gradients_reach_the_bit
         b = r.bits().detach()
         assert float(b) == int(b) and int(b) in (2, 4, 8)
         seen.add(int(b))
-        assert r.log_bits.grad is not None and torch.isfinite(r.log_bits.grad)
-    assert any(r.log_bits.grad.abs() > 0 for r in s.rules())
-    assert all(r.lo.grad is not None for r in s.a_rules.values())
+        assert r.log_bits.grad is not None and torch.isfinite(r.log_bits.grad) and float(r.log_bits.grad) != 0.0
+    assert len(seen) > 1  # the perturbation spread the bits over the set
+    for r in s.a_rules.values():  # ranges learn too
+        assert r.lo.grad is not None and r.hi.grad is not None and float(r.hi.grad.abs() + r.lo.grad.abs()) > 0
 
 
 # ------------------------------------------------------------------ constraints
@@ -146,10 +147,19 @@ def test_budget_averages_are_size_weighted_and_the_hinge_is_zero_inside():
 
 def test_repair_meets_the_budget_when_no_step_did():
     b = Budget(("a", "b", "c"), (10, 1000, 50), (), (), w_avg=3.0)
-    fixed = repair(Allocation({"a": 8, "b": 8, "c": 8}, {}), b, [2.0, 3.0, 4.0, 8.0])
+    fixed = repair(Allocation({"a": 8, "b": 8, "c": 8}, {}), b, [2, 3, 4, 8], {"a", "b", "c"})
     sizes = dict(zip(b.w_names, b.w_sizes, strict=True))
     avg = sum(fixed.weights[k] * sizes[k] for k in sizes) / sum(sizes.values())  # recomputed independently
     assert avg <= 3.0 and set(fixed.weights.values()) <= {2, 3, 4, 8}
+
+
+def test_repair_lowers_only_maps_above_a_feature_map_budget_and_never_fixed_ones():
+    b = Budget((), (), ("big", "mid", "small", "fixed"), (1000, 600, 10, 400), a_max_fmap_bytes=500.0)  # 4000 bits
+    out = repair(Allocation({}, {"big": 8, "mid": 8, "small": 8, "fixed": 8}), b, [2, 4, 8], {"big", "mid", "small"})
+    assert out.activations == {"big": 4, "mid": 4, "small": 8, "fixed": 8}  # 4000, 2400, 80, 3200 bits
+    with pytest.raises(ConfigError, match="cannot be met"):
+        repair(Allocation({}, {"big": 8, "fixed": 8}), Budget((), (), ("big", "fixed"), (1000, 1000),
+                                                            a_max_fmap_bytes=500.0), [2, 4, 8], {"big"})
 
 
 @pytest.mark.parametrize("budget", [256.0, 333.0, 1024.0])
@@ -226,12 +236,17 @@ def test_first_last_out_keeps_them_at_8_bits_and_out_of_the_average(digits_weigh
 
 
 def test_allocation_round_trips_through_ptq_overrides_export_and_verify(digits_weights, tmp_path: Path):
+    own = tmp_path / "own.yaml"  # the user's own overrides are part of the saved file
+    own.write_text("- {match: 'block.*', weight: {granularity: per_tensor}}\n")
     res = runner.invoke(app, ["mixed", "--model", "digits_cnn", "--weights", digits_weights, "--data", "digits",
                               "--w-avg", "4", "--a-avg", "6", "--allowed", "2,4,8", "--steps", "30", "--images",
-                              "128", "--max-test", "256", "--quiet", "--out", str(tmp_path / "m.json"),
+                              "128", "--max-test", "256", "--quiet", "--overrides", str(own), "--out",
+                              str(tmp_path / "m.json"),
                               "--save-overrides", str(tmp_path / "alloc.yaml"), "--card", str(tmp_path / "card.json")])
     assert res.exit_code == 0, res.output
     m = json.loads((tmp_path / "m.json").read_text())
+    assert "--overrides " + str(tmp_path / "alloc.yaml") in (tmp_path / "alloc.yaml").read_text()
+    assert "block.*" in (tmp_path / "alloc.yaml").read_text()
     assert set(m["allocation"]["weights"].values()) <= {2, 4, 8}
     assert set(m["allocation"]["activations"].values()) <= {2, 4, 8}
     card = json.loads((tmp_path / "card.json").read_text())
@@ -320,6 +335,28 @@ def test_an_infeasible_feature_map_budget_names_the_smallest_feasible_one(digits
     assert res.exit_code == 2 and "smallest feasible budget" in res.output
 
 
+def test_weights_learned_under_an_analytic_feature_map_budget(digits_weights):
+    sizes = run_mixed(MixedConfig(model="digits_cnn", weights=digits_weights, data="digits", backend="fbgemm",
+                                  a_max_fmap=1e9, max_test=32, baselines=False), progress=False
+                      ).layer_sizes["activations"]
+    budget = 4 * max(sizes.values()) / 8
+    cfg = MixedConfig(model="digits_cnn", weights=digits_weights, data="digits", backend="fbgemm", w_avg=4.0,
+                      a_max_fmap=budget, steps=10, images=64, max_test=64, init_bits=4.0)
+    r = run_mixed(cfg, progress=False)
+    assert r.averages["satisfied"] and r.averages["avg_weight_bits"] <= 4.0
+    assert all(r.allocation.activations[q] * e <= 8 * budget for q, e in sizes.items())
+    assert set(r.baselines) == {"uniform", "greedy"}
+
+
+def test_learned_feature_map_mode_refuses_an_infeasible_budget_before_searching(digits_weights):
+    cfg = MixedConfig(model="digits_cnn", weights=digits_weights, data="digits", backend="fbgemm", a_max_fmap=10.0,
+                      fmap_mode="learned", steps=10, images=64, max_test=32)
+    with pytest.raises(ConfigError, match="smallest feasible budget"):
+        run_mixed(cfg, progress=False)
+    with pytest.raises(ValueError, match="fmap_mode learned needs a feature-map budget"):
+        MixedConfig(model="digits_cnn", w_avg=4, fmap_mode="learned")
+
+
 def test_analytic_max_fmap_run_fits_the_budget_and_reports_uniform_beside_it(digits_weights):
     probe = MixedConfig(model="digits_cnn", weights=digits_weights, data="digits", backend="fbgemm",
                         a_max_fmap=1e9, max_test=64, baselines=False)
@@ -332,7 +369,8 @@ def test_analytic_max_fmap_run_fits_the_budget_and_reports_uniform_beside_it(dig
     assert all(acts[q] * e <= 8 * budget for q, e in sizes.items())
     assert max(acts.values()) > 4  # smaller maps get more bits than uniform A4
     uni = r.baselines["uniform"]
-    assert set(uni["allocation"]["activations"].values()) == {4}
+    vals = list(uni["allocation"]["activations"].values())
+    assert vals.count(8) == 1 and set(vals) == {4, 8}  # A4 everywhere but the last layer's input (kept at 8)
 
 
 def test_dither_estimator_adds_one_step_of_noise_with_gradients_and_rounds_when_evaluating():

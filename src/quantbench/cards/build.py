@@ -32,8 +32,8 @@ class CardInputs:
     not_applicable: dict[str, str] = field(default_factory=dict)
     #: the weights' rounding policy (seed 004 2.1: methods that do not round to nearest must say so)
     rounding: str = NEAREST
-    #: the bit-widths the run was *allowed* (a mixed-precision search's set); None: a fixed-precision run, whose
-    #: allowed bit-widths are those its configuration sets
+    #: the bit-widths the run was *allowed* (a mixed-precision search's set, per tensor class); a class missing here
+    #: (a fixed-precision run) is allowed the bits its configuration sets, i.e. those it uses
     allowed_bitwidths: dict[str, list[int]] | None = None
     #: a mixed-precision search's facts (constraint kind and targets, first/last in the budget, labels, ...)
     search: dict[str, Any] | None = None
@@ -111,7 +111,8 @@ def _mixed_section(inp: CardInputs) -> dict[str, Any]:
     fp_layers = sorted(k for k, b in st.weight_bits.items() if b is None)
     out = {
         "mixed": inp.mixed_precision,
-        "allowed_bitwidths": inp.allowed_bitwidths or {"weights": w_bits, "activations": a_bits},
+        "allowed_bitwidths": {k: (inp.allowed_bitwidths or {}).get(k) or used
+                              for k, used in (("weights", w_bits), ("activations", a_bits))},
         "bits_used": {"weights": w_bits, "activations": a_bits},
         "float_layers": fp_layers,
         "average_weight_bits": round(average_weight_bits(st), 4),

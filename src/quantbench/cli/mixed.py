@@ -125,12 +125,25 @@ def mixed(
         result.allocation.write_yaml(save_overrides, [
             f"quantbench mixed: {cfg.model} on {cfg.backend}, {c['kind']} constraint, w_avg {c['w_avg']}, "
             f"a_avg {c['a_avg']}, a_max_fmap {c['a_max_fmap_bytes']}, allowed {c['allowed']}, first/last "
-            f"{c['first_last']}", f"top-1 {payload['quant_top1']:.2f} (w observer {cfg.w_observer}, a observer "
-            f"{cfg.a_observer}); reproduce: quantbench ptq --backend {cfg.backend} --w-observer {cfg.w_observer} "
-            f"--a-observer {cfg.a_observer} --overrides {save_overrides.name}"])
+            f"{c['first_last']}; top-1 {payload['quant_top1']:.2f}", "reproduce (same data and weights):",
+            f"  {reproduce_command(cfg, save_overrides)}"], before=cfg.overrides)
         console.print(f"wrote {save_overrides}")
     if card is not None:
         _write_card(card, cfg, result, context)
+
+
+def reproduce_command(cfg: MixedConfig, overrides: Path) -> str:
+    """The ``quantbench ptq`` command that evaluates the saved allocation exactly as this run did."""
+    parts = ["quantbench ptq", f"--model {cfg.model}", f"--data {cfg.data}", f"--backend {cfg.backend}",
+             f"--w-observer {cfg.w_observer}", f"--a-observer {cfg.a_observer}", f"--calib-size {cfg.calib_size}",
+             f"--seed {cfg.seed}", f"--overrides {overrides}"]
+    parts += [f"--weights {cfg.weights}"] if cfg.weights else []
+    parts += [f"--width-mult {cfg.width_mult:g}"] if cfg.width_mult != 1.0 else []
+    parts += [f"--w-bits {cfg.w_bits}"] if cfg.w_bits is not None else []
+    parts += [f"--a-bits {cfg.a_bits}"] if cfg.a_bits is not None else []
+    parts += [f"--first-last {cfg.first_last}"] if cfg.first_last is not None else []
+    parts += [f"--max-test {cfg.max_test}"] if cfg.max_test is not None else []
+    return " ".join(parts)
 
 
 def _write_card(path: Path, cfg: MixedConfig, result, context) -> None:  # type: ignore[no-untyped-def]

@@ -114,9 +114,9 @@ def prepare(
         readers = sorted(consumers, key=lambda c: order.get(c, len(order)))
         side, conflict = shared_activation(
             [by_node[c].activation if c in by_node else base_a for c in readers], base_a)
-        act_names.append(name)
         if side is None:
             return None
+        act_names.append(name)
         if conflict:
             asked = ", ".join(f"{target.get(c, c)}: {_side_text(by_node[c].activation if c in by_node else base_a)}"
                               for c in readers)
@@ -124,7 +124,7 @@ def prepare(
         side, pats = quantizer_side(name, side, by_quantizer, f"override of activation quantizer {name}")
         if pats:
             quantizer_matched[name] = pats
-            notes[name] = f"set by {', '.join(pats)}"
+            notes[name] = "; ".join(filter(None, [notes.get(name, ""), f"set by {', '.join(pats)}"]))
         return Quantizer(side.scheme, side.observer, False, name, side.options)
 
     wrap_weighted(gm, spec.fold_bn, make_weight_quantizer)
@@ -133,7 +133,8 @@ def prepare(
         if not any(o.match in pats for pats in quantizer_matched.values()):
             shown = ", ".join(act_names[:12]) + (f", ... ({len(act_names)})" if len(act_names) > 12 else "")
             raise ConfigError(f"override pattern {o.match!r} matches no activation quantizer; they are: {shown} "
-                              "(quantbench ptq --list-quantizers prints them)")
+                              "(quantbench ptq --list-quantizers prints them; a tensor whose readers are all kept "
+                              "in float has none)")
     gm.meta["quantbench"] = {
         "backend": spec,
         "sites": {s.name: s for s in sites},

@@ -3,6 +3,7 @@ overrides every quantbench command reads (``ptq --overrides``, ``export``)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,9 @@ class Allocation:
     def to_dict(self) -> dict[str, Any]:
         return {"weights": dict(self.weights), "activations": dict(self.activations)}
 
-    def write_yaml(self, path: Path, header: list[str]) -> None:
-        """The overrides as YAML (``quantbench ptq --overrides PATH``), ``header`` lines as comments."""
-        entries = [o.model_dump(exclude_none=True) for o in self.overrides()]
+    def write_yaml(self, path: Path, header: list[str], before: Sequence[LayerOverride] = ()) -> None:
+        """The overrides as YAML (``quantbench ptq --overrides PATH``), ``header`` lines as comments; ``before``:
+        the run's own overrides, which the allocation was evaluated on top of."""
+        entries = [o.model_dump(exclude_none=True) for o in [*before, *self.overrides()]]
         text = "".join(f"# {line}\n" for line in header) + yaml.safe_dump({"overrides": entries}, sort_keys=False)
         atomic_write_text(path, text)

@@ -12,12 +12,13 @@ def search_facts(result: MixedResult, train_size: int) -> dict[str, Any]:
     images, steps, time (and as a fraction of one epoch), the achieved averages and the baselines."""
     c = result.constraint
     allowed = c["allowed"]
-    w_allowed = allowed if c["weights_in_budget"] else sorted(set(result.allocation.weights.values()) or {8})
-    a_allowed = allowed if c["activations_in_budget"] else sorted(set(result.allocation.activations.values()) or {8})
+    sides = {"weights": allowed} if c["weights_in_budget"] else {}
+    if c["activations_in_budget"]:
+        sides["activations"] = allowed  # not allocated: the card shows the bits the run uses
     search = result.search
     seen = (search.steps * c["batch_size"]) if search else 0
     return {
-        **c, "allowed_bitwidths": {"weights": w_allowed, "activations": a_allowed},
+        **c, "allowed_bitwidths": sides,
         "seconds": result.seconds, "search_seconds": search.seconds if search else 0.0,
         "fraction_of_epoch": round(seen / train_size, 4) if train_size else "n/a",
         "selected_step": search.best_step if search else None, "repaired": bool(search and search.repaired),

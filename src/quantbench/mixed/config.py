@@ -37,7 +37,7 @@ class MixedConfig(QuantRunConfig):
     lr: float = Field(0.01, gt=0)
     lam: float = Field(2.0, ge=0, description="weight of the constraint hinge (lambda_1 = lambda_2)")
     ema: float = Field(0.9, ge=0, lt=1, description="EMA factor of the training accuracy used for model selection")
-    init_bits: float | None = Field(None, description="starting bit-width (default: max_bits)")
+    init_bits: float | None = Field(None, gt=0, description="starting bit-width (default: max_bits)")
     estimator: Literal["ste", "dither"] = Field(
         "ste", description="gradient of the loss to the bit-widths: ste (rounding with a straight-through gradient, "
                            "the paper's) or dither (uniform noise of one step during the search)")
@@ -57,6 +57,8 @@ class MixedConfig(QuantRunConfig):
     def _constraints(self) -> MixedConfig:
         if self.w_avg is None and self.a_avg is None and self.a_max_fmap is None:
             raise ValueError("give a constraint: w_avg (--w-avg), a_avg (--a-avg) or a_max_fmap (--a-max-fmap)")
+        if self.fmap_mode == "learned" and self.a_max_fmap is None:
+            raise ValueError("fmap_mode learned needs a feature-map budget: give a_max_fmap (--a-max-fmap BYTES)")
         if self.a_avg is not None and self.a_max_fmap is not None:
             raise ValueError("a_avg and a_max_fmap are two kinds of activation constraint: give one")
         if self.min_bits > self.max_bits:

@@ -39,11 +39,11 @@ def _loss(s: Searchable, images: Tensor, labels: Tensor, device: str, batch: int
 
 def sensitivity_greedy(s: Searchable, budget: Budget, images: Tensor, labels: Tensor, allowed: list[int],
                        device: str = "cpu", progress: bool = True) -> tuple[Allocation, dict[str, dict[int, float]]]:
-    """The greedy allocation and the sensitivities ``{quantizer: {bits: loss increase}}`` it used."""
+    """The greedy allocation and the sensitivities ``{quantizer: {bits: loss increase}}`` it used. ``s`` should be
+    freshly calibrated (not the learned search's model, whose activation ranges were trained)."""
     s.gm.eval()
     top = allowed[-1]
-    start = Allocation({n: top for n in s.w_rules}, {n: top for n in s.a_rules})
-    s.set(start)
+    s.set(Allocation({n: top for n in s.w_rules}, {n: top for n in s.a_rules}))
     base = _loss(s, images, labels, device)
     names = [("w", n) for n in s.w_rules] + [("a", n) for n in s.a_rules]
     sens: dict[str, dict[int, float]] = {}
@@ -54,15 +54,19 @@ def sensitivity_greedy(s: Searchable, budget: Budget, images: Tensor, labels: Te
             rule.set_bits(b)
             sens[n][b] = _loss(s, images, labels, device) - base
         rule.set_bits(top)
+    start = s.allocation()
     w, a = dict(start.weights), dict(start.activations)
-    w_size = dict(zip(budget.w_names, budget.w_sizes, strict=True))
-    a_size = dict(zip(budget.a_names, budget.a_sizes, strict=True))
+    w_size = {k: n for k, n in zip(budget.w_names, budget.w_sizes, strict=True) if k in s.w_rules}
+    a_size = {k: n for k, n in zip(budget.a_names, budget.a_sizes, strict=True) if k in s.a_rules}
+    fmap = 8 * budget.a_max_fmap_bytes if budget.a_max_fmap_bytes is not None else None
 
-    def step(bits: dict[str, int], sizes: dict[str, int]) -> bool:
+    def step(bits: dict[str, int], sizes: dict[str, int], over: float | None = None) -> bool:
+        """Lower the quantizer whose next step costs the least loss per bit of size saved (with a feature-map
+        budget, only maps above it)."""
         best: tuple[float, str, int] | None = None
         for k, size in sizes.items():
             lower = [b for b in allowed if b < bits[k]]
-            if not lower:
+            if not lower or (over is not None and bits[k] * size <= over):
                 continue
             nb = lower[-1]
             cost = (sens[k][nb] - sens[k][bits[k]]) / ((bits[k] - nb) * size)
@@ -74,14 +78,11 @@ def sensitivity_greedy(s: Searchable, budget: Budget, images: Tensor, labels: Te
         return True
 
     def over_w() -> bool:
-        return budget.w_avg is not None and bool(w_size) and float(
+        return budget.w_avg is not None and bool(budget.w_names) and float(
             budget.weighted([w[k] for k in budget.w_names], budget.w_sizes)) > budget.w_avg + 1e-9
-
-    def over_a() -> bool:
-        return bool(a_size) and not budget.satisfied({k: 0 for k in budget.w_names}, a)
 
     while over_w() and step(w, w_size):
         pass
-    while over_a() and step(a, a_size):
+    while not budget.satisfied(w, a) and not over_w() and step(a, a_size, fmap):
         pass
     return Allocation(w, a), sens

@@ -90,6 +90,8 @@ def run_mixed(cfg: MixedConfig, progress: bool = True, context: PTQContext | Non
                                           cfg.eval_batch_size, cfg.max_test):
         context = build_context(base, progress)
     allowed = cfg.bit_set()
+    for b in allowed:  # every allowed bit-width must be one the backend accepts, before any work
+        cfg.model_copy(update={"w_bits": b, "a_bits": b}).resolved_backend()
     notes: list[str] = []
     images, labels = _train_set(cfg, context)
     probe = prepare(context.model, spec, context.example, cfg.w_observer, cfg.a_observer,
@@ -97,39 +99,42 @@ def run_mixed(cfg: MixedConfig, progress: bool = True, context: PTQContext | Non
     layers = list_layers(probe)
     first, last = layers[0].name, layers[-1].name
     edge_inputs = {layers[0].input_quantizer, layers[-1].input_quantizer} - {""}
+    kept_float = {n.name for n in layers if n.kept_float}
     w_sizes = {n: int(m.module.weight.numel()) for n, m in weight_layers(probe)}
     a_sizes = _elements(probe, context.example)
     out = cfg.first_last_budget == "out"
     w_names = [n.name for n in layers if not n.kept_float and not (out and n.name in (first, last))]
     a_names = [q for q in a_sizes if not (out and q in edge_inputs)]
-    fixed = Allocation({n: EDGE_BITS for n in (first, last)} if out else {},
-                       {q: EDGE_BITS for q in edge_inputs} if out else {})
+    fixed = Allocation({n: EDGE_BITS for n in (first, last) if n not in kept_float} if out else {},
+                       {q: EDGE_BITS for q in edge_inputs if q in a_sizes} if out else {})
     budget = Budget(tuple(w_names) if cfg.learns_weights else (), tuple(w_sizes[n] for n in w_names)
                     if cfg.learns_weights else (), tuple(a_names) if cfg.learns_activations or cfg.a_max_fmap else (),
                     tuple(a_sizes[q] for q in a_names) if cfg.learns_activations or cfg.a_max_fmap else (),
                     cfg.w_avg, cfg.a_avg, cfg.a_max_fmap, cfg.lam, cfg.lam)
     analytic = Allocation()
-    if cfg.a_max_fmap is not None and cfg.fmap_mode == "analytic":
-        last_in = {layers[-1].input_quantizer: EDGE_BITS} if layers[-1].input_quantizer else {}
+    if cfg.a_max_fmap is not None:  # analytic allocation; in learned mode, the check that the budget is feasible
+        last_in = {layers[-1].input_quantizer: EDGE_BITS} if layers[-1].input_quantizer in a_sizes else {}
         bits, capped = analytic_max_fmap({q: a_sizes[q] for q in a_names} | {q: a_sizes[q] for q in last_in},
                                          cfg.a_max_fmap, allowed, last_in)
-        analytic = Allocation({}, bits)
-        if capped:
+        if cfg.fmap_mode == "analytic":
+            analytic = Allocation({}, bits)
+        if capped and cfg.fmap_mode == "analytic":
             notes.append(f"{len(capped)} activation(s) fit more than {allowed[-1]} bits and were capped at "
                          f"{allowed[-1]} (the largest bit-width allowed / supported)")
 
     def searchable() -> Searchable:
         gm = prepare(context.model, spec, context.example, cfg.w_observer, cfg.a_observer, cfg.w_observer_options,
                      cfg.a_observer_options, overrides=[*fixed.overrides(), *analytic.overrides()])
-        calibrate(gm, make_loader(torch.utils.data.TensorDataset(images[:cfg.calib_size]), cfg.calib_batch_size),
+        # the images run_ptq calibrates on, so the search sees the grids the final model gets
+        calibrate(gm, make_loader(calibration_subset(context.bundle, cfg.calib_size, cfg.seed), cfg.calib_batch_size),
                   cfg.device, False)
         start = cfg.init_bits if cfg.init_bits is not None else allowed[-1]
         return attach(gm, w_names if cfg.learns_weights else [], a_names if cfg.learns_activations else [],
-                      allowed, start, bool(spec.deployable), cfg.estimator == "dither")
+                      allowed, start, bool(spec.deployable), cfg.estimator == "dither",
+                      Allocation(dict(fixed.weights), {**fixed.activations, **analytic.activations}))
 
     report: SearchReport | None = None
     learned = Allocation()
-    s: Searchable | None = None
     if cfg.learns_weights or cfg.learns_activations:
         s = searchable()
         learned, report = learn(s, budget, images, labels, cfg, cfg.device, progress)
@@ -143,7 +148,7 @@ def run_mixed(cfg: MixedConfig, progress: bool = True, context: PTQContext | Non
                          layer_sizes={"weights": w_sizes, "activations": a_sizes})
     result.averages["satisfied"] = budget.satisfied(final.weights, final.activations)  # type: ignore[assignment]
     if cfg.baselines and (cfg.learns_weights or cfg.learns_activations):
-        assert s is not None
+        s = searchable()  # freshly calibrated: the baselines must not inherit the search's learned ranges
         uni = uniform(s, budget, allowed)
         greedy, _ = sensitivity_greedy(s, budget, images[:cfg.sensitivity_images], labels[:cfg.sensitivity_images],
                                        allowed, cfg.device, progress)
@@ -155,9 +160,10 @@ def run_mixed(cfg: MixedConfig, progress: bool = True, context: PTQContext | Non
                                       **budget.averages(alloc.weights, alloc.activations),
                                       "allocation": alloc.to_dict()}
     elif cfg.baselines and cfg.a_max_fmap is not None:  # analytic: uniform activations that fit the budget
-        e_max = max(a_sizes[q] for q in a_names)
+        last_in = {layers[-1].input_quantizer: EDGE_BITS} if layers[-1].input_quantizer in a_sizes else {}
+        e_max = max(a_sizes[q] for q in a_names if q not in last_in)
         ub = max([b for b in allowed if b * e_max <= 8 * cfg.a_max_fmap] or [allowed[0]])
-        alloc = Allocation(dict(fixed.weights), {**fixed.activations, **{q: ub for q in a_names}})
+        alloc = Allocation(dict(fixed.weights), {**fixed.activations, **{q: ub for q in a_names}, **last_in})
         r = run_ptq(_ptq_config(cfg, alloc), progress=progress, context=context)
         result.baselines["uniform"] = {"quant_top1": r.quant_top1, "agreement": r.agreement,
                                        **budget.averages(alloc.weights, alloc.activations),

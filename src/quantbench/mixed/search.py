@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
+from quantbench.errors import ConfigError
 from quantbench.graph.quantize import activation_quantizers, weight_layers
 from quantbench.mixed.allocation import Allocation
 from quantbench.mixed.budget import Budget
@@ -35,19 +36,28 @@ class Searchable:
     gm: fx.GraphModule
     w_rules: dict[str, BitWidthRule]  # layer name -> rule
     a_rules: dict[str, BitWidthRule]  # activation quantizer name -> rule
+    #: bits decided outside the search (first/last at 8, an analytic activation allocation): part of every
+    #: allocation, so the budget sees them, never changed
+    fixed: Allocation = field(default_factory=Allocation)
 
     def rules(self) -> list[BitWidthRule]:
         return [*self.w_rules.values(), *self.a_rules.values()]
 
     def allocation(self) -> Allocation:
-        return Allocation({n: r.rounded_bits() for n, r in self.w_rules.items()},
-                          {n: r.rounded_bits() for n, r in self.a_rules.items()})
+        return Allocation({**self.fixed.weights, **{n: r.rounded_bits() for n, r in self.w_rules.items()}},
+                          {**self.fixed.activations, **{n: r.rounded_bits() for n, r in self.a_rules.items()}})
+
+    def movable(self) -> set[str]:
+        return set(self.w_rules) | set(self.a_rules)
 
     def set(self, alloc: Allocation) -> None:
+        """Set the learned quantizers' bits (names without a rule are fixed and skipped)."""
         for n, b in alloc.weights.items():
-            self.w_rules[n].set_bits(b)
+            if n in self.w_rules:
+                self.w_rules[n].set_bits(b)
         for n, b in alloc.activations.items():
-            self.a_rules[n].set_bits(b)
+            if n in self.a_rules:
+                self.a_rules[n].set_bits(b)
 
 
 @torch.no_grad()
@@ -66,8 +76,9 @@ def weight_grids(q: Quantizer, w: Tensor, allowed: list[int]) -> tuple[Tensor, T
 
 
 def attach(gm: fx.GraphModule, w_names: list[str], a_names: list[str], allowed: list[int], start: float,
-           hardware: bool = True, dither: bool = False) -> Searchable:
-    """Give the quantizers of layers ``w_names`` and activation quantizers ``a_names`` a learned bit-width."""
+           hardware: bool = True, dither: bool = False, fixed: Allocation | None = None) -> Searchable:
+    """Give the quantizers of layers ``w_names`` and activation quantizers ``a_names`` a learned bit-width
+    (``fixed``: bits decided elsewhere that the prepared graph already has)."""
     w_rules: dict[str, BitWidthRule] = {}
     a_rules: dict[str, BitWidthRule] = {}
     for name, layer in weight_layers(gm):
@@ -87,7 +98,7 @@ def attach(gm: fx.GraphModule, w_names: list[str], a_names: list[str], allowed: 
             rule.set_allowed(allowed, start)
             rule.dither = dither
             a_rules[q.name] = rule
-    return Searchable(gm, w_rules, a_rules)
+    return Searchable(gm, w_rules, a_rules, fixed or Allocation())
 
 
 @dataclass
@@ -160,7 +171,7 @@ def learn(s: Searchable, budget: Budget, images: Tensor, labels: Tensor, cfg: Mi
                 bar.update(step + 1, float(loss.detach()), _status(avg, ok, ema))
     seconds = time.perf_counter() - t0
     if best is None:
-        final = repair(s.allocation(), budget, sorted(float(b) for b in next(iter(s.rules())).allowed.tolist()))
+        final = repair(s.allocation(), budget, cfg.bit_set(), s.movable())
         return final, SearchReport(cfg.steps, seconds, None, None, 0, True, curve)
     return best[2], SearchReport(cfg.steps, seconds, best[1], best[0], met, False, curve)
 
@@ -172,32 +183,32 @@ def _status(avg: dict[str, float | None], ok: bool, ema: float) -> str:
     return ", ".join([*parts, "meets the budget" if ok else "over budget", f"EMA acc {ema:.3f}"])
 
 
-def repair(alloc: Allocation, budget: Budget, allowed: list[float]) -> Allocation:
-    """Lower bit-widths one allowed step at a time until ``alloc`` meets ``budget``: each time the quantizer whose
-    step saves the most size (bits x size; the largest feature map for a max-feature-map budget)."""
-    levels = sorted(int(b) for b in allowed)
+def repair(alloc: Allocation, budget: Budget, allowed: list[int], movable: set[str]) -> Allocation:
+    """Lower bit-widths one allowed step at a time until ``alloc`` meets ``budget``: each time the ``movable``
+    quantizer (of the constraint that is violated) whose step saves the most size (bits saved x parameters or
+    elements; for a feature-map budget only maps above it count). Raises ConfigError if even that cannot."""
+    levels = sorted(allowed)
     w, a = dict(alloc.weights), dict(alloc.activations)
-    w_size = dict(zip(budget.w_names, budget.w_sizes, strict=True))
-    a_size = dict(zip(budget.a_names, budget.a_sizes, strict=True))
+    w_size = {k: n for k, n in zip(budget.w_names, budget.w_sizes, strict=True) if k in movable}
+    a_size = {k: n for k, n in zip(budget.a_names, budget.a_sizes, strict=True) if k in movable}
 
-    def lower(bits: dict[str, int], sizes: dict[str, int]) -> bool:
-        cands = [(bits[k] * sizes[k], k) for k in sizes if bits[k] > levels[0]]
+    def lower(bits: dict[str, int], sizes: dict[str, int], over: float | None = None) -> bool:
+        cands = []
+        for k, n in sizes.items():
+            below = [b for b in levels if b < bits[k]]
+            if below and (over is None or bits[k] * n > over):
+                cands.append(((bits[k] - below[-1]) * n, k, below[-1]))
         if not cands:
             return False
-        k = max(cands)[1]
-        bits[k] = max(b for b in levels if b < bits[k])
+        _, k, nb = max(cands)
+        bits[k] = nb
         return True
 
-    for _ in range(10_000):
-        if budget.satisfied(w, a):
-            return Allocation(w, a)
-        w_over = budget.w_avg is not None and w_size and float(
+    while not budget.satisfied(w, a):
+        w_over = budget.w_avg is not None and bool(budget.w_names) and float(
             budget.weighted([w[k] for k in budget.w_names], budget.w_sizes)) > budget.w_avg + 1e-9
-        progressed = lower(w, w_size) if w_over else False
-        if not w_over and not lower(a, a_size):
-            break
-        if w_over and not progressed:
-            break
-    if not budget.satisfied(w, a):
-        raise RuntimeError("the constraints cannot be met even at the smallest allowed bit-width")
+        fmap = 8 * budget.a_max_fmap_bytes if budget.a_max_fmap_bytes is not None else None
+        if not (lower(w, w_size) if w_over else lower(a, a_size, fmap)):
+            raise ConfigError("the constraints cannot be met even with every allocated quantizer at the smallest "
+                              f"allowed bit-width ({levels[0]}): raise the targets or allow fewer bits")
     return Allocation(w, a)

@@ -39,7 +39,8 @@ class MixedParams(_Fields):  # type: ignore[misc, valid-type]
         c += f"fmap{self.a_max_fmap:g}B" if self.a_max_fmap is not None else ""
         allowed = "{" + ",".join(map(str, self.allowed)) + "}" if self.allowed else ""
         return f"mixed:{c}{allowed}" + ("-fl_out" if self.first_last_budget == "out" else "") + (
-            "-pseudo" if self.labels == "pseudo" else "")
+            "-pseudo" if self.labels == "pseudo" else "") + ("-dither" if self.estimator == "dither" else "") + (
+            "-learned" if self.fmap_mode == "learned" else "")
 
 
 @register_method
@@ -83,6 +84,7 @@ class MixedMethod(Method):
         metrics = {k: v for k, v in ptq.to_dict().items() if k != "extra"}
         metrics.update({k: d[k] for k in ("avg_weight_bits", "avg_activation_bits", "max_fmap_bytes", "constraint",
                                           "allocation", "baselines", "notes")})
-        metrics.update(model_size_bytes=card["mixed_precision"]["model_size_bytes"], search_seconds=result.seconds,
+        metrics.update(model_size_bytes=card["mixed_precision"]["model_size_bytes"],
+                       search_seconds=result.search.seconds if result.search else 0.0, run_seconds=result.seconds,
                        train_seconds=None, latency_ms=None)
         return MethodOutcome(metrics=metrics, card=card)
