@@ -35,9 +35,12 @@ def _row_html(r: RunRow, search: dict[str, Any]) -> str:
     targets = ", ".join(f"{k} {v}" for k, v in (("W avg", search.get("w_avg")), ("A avg", search.get("a_avg")),
                                                  ("max fmap bytes", search.get("a_max_fmap_bytes"))) if v is not None)
     base = "; ".join(f"{k} {v['quant_top1']:.2f}" for k, v in search.get("baselines", {}).items())
+    def bits(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
     head = (f"{escape(str(r.method_label))} · {escape(str(r.model))} on {escape(str(r.backend))}: top-1 "
-            f"{(r.quant_top1 or 0):.2f} ({escape(targets)}; achieved W {ach.get('avg_weight_bits') or '-'}, "
-            f"A {ach.get('avg_activation_bits') or '-'}){' · baselines: ' + escape(base) if base else ''}")
+            f"{(r.quant_top1 or 0):.2f} ({escape(targets)}; achieved W {bits(ach.get('avg_weight_bits'))}, "
+            f"A {bits(ach.get('avg_activation_bits'))}){' · baselines: ' + escape(base) if base else ''}")
     png = base64.b64encode(bits_per_layer(weights, acts, str(r.method_label))).decode("ascii")
     return (f"<h3>{head}</h3><figure><img alt=\"bits per layer\" src=\"data:image/png;base64,{png}\">"
             f"<figcaption>{escape(search.get('allowed_kind', ''))} bit-widths {search.get('allowed')}, first/last "
