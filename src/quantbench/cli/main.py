@@ -34,6 +34,7 @@ from quantbench.cli.options import (
     WidthMultOpt,
     WObserverOpt,
     check_out,
+    has_json_keys,
     layer_overrides,
     parse_first_last,
     policy,
@@ -153,11 +154,7 @@ PTQ_RESULT_KEYS = frozenset({"model", "backend", "w_bits", "a_bits", "fp_top1", 
 
 def is_ptq_result(path: Path) -> bool:
     """Whether ``path`` holds a result ``quantbench ptq --out`` wrote (a JSON object with its keys)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and data.keys() >= PTQ_RESULT_KEYS
+    return has_json_keys(path, PTQ_RESULT_KEYS)
 
 
 def _print_quantizers(rows: list[dict]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -24,6 +23,7 @@ from quantbench.cli.options import (
     WidthMultOpt,
     WObserverOpt,
     check_out,
+    has_json_keys,
     layer_overrides,
 )
 from quantbench.config import default_of
@@ -38,11 +38,7 @@ MIXED_KEYS = frozenset({"model", "backend", "fp_top1", "quant_top1", "agreement"
 
 def is_mixed_result(path: Path) -> bool:
     """Whether ``path`` holds a result ``quantbench mixed --out`` wrote."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and data.keys() >= MIXED_KEYS
+    return has_json_keys(path, MIXED_KEYS)
 
 
 def _allowed(value: str | None) -> list[int] | None:

@@ -3,6 +3,7 @@ the sweep and results commands (``--out``, ``--store``, and the store they open)
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -156,6 +157,15 @@ def policy(value: PolicyOpt | None) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------ output files
+def has_json_keys(path: Path, keys: frozenset[str]) -> bool:
+    """Whether ``path`` holds a JSON object with (at least) ``keys``: a result a command wrote, safe to replace."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and data.keys() >= keys
+
+
 def check_out(path: Path | None, what: str = "--out", *, force: bool = False,
               ours: Callable[[Path], bool] | None = None, kind: str = "quantbench output") -> None:
     """The pre-flight of every command that writes a file: call it before any work. Refuses a directory,
