@@ -52,12 +52,13 @@ def row(ctx: Any, section: str, steps: int, **kw: Any) -> dict[str, Any]:
            "selected_step": s.get("best_step"), "repaired": s.get("repaired"),
            "wall_s": round(time.perf_counter() - t0, 1)}
     for name, b in d["baselines"].items():
+        out[f"{name}_allocation"] = b["allocation"]
         out[f"{name}_top1"] = round(b["quant_top1"], 2)
         out[f"{name}_agreement"] = round(100 * b["agreement"], 2)
         out[f"{name}_avg_w"] = _r(b.get("avg_weight_bits"))
         out[f"{name}_avg_a"] = _r(b.get("avg_activation_bits"))
     out["allocation"] = d["allocation"]
-    print({k: v for k, v in out.items() if k != "allocation"}, flush=True)
+    print({k: v for k, v in out.items() if not k.endswith("allocation")}, flush=True)
     return out
 
 
@@ -66,7 +67,7 @@ def _r(v: float | None) -> float | None:
 
 
 def show(title: str, rows: list[dict[str, Any]]) -> None:
-    cols = [c for c in rows[0] if c != "allocation"]
+    cols = [c for c in rows[0] if not c.endswith("allocation")]
     print_table(title, cols, [[r.get(c) for c in cols] for r in rows])
 
 
@@ -89,6 +90,39 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def plot_allocations(results: list[Path], out: Path, w_avg: float = 3.0, seed: int = 0) -> None:
+    """Bits per layer of the weights-only allocations at ``w_avg`` (seed ``seed``): learned (each estimator),
+    the greedy's and uniform, one line each, in graph order."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for p in results for r in json.loads(p.read_text()).get("weights", [])
+            if r["w_avg"] == w_avg and r["seed"] == seed]
+    if not rows:
+        raise SystemExit(f"no weights-section rows at w_avg {w_avg}, seed {seed} in {results}")
+    lines = {f"learned ({r['estimator']}): {r['top1']:.2f} %": r["allocation"]["weights"] for r in rows}
+    base = next((r for r in rows if r.get("uniform_top1") is not None), None)
+    if base is not None and base.get("greedy_allocation"):
+        lines[f"greedy: {base['greedy_top1']:.2f} %"] = base["greedy_allocation"]["weights"]
+    names = list(next(iter(lines.values())))
+    fig, ax = plt.subplots(figsize=(9, 3.4))
+    for i, (label, bits) in enumerate(lines.items()):
+        ax.plot(range(len(names)), [bits[n] for n in names], marker="os^d"[i % 4], label=label)
+    if base is not None:
+        ax.axhline(w_avg, color="grey", ls="--", lw=1, label=f"uniform W{w_avg:g}: {base['uniform_top1']:.2f} %")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=90, fontsize=7)
+    ax.set_ylabel("weight bits")
+    ax.set_title(f"ResNet-20, fbgemm, average {w_avg:g} weight bits (first/last counted), seed {seed}")
+    ax.legend(fontsize=7)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    print(f"wrote {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sections", default="weights,allowed,wa,fmap,labels")
@@ -97,7 +131,13 @@ def main() -> None:
     ap.add_argument("--estimators", default="ste,dither", help="estimators of the weights section")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--plot-from", type=Path, nargs="*", default=None,
+                    help="only plot the weights-only allocations of these result JSONs (to --plot)")
+    ap.add_argument("--plot", type=Path, default=Path("mixed_bits.png"))
     args = ap.parse_args()
+    if args.plot_from:
+        plot_allocations(args.plot_from, args.plot)
+        return
     torch.set_num_threads(args.threads)
     sections = args.sections.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
