@@ -129,6 +129,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--estimators", default="ste,dither", help="estimators of the weights section")
+    ap.add_argument("--targets", default="3,4", help="average weight bits of the weights section")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--plot-from", type=Path, nargs="*", default=None,
@@ -147,7 +148,7 @@ def main() -> None:
 
     if "weights" in sections:
         rows = [row(ctx, "weights", steps, w_avg=t, seed=s, estimator=e, baselines=e == "ste")
-                for s in seeds for t in (3.0, 4.0) for e in args.estimators.split(",")]
+                for s in seeds for t in map(float, args.targets.split(",")) for e in args.estimators.split(",")]
         out["weights"], out["weights_summary"] = rows, summarise(rows)
         show("Weights-only mixed precision vs uniform (activations 8-bit, first/last counted)", rows)
         show("Weights-only: mean ± std over seeds", out["weights_summary"])
