@@ -34,14 +34,26 @@ class FaultParams(PTQParams):
 
 def wait_at_gate(folder: Path, run_id: str) -> None:
     """Run side of :class:`Gate`: announce ``PID RUN_ID`` on the ``ready`` FIFO, then block until the test
-    opens this process's ``release-PID`` FIFO (a signal such as SIGINT interrupts the wait)."""
+    opens this process's ``release-PID`` FIFO (a signal such as SIGINT interrupts the wait, whichever thread of
+    the process the kernel delivers it to)."""
     release = folder / f"release-{os.getpid()}"
     if not release.exists():
         os.mkfifo(release)
     with open(folder / "ready", "w") as f:  # blocks until the test's reader thread opens it
         f.write(f"{os.getpid()} {run_id}\n")
-    with open(release) as f:  # blocks until the test opens it for writing
-        f.read()
+    # The blocking open of the release FIFO happens in a helper thread: the kernel may deliver SIGINT to any
+    # thread of the process (torch's, the orphan watchdog), and a main thread stuck in open() would then never
+    # see it. Waking the main thread every 0.1 s lets Python run the handler whichever thread got the signal.
+    released = threading.Event()
+
+    def block() -> None:
+        with open(release) as f:  # blocks until the test opens it for writing
+            f.read()
+        released.set()
+
+    threading.Thread(target=block, daemon=True, name="gate-release").start()
+    while not released.wait(0.1):
+        pass
 
 
 class Gate:
