@@ -67,6 +67,10 @@ def _reap() -> Iterator[None]:
             proc.wait()
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(sweep: Path, out: Path, *extra: str) -> subprocess.Popen[bytes]:
     """``quantbench bench`` in a subprocess that imports this checkout's code (``src`` first on the path);
     killed after the test if still running (import :func:`_reap` with it)."""
@@ -74,7 +78,10 @@ def _start(sweep: Path, out: Path, *extra: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": path.rstrip(os.pathsep)}
     cmd = [sys.executable, "-m", "quantbench.cli.main", "bench", str(sweep), "--out", str(out), "--quiet",
            "--threads", "1", *extra]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # SIGINT at its default: a test run started in the background (bash `&` without job control) inherits SIGINT
+    # ignored, and the sweep would then rightly ignore the test's Ctrl-C
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=_default_sigint)
     _STARTED.append(proc)
     return proc
 
