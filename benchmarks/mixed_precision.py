@@ -142,7 +142,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     sections = args.sections.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
-    ctx = build_context(MixedConfig(**BASE, w_avg=4), progress=False)  # type: ignore[arg-type]
+    ctx = build_context(MixedConfig(**BASE, w_avg=4), progress=False)
     out: dict[str, Any] = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     steps = args.steps
 

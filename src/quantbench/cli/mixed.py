@@ -109,7 +109,7 @@ def mixed(
         max_test=max_test,
     )
     cfg.resolved_backend()
-    context = build_context(cfg, not quiet)  # type: ignore[arg-type]
+    context = build_context(cfg, not quiet)
     result = run_mixed(cfg, progress=not quiet, context=context)
     payload = result.to_dict()
     console.print(_table(payload))

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from quantbench.config import PTQConfig
+from quantbench.config import PTQConfig, QuantRunConfig
 from quantbench.data import DataBundle, calibration_subset, load_data, make_loader
 from quantbench.datafree.source import SourceImages, make_images, parse_data_source
 from quantbench.graph.quantize import list_layers, list_quantizers, prepare
@@ -69,11 +69,12 @@ class PTQResult:
         return out
 
 
-def _context_key(cfg: PTQConfig) -> tuple[Any, ...]:
+def context_key(cfg: QuantRunConfig) -> tuple[Any, ...]:
+    """What a :class:`PTQContext` depends on: runs with equal keys can share one."""
     return (cfg.model, cfg.weights, cfg.data, cfg.width_mult, cfg.device, cfg.eval_batch_size, cfg.max_test)
 
 
-def build_context(cfg: PTQConfig, progress: bool = True) -> PTQContext:
+def build_context(cfg: QuantRunConfig, progress: bool = True) -> PTQContext:
     """Load the float model and data, and the float model's predictions on the test set."""
     entry = get_entry(cfg.model)
     bundle = load_data(cfg.data, entry.mean, entry.std, entry.input_size)
@@ -85,7 +86,7 @@ def build_context(cfg: PTQConfig, progress: bool = True) -> PTQContext:
     loader = make_loader(test, cfg.eval_batch_size)
     fp_pred, labels = predict(model, loader, cfg.device, progress, "evaluating FP32")
     example = bundle.test[0][0].unsqueeze(0).to(cfg.device)
-    return PTQContext(_context_key(cfg), model, bundle, example, fp_pred, labels, loader)
+    return PTQContext(context_key(cfg), model, bundle, example, fp_pred, labels, loader)
 
 
 def _images(dataset: Any) -> Tensor:
@@ -140,7 +141,7 @@ def run_ptq(cfg: PTQConfig, progress: bool = True, context: PTQContext | None = 
     scheme, scale and zero-point to ``result.extra``."""
     torch.manual_seed(cfg.seed)
     spec = cfg.resolved_backend()
-    if context is None or context.key != _context_key(cfg):
+    if context is None or context.key != context_key(cfg):
         context = build_context(cfg, progress)
     gm = prepare(context.model, spec, context.example, cfg.w_observer, cfg.a_observer,
                  cfg.w_observer_options, cfg.a_observer_options)

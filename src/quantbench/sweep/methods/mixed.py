@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
 from pydantic import ValidationError, create_model
 
 from quantbench.cards import validate_card
@@ -18,9 +17,9 @@ from quantbench.errors import SweepError
 from quantbench.mixed.card import search_facts
 from quantbench.mixed.config import MixedConfig
 from quantbench.mixed.pipeline import run_mixed
-from quantbench.ptq.pipeline import PTQContext, build_context
 from quantbench.sweep.job import Job
 from quantbench.sweep.methods.base import ContextCache, Method, MethodOutcome, MethodParams, register_method
+from quantbench.sweep.methods.ptq import cached_context
 
 #: MixedConfig's own fields, and the calibration fields whose defaults it changes
 OWN = [f for f in MixedConfig.model_fields if f not in QuantRunConfig.model_fields] + [
@@ -65,13 +64,7 @@ class MixedMethod(Method):
 
     def run(self, job: Job, cache: ContextCache) -> MethodOutcome:
         cfg = self.mixed_config(job.config)
-        key = (cfg.model, cfg.weights, cfg.data, cfg.width_mult, cfg.device, cfg.eval_batch_size, cfg.max_test)
-
-        def build() -> PTQContext:
-            torch.manual_seed(cfg.seed)
-            return build_context(cfg, progress=False)  # type: ignore[arg-type]
-
-        ctx: PTQContext = cache.get(("ptq", key + ((cfg.seed,) if cfg.weights is None else ())), build)
+        ctx, _ = cached_context(cache, cfg)
         result = run_mixed(cfg, progress=False, context=ctx)
         ptq = result.ptq
         assert ptq.graph is not None

@@ -10,10 +10,10 @@ from pydantic import Field, ValidationError, model_validator
 from quantbench.cards.build import CardInputs, build_card
 from quantbench.cards.facts import NA, collect_structure
 from quantbench.cards.ptq import add_method_facts, calibration_data
-from quantbench.config import PTQConfig, default_of, field_from
+from quantbench.config import PTQConfig, QuantRunConfig, default_of, field_from
 from quantbench.errors import SweepError
 from quantbench.observers import OBSERVERS
-from quantbench.ptq.pipeline import PTQContext, build_context, run_ptq
+from quantbench.ptq.pipeline import PTQContext, build_context, context_key, run_ptq
 from quantbench.sweep.epoch import estimate_epoch_seconds
 from quantbench.sweep.job import Job
 from quantbench.sweep.methods.base import ContextCache, Method, MethodOutcome, MethodParams, register_method
@@ -65,8 +65,15 @@ class PTQParams(MethodParams):
         return label + ("+bn" if self.bn_calib else "") + data
 
 
-def _context_key(cfg: PTQConfig) -> tuple[Any, ...]:
-    return (cfg.model, cfg.weights, cfg.data, cfg.width_mult, cfg.device, cfg.eval_batch_size, cfg.max_test)
+def cached_context(cache: ContextCache, cfg: QuantRunConfig) -> tuple[PTQContext, tuple[Any, ...]]:
+    """The run's loaded model and data, shared by runs in this process with the same key (also returned)."""
+    key = context_key(cfg) + ((cfg.seed,) if cfg.weights is None else ())  # random init depends on the seed
+
+    def build() -> PTQContext:
+        torch.manual_seed(cfg.seed)
+        return build_context(cfg, progress=False)
+
+    return cache.get(("ptq", key), build), key
 
 
 @register_method
@@ -109,13 +116,7 @@ class PTQMethod(Method):
     def run(self, job: Job, cache: ContextCache) -> MethodOutcome:
         cfg = self.ptq_config(job.config)
         spec = cfg.resolved_backend()
-        key = _context_key(cfg) + ((cfg.seed,) if cfg.weights is None else ())  # random init depends on the seed
-
-        def build() -> PTQContext:
-            torch.manual_seed(cfg.seed)
-            return build_context(cfg, progress=False)
-
-        ctx: PTQContext = cache.get(("ptq", key), build)
+        ctx, key = cached_context(cache, cfg)
         result = run_ptq(cfg, progress=False, context=ctx, keep_quantizers=True)
         epoch_s = cache.get(("epoch", key), lambda: estimate_epoch_seconds(ctx.model, ctx.bundle.train, cfg.device))
         assert result.graph is not None
