@@ -58,11 +58,14 @@ class Budget:
             terms.append(self.lam_a * torch.relu(over))
         return torch.stack(terms).sum() if terms else torch.zeros(())
 
+    def weights_over(self, w_bits: Mapping[str, int]) -> bool:
+        """Whether integer weight bit-widths exceed the average weight budget (recomputed in float64)."""
+        return self.w_avg is not None and bool(self.w_names) and float(
+            self.weighted([w_bits[n] for n in self.w_names], self.w_sizes)) > self.w_avg + 1e-9
+
     def satisfied(self, w_bits: Mapping[str, int], a_bits: Mapping[str, int]) -> bool:
         """Whether integer bit-widths meet every constraint (recomputed in float64)."""
-        ok = True
-        if self.w_avg is not None and self.w_names:
-            ok &= float(self.weighted([w_bits[n] for n in self.w_names], self.w_sizes)) <= self.w_avg + 1e-9
+        ok = not self.weights_over(w_bits)
         if self.a_names:
             a = [a_bits[n] for n in self.a_names]
             if self.a_avg is not None:

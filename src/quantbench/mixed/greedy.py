@@ -77,12 +77,8 @@ def sensitivity_greedy(s: Searchable, budget: Budget, images: Tensor, labels: Te
         bits[best[1]] = best[2]
         return True
 
-    def over_w() -> bool:
-        return budget.w_avg is not None and bool(budget.w_names) and float(
-            budget.weighted([w[k] for k in budget.w_names], budget.w_sizes)) > budget.w_avg + 1e-9
-
-    while over_w() and step(w, w_size):
+    while budget.weights_over(w) and step(w, w_size):
         pass
-    while not budget.satisfied(w, a) and not over_w() and step(a, a_size, fmap):
+    while not budget.satisfied(w, a) and not budget.weights_over(w) and step(a, a_size, fmap):
         pass
     return Allocation(w, a), sens

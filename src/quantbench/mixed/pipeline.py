@@ -19,7 +19,7 @@ from quantbench.mixed.config import MixedConfig
 from quantbench.mixed.greedy import sensitivity_greedy, uniform
 from quantbench.mixed.search import Searchable, SearchReport, attach, learn
 from quantbench.ptq.calibrate import calibrate
-from quantbench.ptq.pipeline import PTQContext, PTQResult, build_context, run_ptq
+from quantbench.ptq.pipeline import PTQContext, PTQResult, build_context, context_key, run_ptq
 
 EDGE_BITS = 8  # the first and last layer out of the budget (seed 004 Table 2)
 
@@ -85,10 +85,8 @@ def run_mixed(cfg: MixedConfig, progress: bool = True, context: PTQContext | Non
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     spec = cfg.resolved_backend()
-    base = _ptq_config(cfg, Allocation())
-    if context is None or context.key != (cfg.model, cfg.weights, cfg.data, cfg.width_mult, cfg.device,
-                                          cfg.eval_batch_size, cfg.max_test):
-        context = build_context(base, progress)
+    if context is None or context.key != context_key(cfg):
+        context = build_context(cfg, progress)
     allowed = cfg.bit_set()
     for b in allowed:  # every allowed bit-width must be one the backend accepts, before any work
         cfg.model_copy(update={"w_bits": b, "a_bits": b}).resolved_backend()
@@ -107,13 +105,13 @@ def run_mixed(cfg: MixedConfig, progress: bool = True, context: PTQContext | Non
     a_names = [q for q in a_sizes if not (out and q in edge_inputs)]
     fixed = Allocation({n: EDGE_BITS for n in (first, last) if n not in kept_float} if out else {},
                        {q: EDGE_BITS for q in edge_inputs if q in a_sizes} if out else {})
-    budget = Budget(tuple(w_names) if cfg.learns_weights else (), tuple(w_sizes[n] for n in w_names)
-                    if cfg.learns_weights else (), tuple(a_names) if cfg.learns_activations or cfg.a_max_fmap else (),
-                    tuple(a_sizes[q] for q in a_names) if cfg.learns_activations or cfg.a_max_fmap else (),
+    bw = w_names if cfg.learns_weights else []  # what the budget weighs
+    ba = a_names if cfg.learns_activations or cfg.a_max_fmap is not None else []
+    budget = Budget(tuple(bw), tuple(w_sizes[n] for n in bw), tuple(ba), tuple(a_sizes[q] for q in ba),
                     cfg.w_avg, cfg.a_avg, cfg.a_max_fmap, cfg.lam, cfg.lam)
+    last_in = {layers[-1].input_quantizer: EDGE_BITS} if layers[-1].input_quantizer in a_sizes else {}
     analytic = Allocation()
     if cfg.a_max_fmap is not None:  # analytic allocation; in learned mode, the check that the budget is feasible
-        last_in = {layers[-1].input_quantizer: EDGE_BITS} if layers[-1].input_quantizer in a_sizes else {}
         bits, capped = analytic_max_fmap({q: a_sizes[q] for q in a_names} | {q: a_sizes[q] for q in last_in},
                                          cfg.a_max_fmap, allowed, last_in)
         if cfg.fmap_mode == "analytic":
@@ -147,27 +145,26 @@ def run_mixed(cfg: MixedConfig, progress: bool = True, context: PTQContext | Non
                          _constraint(cfg, budget), report, 0.0, notes,
                          layer_sizes={"weights": w_sizes, "activations": a_sizes})
     result.averages["satisfied"] = budget.satisfied(final.weights, final.activations)  # type: ignore[assignment]
+
+    def evaluate(name: str, alloc: Allocation) -> None:
+        """A baseline allocation as a PTQ run, into ``result.baselines``."""
+        r = run_ptq(_ptq_config(cfg, alloc), progress=progress, context=context)
+        result.baselines[name] = {"quant_top1": r.quant_top1, "agreement": r.agreement,
+                                  **budget.averages(alloc.weights, alloc.activations), "allocation": alloc.to_dict()}
+
     if cfg.baselines and (cfg.learns_weights or cfg.learns_activations):
         s = searchable()  # freshly calibrated: the baselines must not inherit the search's learned ranges
         uni = uniform(s, budget, allowed)
         greedy, _ = sensitivity_greedy(s, budget, images[:cfg.sensitivity_images], labels[:cfg.sensitivity_images],
                                        allowed, cfg.device, progress)
         for name, alloc in (("uniform", uni), ("greedy", greedy)):
-            alloc = Allocation({**fixed.weights, **alloc.weights}, {**fixed.activations, **analytic.activations,
-                                                                    **alloc.activations})
-            r = run_ptq(_ptq_config(cfg, alloc), progress=progress, context=context)
-            result.baselines[name] = {"quant_top1": r.quant_top1, "agreement": r.agreement,
-                                      **budget.averages(alloc.weights, alloc.activations),
-                                      "allocation": alloc.to_dict()}
+            evaluate(name, Allocation({**fixed.weights, **alloc.weights},
+                                      {**fixed.activations, **analytic.activations, **alloc.activations}))
     elif cfg.baselines and cfg.a_max_fmap is not None:  # analytic: uniform activations that fit the budget
-        last_in = {layers[-1].input_quantizer: EDGE_BITS} if layers[-1].input_quantizer in a_sizes else {}
         e_max = max(a_sizes[q] for q in a_names if q not in last_in)
         ub = max([b for b in allowed if b * e_max <= 8 * cfg.a_max_fmap] or [allowed[0]])
-        alloc = Allocation(dict(fixed.weights), {**fixed.activations, **{q: ub for q in a_names}, **last_in})
-        r = run_ptq(_ptq_config(cfg, alloc), progress=progress, context=context)
-        result.baselines["uniform"] = {"quant_top1": r.quant_top1, "agreement": r.agreement,
-                                       **budget.averages(alloc.weights, alloc.activations),
-                                       "allocation": alloc.to_dict()}
+        evaluate("uniform", Allocation(dict(fixed.weights), {**fixed.activations, **{q: ub for q in a_names},
+                                                             **last_in}))
     result.seconds = time.perf_counter() - t0
     return result
 

@@ -205,8 +205,7 @@ def repair(alloc: Allocation, budget: Budget, allowed: list[int], movable: set[s
         return True
 
     while not budget.satisfied(w, a):
-        w_over = budget.w_avg is not None and bool(budget.w_names) and float(
-            budget.weighted([w[k] for k in budget.w_names], budget.w_sizes)) > budget.w_avg + 1e-9
+        w_over = budget.weights_over(w)
         fmap = 8 * budget.a_max_fmap_bytes if budget.a_max_fmap_bytes is not None else None
         if not (lower(w, w_size) if w_over else lower(a, a_size, fmap)):
             raise ConfigError("the constraints cannot be met even with every allocated quantizer at the smallest "
