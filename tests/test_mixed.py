@@ -28,16 +28,9 @@ from quantbench.quant.bitwidth import grid_steps, qrange_at, rescale, round_to_a
 from quantbench.quant.fake_quant import fake_quantize
 from quantbench.quant.qparams import qparams_from_range
 from quantbench.sweep.weights import ensure_trained
+from tests.test_sweep_plugin import one_thread, tiny_sweep  # noqa: F401  (one_thread: autouse)
 
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +271,6 @@ def test_sweep_method_kind_mixed_runs_and_writes_a_mixed_card(tmp_path: Path):
     from quantbench.sweep.expand import expand
     from quantbench.sweep.load import parse_sweep
     from quantbench.sweep.methods import ContextCache
-    from tests.test_sweep_plugin import tiny_sweep
 
     method = {"kind": "mixed", "w_avg": 4, "allowed": [2, 4, 8], "steps": 5, "images": 64, "calib_size": 32,
               "baselines": False}
@@ -302,7 +294,6 @@ def test_sweep_refuses_a_mixed_entry_without_a_constraint(tmp_path: Path):
     from quantbench.errors import SweepError
     from quantbench.sweep.expand import expand
     from quantbench.sweep.load import parse_sweep
-    from tests.test_sweep_plugin import tiny_sweep
 
     with pytest.raises(SweepError, match="give a constraint"):
         expand(parse_sweep(tiny_sweep(backends=["fbgemm"], methods=[{"kind": "mixed"}]), tmp_path))
