@@ -51,7 +51,13 @@ def _trained_like() -> nn.Module:
 
 
 def _make(spec: str, n: int = 16, seed: int = 0, **options):
-    return make_images(parse_data_source(spec), _trained_like(), SIZE, 10, n, seed, "cpu", False, options or None)
+    """Images for :func:`_trained_like`, whose statistics are those of unbounded normalised noise: no clamping
+    unless asked (with clamp, the digits normalisation's pixel range)."""
+    if spec.startswith("synthetic"):
+        options = {"clamp": False, **options}
+    e = get_entry("digits_cnn")
+    return make_images(parse_data_source(spec), _trained_like(), SIZE, 10, n, seed, "cpu", False, options or None,
+                       e.mean, e.std)
 
 
 # ---------------------------------------------------------------------------------------------- the spec
@@ -136,6 +142,24 @@ def test_fdda_with_real_centres_is_marked_not_data_free():
     assert out.real_images == 10 and out.card()["data_free"] is False
 
 
+@pytest.mark.parametrize("gen", ["zeroq", "bns-ce"])
+def test_clamped_images_stay_in_the_valid_pixel_range_and_unclamped_ones_leave_it(gen):
+    e = get_entry("digits_cnn")
+    lo, hi = (0 - e.mean[0]) / e.std[0], (1 - e.mean[0]) / e.std[0]
+    free = _make(f"synthetic:{gen}", n=8, iterations=40, lr=0.5)
+    assert free.images.min() < lo - 0.1 or free.images.max() > hi + 0.1  # the bound has something to do
+    held = _make(f"synthetic:{gen}", n=8, iterations=40, lr=0.5, clamp=True)
+    assert held.identity != free.identity
+    assert held.images.min() >= lo - 1e-6 and held.images.max() <= hi + 1e-6
+    assert held.card()["pixel_range"] == [[round(lo, 4)], [round(hi, 4)]]
+
+
+def test_clamping_without_the_input_normalisation_names_the_fix():
+    with pytest.raises(ConfigError, match=r"input normalisation.*clamp: false"):
+        make_images(parse_data_source("synthetic:zeroq"), _trained_like(), SIZE, 10, 4, 0, "cpu", False,
+                    {"iterations": 1})
+
+
 def test_noise_is_standard_gaussian_in_the_normalised_space():
     out = _make("noise:4096")
     assert out.images.shape == (4096, *SIZE)
@@ -159,7 +183,8 @@ def test_cache_returns_the_same_images_and_regenerates_when_the_weights_change()
     changed.load_state_dict(_trained_like().state_dict())
     with torch.no_grad():
         changed.fc.weight.add_(0.01)
-    c = make_images(parse_data_source("synthetic:zeroq"), changed, SIZE, 10, 16, 0, "cpu", False, {"iterations": 10})
+    c = make_images(parse_data_source("synthetic:zeroq"), changed, SIZE, 10, 16, 0, "cpu", False,
+                    {"iterations": 10, "clamp": False})
     assert not c.cached and c.identity != a.identity
 
 
@@ -233,8 +258,9 @@ def test_a_sweep_runs_on_synthetic_data_and_the_report_shows_the_set(tmp_path):
 @pytest.mark.parametrize("model", ["resnet18", "mobilenet_v2", "regnet_x_400mf", "efficientnet_b0", "resnet20_cifar"])
 def test_generators_work_on_torchvision_and_cifar_models(model):
     net = build_model(model, num_classes=10).eval()
+    e = get_entry(model)
     for gen in ("zeroq", "bns-ce"):
         out = make_images(parse_data_source(f"synthetic:{gen}"), net, (3, 32, 32), 10, 2, 0, "cpu", False,
-                          {"iterations": 2, "batch_size": 2})
+                          {"iterations": 2, "batch_size": 2}, e.mean, e.std)
         assert out.images.shape == (2, 3, 32, 32) and torch.isfinite(out.images).all()
         assert len(out.loss_curve) == 2

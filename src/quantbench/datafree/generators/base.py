@@ -11,6 +11,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from quantbench.errors import ConfigError
 from quantbench.utils.progress import LossBar
 from quantbench.utils.registry import Registry
 
@@ -23,6 +24,10 @@ class GeneratorOptions(BaseModel):
     iterations: int = Field(500, ge=0, description="optimisation steps per batch")
     batch_size: int = Field(32, ge=1)
     lr: float = Field(0.5, gt=0)
+    clamp: bool = Field(True, description=(
+        "after every step, clip each pixel to what a real image can be after normalisation, "
+        "[(0 - mean) / std, (1 - mean) / std] per channel (DeepInversion's clipping); needs the model's "
+        "input normalisation"))
 
 
 @dataclass
@@ -91,6 +96,7 @@ def optimise_images(target: Target, n: int | list[int], opts: GeneratorOptions, 
     Gaussian noise (seeded), minimise ``batch_loss(x, batch_index)`` over the pixels with Adam
     (``ReduceLROnPlateau``, min lr 1e-4, patience 100, as ZeroQ), return the images."""
     sizes = batch_sizes(n, opts.batch_size) if isinstance(n, int) else list(n)
+    bounds = pixel_bounds(target) if opts.clamp else None
     model = target.model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -114,6 +120,9 @@ def optimise_images(target: Target, n: int | list[int], opts: GeneratorOptions, 
                 loss = batch_loss(x, b)
                 loss.backward()
                 opt.step()
+                if bounds is not None:
+                    with torch.no_grad():
+                        x.clamp_(bounds[0], bounds[1])
                 value = float(loss.detach())
                 if sched is not None:
                     sched.step(value)
@@ -123,8 +132,25 @@ def optimise_images(target: Target, n: int | list[int], opts: GeneratorOptions, 
             bar.advance()
             out.append(x.detach().cpu())
             batch_seconds.append(round(time.perf_counter() - t0 - sum(batch_seconds), 3))
+    info: dict[str, Any] = {"batch_seconds": batch_seconds}
+    if bounds is not None:
+        info["pixel_range"] = [[round(float(v), 4) for v in b.flatten()] for b in bounds]
     return Generated(torch.cat(out), torch.cat(labels).cpu() if labels else None, time.perf_counter() - t0,
-                     [round(float(v), 6) for v in curve], info={"batch_seconds": batch_seconds})
+                     [round(float(v), 6) for v in curve], info=info)
+
+
+def pixel_bounds(target: Target) -> tuple[Tensor, Tensor]:
+    """Per-channel (1, C, 1, 1) bounds of a normalised image whose pixels lie in [0, 1]."""
+    if not target.mean or not target.std:
+        raise ConfigError("the generator clips images to the valid pixel range (option clamp) but the model's "
+                          "input normalisation (mean / std) is unknown; pass it, or set the synthetic option "
+                          "clamp: false")
+    mean = torch.tensor(target.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(target.std, dtype=torch.float32).view(1, -1, 1, 1)
+    if mean.shape[1] != target.input_size[0] and mean.shape[1] != 1:
+        raise ConfigError(f"the input normalisation has {mean.shape[1]} channels but the model takes "
+                          f"{target.input_size[0]}")
+    return ((0 - mean) / std).to(target.device), ((1 - mean) / std).to(target.device)
 
 
 def balanced_labels(n: int, num_classes: int, seed: int) -> Tensor:

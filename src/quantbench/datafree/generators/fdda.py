@@ -93,7 +93,8 @@ class FDDAGenerator(Generator):
         assert isinstance(opts, FDDAOptions)
         k = opts.centre_images
         base = BNSCEGenerator(BNSCEOptions(iterations=opts.centre_iterations, batch_size=k, lr=opts.lr,
-                                           bn_weight=opts.bn_weight, tv_weight=opts.tv_weight, l2_weight=0.0))
+                                           clamp=opts.clamp, bn_weight=opts.bn_weight, tv_weight=opts.tv_weight,
+                                           l2_weight=0.0))
         centres = []
         for c in range(target.num_classes):  # bns-ce's objective with every target set to class c
             one_class = torch.full((k,), c, dtype=torch.long)
