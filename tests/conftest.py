@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, NoReturn
 
 import pytest
 
@@ -18,3 +19,35 @@ needs_shared = pytest.mark.skipif(
     not (RESNET20.is_file() and CIFAR.is_dir()),
     reason=f"needs the shared models and data at {SHARED} (clone the repo with ../shared beside it)",
 )
+
+
+#: Services CI must have (comma-separated, e.g. "postgresql,ray"): a test that would skip for lack of one fails.
+REQUIRED_SERVICES = {s.strip() for s in os.environ.get("QUANTBENCH_REQUIRE_SERVICES", "").split(",") if s.strip()}
+
+
+def service_missing(name: str, reason: str) -> NoReturn:
+    """Skip a test whose outside service is not available here, or fail it where the service is required."""
+    if name in REQUIRED_SERVICES:
+        pytest.fail(f"{reason} ($QUANTBENCH_REQUIRE_SERVICES names {name}: it must run here)", pytrace=False)
+    pytest.skip(reason)
+
+
+def _service(report: Any) -> str | None:
+    for name in ("postgresql", "ray"):
+        if f"[{name}" in report.nodeid or f"-{name}]" in report.nodeid or name in report.keywords:  # param or mark
+            return name
+    return None
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """One line saying how many tests of each outside service ran (CI's log must show none skipped)."""
+    counts: dict[str, dict[str, int]] = {}
+    for outcome in ("passed", "failed", "skipped", "error"):
+        for report in terminalreporter.stats.get(outcome, []):
+            name = _service(report) if hasattr(report, "nodeid") else None
+            if name is not None and (report.when == "call" or outcome in ("skipped", "error")):
+                counts.setdefault(name, {}).setdefault(outcome, 0)
+                counts[name][outcome] += 1
+    if counts:
+        terminalreporter.write_line("outside services: " + "; ".join(
+            f"{name}: " + ", ".join(f"{n} {o}" for o, n in sorted(c.items())) for name, c in sorted(counts.items())))

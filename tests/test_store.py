@@ -20,6 +20,7 @@ from quantbench.store import SCHEMA_VERSION, open_store, resolve_store_url
 from quantbench.store.export import to_csv, to_json
 from quantbench.store.owner import current_owner
 from quantbench.store.schema import runs
+from tests.conftest import service_missing
 
 COLUMNS = {"sweep": "s", "method": "ptq", "method_label": "minmax", "model": "digits_cnn", "data": "digits",
            "backend": "tensorrt", "w_bits": 8, "a_bits": 8, "seed": 0, "config": {"model": "digits_cnn"}}
@@ -47,7 +48,8 @@ def store_url(request, tmp_path) -> str:
         return _url(tmp_path)
     url = os.environ.get(PG_ENV)
     if not url:
-        pytest.skip(f"set {PG_ENV} to a PostgreSQL database the tests may empty to run the store tests on it")
+        service_missing("postgresql", f"set {PG_ENV} to a PostgreSQL database the tests may empty to run the "
+                                      "store tests on it (.ci/pg-start starts one)")
     from sqlalchemy import create_engine
 
     from quantbench.store.schema import metadata

@@ -28,6 +28,11 @@ class OnInvalid(str, Enum):
     skip = "skip"
 
 
+class ExecutorName(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
 def leaderboard_table(boards: dict[Any, list[Any]], title: str) -> list[Table]:
     """Rich tables of :func:`quantbench.report.leaderboard.leaderboards`."""
     from quantbench.report.leaderboard import COLUMNS, cells
@@ -76,15 +81,17 @@ def _existing_statuses(out: Path, store_url: str | None, run_ids: list[str]) -> 
 
 
 def run_sweep_file(sweep_path: Path, out: Path, store_url: str | None, workers: int, on_invalid: str,
-                   progress: bool, dry_run: bool, con: Console, threads: int | None = None) -> int:
+                   progress: bool, dry_run: bool, con: Console, threads: int | None = None,
+                   executor: str = "local", address: str | None = None, cpus_per_run: float | None = None) -> int:
     """The body of ``quantbench bench``; returns the exit code."""
     from quantbench.report.leaderboard import leaderboards
     from quantbench.sweep.expand import expand
     from quantbench.sweep.load import load_sweep
     from quantbench.sweep.prepare import materialize_weights
-    from quantbench.sweep.runner import pending, run_jobs
+    from quantbench.sweep.runner import ExecutorOptions, pending, run_jobs
     from quantbench.sweep.sink import StoreSink
 
+    _check_executor(executor, workers, address, cpus_per_run)
     sweep = load_sweep(sweep_path)
     expansion = expand(sweep, on_invalid)
     for inv in expansion.invalid:
@@ -101,12 +108,13 @@ def run_sweep_file(sweep_path: Path, out: Path, store_url: str | None, workers: 
         todo = pending(expansion.jobs, statuses)
         n_done = len(expansion.jobs) - len(todo)
         con.print(f"sweep {sweep.spec.name!r}: {len(expansion.jobs)} runs, {n_done} already complete in the store "
-                  f"(skipped), {len(todo)} to run" + (f" on {workers} workers" if workers > 1 else "") +
+                  f"(skipped), {len(todo)} to run" + _where(executor, workers, address) +
                   f"; store: {store.location}")
         todo = materialize_weights(todo, out / "cache", progress)
+        options = ExecutorOptions(workers=workers, threads=threads, address=address, cpus_per_run=cpus_per_run)
         with sigterm_as_interrupt():
-            summary = run_jobs(todo, StoreSink(store, out / "cards"), workers=workers, progress=progress,
-                               console=con, threads=threads)
+            summary = run_jobs(todo, StoreSink(store, out / "cards"), progress=progress, console=con,
+                               executor=executor, options=options)
         # a run another sweep already stored (same resolved config) belongs to this sweep's results too
         rows = store.query(run_ids=[j.run_id for j in expansion.jobs])
         for table in leaderboard_table(leaderboards(rows), f"sweep {sweep.spec.name}"):
@@ -127,6 +135,27 @@ def run_sweep_file(sweep_path: Path, out: Path, store_url: str | None, workers: 
         return 1 if failed else 0
 
 
+def _check_executor(executor: str, workers: int, address: str | None, cpus_per_run: float | None) -> None:
+    """Refuse option combinations that do not apply to the chosen executor, before any work."""
+    from quantbench.errors import ConfigError
+
+    if executor == "ray":
+        from quantbench.sweep.ray_executor import import_ray
+
+        if workers > 1:
+            raise ConfigError("--workers is for the local executor; on Ray as many runs go at once as the cluster's "
+                              "CPUs allow (set the CPUs each run takes with --cpus-per-run)")
+        import_ray()
+    elif address is not None or cpus_per_run is not None:
+        raise ConfigError("--address and --cpus-per-run are for --executor ray")
+
+
+def _where(executor: str, workers: int, address: str | None) -> str:
+    if executor == "ray":
+        return " on Ray (" + (f"cluster {address}" if address else "a local Ray instance") + ")"
+    return f" on {workers} workers" if workers > 1 else ""
+
+
 @friendly_errors
 def bench(
     sweep: Annotated[Path, typer.Argument(help="sweep YAML file (see examples/ and docs/REPORTS.md)")],
@@ -139,9 +168,17 @@ def bench(
     = OnInvalid.refuse,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list the runs and their status, run nothing")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+    executor: Annotated[ExecutorName, typer.Option(help="local: this machine (--workers processes); ray: one Ray "
+                                                        "task per run (pip install 'quantbench[ray]')")]
+    = ExecutorName.local,
+    address: Annotated[str | None, typer.Option(help="Ray cluster: auto (the one this machine is in) or "
+                                                     "ray://HOST:10001; default: start a local Ray instance")] = None,
+    cpus_per_run: Annotated[float | None, typer.Option(min=0.01, help="Ray CPUs each run takes (default: its "
+                                                                        "torch threads, 1)")] = None,
 ) -> None:
     """Run a sweep: skip runs already complete in the store, run the rest, print the leaderboard."""
-    code = run_sweep_file(sweep, out, store, workers, on_invalid.value, not quiet, dry_run, console, threads)
+    code = run_sweep_file(sweep, out, store, workers, on_invalid.value, not quiet, dry_run, console, threads,
+                          executor.value, address, cpus_per_run)
     if code:
         raise typer.Exit(code)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -61,18 +62,19 @@ def execute(job: Job, cache: ContextCache | None = None) -> RunRecord:
                      metrics={**outcome.metrics, "wall_seconds": wall}, card=outcome.card)
 
 
-def init_worker(threads: int, counter: Any = None, parent: int | None = None) -> None:
+def init_worker(threads: int, counter: Any = None, parent: int | None = None, gpus: list[str] | None = None) -> None:
     """Initializer of worker processes: end with the ``parent`` process (see :mod:`quantbench.sweep.orphan`),
-    share the CPU cores fairly between workers and, when several GPUs exist, give each worker its own
-    (``counter`` is a shared ``multiprocessing.Value`` numbering them)."""
+    share the CPU cores fairly between workers and, given several ``gpus``, pin each worker to one of them
+    round-robin through ``CUDA_VISIBLE_DEVICES`` before CUDA starts (``counter`` is a shared
+    ``multiprocessing.Value`` numbering the workers), so a run's ``cuda`` is its own GPU."""
     if parent is not None:
         exit_with_parent(parent)
     torch.set_num_threads(max(1, threads))
-    if counter is not None and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+    if counter is not None and gpus:
         with counter.get_lock():
             index = counter.value
             counter.value += 1
-        torch.cuda.set_device(index % torch.cuda.device_count())
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
 
 
 def execute_in_worker(job: Job) -> RunRecord:
