@@ -13,13 +13,14 @@ import subprocess
 import sys
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import create_engine, event, inspect
 
 from quantbench.errors import StoreError, StoreVersionError
 from quantbench.store import SCHEMA_VERSION, open_store, resolve_store_url
 from quantbench.store.export import to_csv, to_json
 from quantbench.store.owner import current_owner
 from quantbench.store.schema import runs
+from quantbench.store.url import sqlite_path
 from tests.conftest import service_missing
 
 COLUMNS = {"sweep": "s", "method": "ptq", "method_label": "minmax", "model": "digits_cnn", "data": "digits",
@@ -50,19 +51,48 @@ def store_url(request, tmp_path) -> str:
     if not url:
         service_missing("postgresql", f"set {PG_ENV} to a PostgreSQL database the tests may empty to run the "
                                       "store tests on it (.ci/pg-start starts one)")
-    from sqlalchemy import create_engine
-
-    from quantbench.store.schema import metadata
-
     engine = create_engine(url)
-    metadata.drop_all(engine)
+    with engine.begin() as conn:  # an empty database: every table of the test database's public schema goes
+        conn.exec_driver_sql("DROP SCHEMA public CASCADE")
+        conn.exec_driver_sql("CREATE SCHEMA public")
     engine.dispose()
     return url
 
 
-def test_new_store_has_schema_version_and_wal(tmp_path):
-    with open_store(_url(tmp_path)) as store:
+def _sql(url: str, *statements: str) -> None:
+    """Run SQL on the store's database behind quantbench's back (one transaction), on SQLite or PostgreSQL."""
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        for st in statements:
+            conn.exec_driver_sql(st)
+    engine.dispose()
+
+
+def _snapshot(url: str) -> list[tuple]:
+    """Every row of every table (what "left untouched" compares)."""
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        names = sorted(inspect(conn).get_table_names())
+        rows = [(n, *r) for n in names for r in conn.exec_driver_sql(f"SELECT * FROM {n}").all()]
+    engine.dispose()
+    return sorted(rows, key=repr)
+
+
+def test_new_store_has_the_schema_version(store_url):
+    with open_store(store_url) as store:
         assert store.schema_version == SCHEMA_VERSION
+        _save(store, "a" * 16)
+        assert store.integrity_check() == "ok"
+    engine = create_engine(store_url)
+    with engine.connect() as conn:
+        version = conn.exec_driver_sql("SELECT value FROM quantbench_schema WHERE key='schema_version'").scalar()
+        assert set(inspect(conn).get_table_names()) == {"quantbench_schema", "runs"}
+    engine.dispose()
+    assert version == str(SCHEMA_VERSION)
+
+
+def test_a_new_sqlite_store_uses_wal(tmp_path):
+    with open_store(_url(tmp_path)) as store:
         _save(store, "a" * 16)
     con = sqlite3.connect(tmp_path / "quantbench.db")
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -71,8 +101,8 @@ def test_new_store_has_schema_version_and_wal(tmp_path):
     con.close()
 
 
-def test_rows_roundtrip_and_upsert_counts_attempts(tmp_path):
-    with open_store(_url(tmp_path)) as store:
+def test_rows_roundtrip_and_upsert_counts_attempts(store_url):
+    with open_store(store_url) as store:
         assert store.claim("0123456789abcdef", COLUMNS)
         assert store.save("0123456789abcdef", {**COLUMNS, "status": "failed", "error": "boom"})
         _save(store, "0123456789abcdef", quant=96.0)  # the retry of a failed run
@@ -94,18 +124,15 @@ def test_rows_roundtrip_and_upsert_counts_attempts(tmp_path):
     assert data[1]["backend"] == "snpe" and data[0]["card"]["run"]["run_id"] == "0123456789abcdef"
 
 
-def test_store_from_a_newer_schema_is_refused_with_both_versions(tmp_path):
-    with open_store(_url(tmp_path)) as store:
+def test_store_from_a_newer_schema_is_refused_with_both_versions(store_url):
+    with open_store(store_url) as store:
         _save(store, "a" * 16)
-    con = sqlite3.connect(tmp_path / "quantbench.db")
-    con.execute("UPDATE quantbench_schema SET value='7' WHERE key='schema_version'")
-    con.commit()
-    con.close()
-    before = (tmp_path / "quantbench.db").read_bytes()
+    _sql(store_url, "UPDATE quantbench_schema SET value='7' WHERE key='schema_version'")
+    before = _snapshot(store_url)
     with pytest.raises(StoreVersionError) as err:
-        open_store(_url(tmp_path))
+        open_store(store_url)
     assert "schema version 7" in str(err.value) and f"up to {SCHEMA_VERSION}" in str(err.value)
-    assert (tmp_path / "quantbench.db").read_bytes() == before
+    assert _snapshot(store_url) == before
 
 
 @pytest.mark.parametrize("content", [b"this is not a database at all" * 100,
@@ -120,28 +147,30 @@ def test_corrupt_store_gives_a_clear_error_and_is_left_untouched(tmp_path, conte
     assert path.read_bytes() == content
 
 
-def test_foreign_database_is_refused(tmp_path):
-    con = sqlite3.connect(tmp_path / "quantbench.db")
-    con.execute("CREATE TABLE customers (id INTEGER)")
-    con.commit()
-    con.close()
-    with pytest.raises(StoreError, match="not a quantbench results store"):
-        open_store(_url(tmp_path))
+def test_foreign_database_is_refused(store_url):
+    if store_url.startswith("sqlite"):
+        sqlite3.connect(sqlite_path(store_url)).close()  # the file must exist to hold a table
+    _sql(store_url, "CREATE TABLE customers (id INTEGER)", "INSERT INTO customers VALUES (1)")
+    with pytest.raises(StoreError, match=r"not a quantbench results store \(tables: customers\)"):
+        open_store(store_url)
+    assert _snapshot(store_url) == [("customers", 1)]
 
 
-def test_locked_store_gives_a_clear_error_and_keeps_its_data(tmp_path):
-    with open_store(_url(tmp_path)) as store:
+def test_locked_store_gives_a_clear_error_and_keeps_its_data(store_url):
+    with open_store(store_url) as store:
         _save(store, "a" * 16)
-    holder = sqlite3.connect(tmp_path / "quantbench.db", isolation_level=None)
-    holder.execute("BEGIN EXCLUSIVE")
+    holder = create_engine(store_url).connect()
+    holder.exec_driver_sql("BEGIN EXCLUSIVE" if store_url.startswith("sqlite") else "BEGIN")
+    if not store_url.startswith("sqlite"):
+        holder.exec_driver_sql("LOCK TABLE runs IN ACCESS EXCLUSIVE MODE")
     try:
         with pytest.raises(StoreError, match="locked by another process"), \
-                open_store(_url(tmp_path), timeout=0.2) as store:
+                open_store(store_url, timeout=0.2) as store:
             _save(store, "b" * 16)
     finally:
-        holder.execute("ROLLBACK")
+        holder.exec_driver_sql("ROLLBACK")
         holder.close()
-    with open_store(_url(tmp_path)) as store:
+    with open_store(store_url) as store:
         assert [r.run_id for r in store.query()] == ["a" * 16]
 
 
@@ -160,10 +189,19 @@ def test_disk_full_during_a_write_rolls_back_and_the_store_stays_consistent(tmp_
     assert rows["b" * 16].status == "running" and rows["b" * 16].card is None
 
 
-def test_read_commands_never_create_a_store(tmp_path):
-    with pytest.raises(StoreError, match="no results store at"):
-        open_store(_url(tmp_path), create=False)
-    assert not (tmp_path / "quantbench.db").exists()
+def test_read_commands_never_create_a_store(store_url):
+    with pytest.raises(StoreError, match=r"no results store at|is empty: run `quantbench bench` first"):
+        open_store(store_url, create=False)
+    if store_url.startswith("sqlite"):
+        assert not sqlite_path(store_url).exists()
+    assert _snapshot(store_url) == []
+
+
+def test_an_unreachable_database_server_gives_a_clear_error(tmp_path):
+    pytest.importorskip("psycopg")
+    url = f"postgresql+psycopg://postgres@/postgres?host={tmp_path}&port=1"  # no server listens there
+    with pytest.raises(StoreError, match=r"cannot be reached: no database server listens there"):
+        open_store(url, timeout=2)
 
 
 def test_store_urls():
@@ -217,15 +255,14 @@ def test_claims_are_exclusive_and_only_a_gone_owners_run_is_reclaimed(store_url)
             assert store.get(run_id).attempts == (2 if expected else 1), key
 
 
-def test_a_schema_1_store_is_migrated_and_keeps_its_runs(tmp_path):
-    with open_store(_url(tmp_path)) as store:
+def test_a_schema_1_store_is_migrated_and_keeps_its_runs(store_url):
+    with open_store(store_url) as store:
         _save(store, "a" * 16)
-    con = sqlite3.connect(tmp_path / "quantbench.db")
-    con.execute("ALTER TABLE runs DROP COLUMN owner")
-    con.execute("UPDATE quantbench_schema SET value='1' WHERE key='schema_version'")
-    con.commit()
-    con.close()
-    with open_store(_url(tmp_path)) as store:
+    _sql(store_url, "ALTER TABLE runs DROP COLUMN owner",
+         "UPDATE quantbench_schema SET value='1' WHERE key='schema_version'")
+    with open_store(store_url) as store:
         assert store.schema_version == SCHEMA_VERSION == 2
         row = store.get("a" * 16)
         assert row.status == "done" and row.owner is None and row.quant_top1 == 97.5
+        assert store.claim("b" * 16, COLUMNS) and store.get("b" * 16).owner == str(current_owner())
+        assert store.integrity_check() == "ok"

@@ -18,12 +18,14 @@ import yaml
 from rich.console import Console
 
 from quantbench.cli.bench import run_sweep_file
+from quantbench.errors import StoreError
 from quantbench.store import open_store, resolve_store_url
 from quantbench.sweep.expand import expand
 from quantbench.sweep.identity import code_version
 from quantbench.sweep.load import parse_sweep
 from quantbench.sweep.runner import run_jobs
 from quantbench.sweep.sink import StoreSink
+from tests.test_store import store_url  # noqa: F401  (a fixture: SQLite, and PostgreSQL when configured)
 from tests.test_sweep_plugin import Gate, one_thread, tiny_sweep  # noqa: F401  (one_thread: autouse)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,8 +42,15 @@ def _gated_sweep(tmp_path: Path, gate: Gate, blocked: str = "fbgemm") -> Path:
     return path
 
 
-def _rows(db: Path) -> dict[str, tuple[str, str | None, int]]:
-    """run_id -> (status, finished_at, attempts), read through a separate connection (WAL lets us)."""
+def _rows(db: Path | str) -> dict[str, tuple[str, str | None, int]]:
+    """run_id -> (status, finished_at, attempts), read through a separate connection (WAL lets us); ``db`` is
+    an SQLite file or a database URL."""
+    if isinstance(db, str):
+        try:
+            with open_store(db, create=False) as store:
+                return {r.run_id: (r.status, r.finished_at, r.attempts) for r in store.query()}
+        except StoreError:  # no store there yet
+            return {}
     if not db.exists():
         return {}
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
@@ -93,7 +102,7 @@ def _exit_note(proc: subprocess.Popen[bytes]) -> str:
     return f"; the sweep ended with {proc.returncode}: {proc.stdout.read().decode()}"  # type: ignore[union-attr]
 
 
-def _blocked_run(gate: Gate, proc: subprocess.Popen[bytes], db: Path) -> str:
+def _blocked_run(gate: Gate, proc: subprocess.Popen[bytes], db: Path | str) -> str:
     """Wait until ``proc`` blocks in a gated run; that run is ``running`` in the store, the others before it done."""
     pid, run_id = gate.wait(alive=lambda: _exit_note(proc))
     assert pid == proc.pid
@@ -104,11 +113,13 @@ def _blocked_run(gate: Gate, proc: subprocess.Popen[bytes], db: Path) -> str:
 @pytest.mark.fault(input="kill -9 of `quantbench bench` while a run is in progress",
                    message="(none: the process is gone); rerunning says N already complete, M to run",
                    exit_code=0, kept="every finished run and its card; the rerun runs only the unfinished ones")
-def test_kill_9_mid_sweep_loses_nothing_and_rerun_runs_nothing_twice(tmp_path):
+def test_kill_9_mid_sweep_loses_nothing_and_rerun_runs_nothing_twice(tmp_path, store_url):  # noqa: F811
     gate = Gate(tmp_path / "gate")
     sweep, out = _gated_sweep(tmp_path, gate), tmp_path / "out"
-    db = out / "quantbench.db"
-    proc = _start(sweep, out)
+    sqlite = store_url.startswith("sqlite")
+    db: Path | str = out / "quantbench.db" if sqlite else store_url
+    extra = () if sqlite else ("--store", store_url)
+    proc = _start(sweep, out, *extra)
     _blocked_run(gate, proc, db)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
@@ -119,10 +130,12 @@ def test_kill_9_mid_sweep_loses_nothing_and_rerun_runs_nothing_twice(tmp_path):
     code_version.cache_clear()  # the subprocess hashed the source just now: so do we
     gate.open()  # the rerun goes through the gated runs
     console = Console(record=True, width=200)
-    code = run_sweep_file(sweep, out, None, 1, "refuse", False, False, console)
+    code = run_sweep_file(sweep, out, None if sqlite else store_url, 1, "refuse", False, False, console)
     text = console.export_text()
     assert code == 0, text
     assert f"{len(before)} already complete in the store (skipped), {6 - len(before)} to run" in text
+    with open_store(store_url if not sqlite else resolve_store_url(None, out), create=False) as store:
+        assert store.integrity_check() == "ok"
     after = _rows(db)
     assert len(after) == 6 and all(s == "done" for s, _, _ in after.values())
     for run_id, row in before.items():

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, inspect, select
+from sqlalchemy import Connection, Engine, create_engine, event, func, inspect, select
 from sqlalchemy.exc import IntegrityError
 
 from quantbench.errors import StoreError, StoreVersionError
@@ -80,6 +80,16 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+def _connect_args(url: str, timeout: float) -> dict[str, Any]:
+    """How long a write waits for another process's lock before giving up: SQLite's busy timeout, PostgreSQL's
+    ``lock_timeout`` (and a connect timeout), so a held lock gives a clear error instead of a hang."""
+    if url.startswith("sqlite"):
+        return {"timeout": timeout}
+    if url.startswith("postgresql"):
+        return {"options": f"-c lock_timeout={max(1, int(timeout * 1000))}", "connect_timeout": max(1, int(timeout))}
+    return {}
+
+
 class ResultsStore:
     """Open (and create or migrate) a store; every write is one transaction."""
 
@@ -89,7 +99,7 @@ class ResultsStore:
         path = sqlite_path(url)
         if path is not None:
             check_sqlite_file(path, create)
-        connect_args = {"timeout": timeout} if url.startswith("sqlite") else {}
+        connect_args = _connect_args(url, timeout)
         try:
             self.engine: Engine = create_engine(url, connect_args=connect_args)
         except Exception as exc:  # a missing driver (e.g. psycopg) or a malformed URL
@@ -212,7 +222,8 @@ class ResultsStore:
 
     def integrity_check(self) -> str:
         """``ok`` or the database's complaint (SQLite's full ``PRAGMA integrity_check``; other databases
-        keep their own integrity, and the store's invariant is checked: no finished run without a time)."""
+        keep their own integrity), then the store's invariants on every database: no finished run without a
+        time, no run id twice."""
         with guard(self.location, "checking its integrity"), self.engine.connect() as conn:
             if self.engine.dialect.name == "sqlite":
                 result = str(conn.exec_driver_sql("PRAGMA integrity_check").scalar())
@@ -220,7 +231,11 @@ class ResultsStore:
                     return result
             bad = conn.execute(select(runs.c.run_id).where(runs.c.status == "done",
                                                            runs.c.finished_at.is_(None))).first()
-        return "ok" if bad is None else f"run {bad[0]} is done without a finish time"
+            twice = conn.execute(select(runs.c.run_id).group_by(runs.c.run_id)
+                                 .having(func.count() > 1)).first()
+        if bad is not None:
+            return f"run {bad[0]} is done without a finish time"
+        return "ok" if twice is None else f"run {twice[0]} is stored more than once"
 
     # -- reads -------------------------------------------------------------------------------
     def statuses(self, run_ids: Iterable[str] | None = None) -> dict[str, str]:

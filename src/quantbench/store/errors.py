@@ -11,6 +11,14 @@ from quantbench.errors import StoreError
 
 #: (substring of the driver's message, what it means for the user) checked in order.
 _KINDS: tuple[tuple[str, str], ...] = (
+    ("lock timeout", "is locked by another process (a running sweep or an open transaction); wait for it to "
+                     "finish or pass another --store"),
+    ("connection refused", "cannot be reached: the database server refused the connection; check that it runs "
+                           "and the URL's host and port"),
+    ("could not connect", "cannot be reached: no database server answers there; check that it runs and the URL"),
+    ("no such file or directory", "cannot be reached: no database server listens there; check that it runs and "
+                                  "the URL's host (socket folder) and port"),
+    ("timeout expired", "cannot be reached: the database server did not answer in time; check the URL"),
     ("locked", "is locked by another process (a running sweep or an open connection); wait for it to finish "
                "or pass another --store"),
     ("busy", "is busy in another process; wait for it to finish or pass another --store"),
