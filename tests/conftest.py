@@ -34,7 +34,7 @@ def service_missing(name: str, reason: str) -> NoReturn:
 
 def _service(report: Any) -> str | None:
     for name in ("postgresql", "ray"):
-        if f"[{name}" in report.nodeid or f"-{name}]" in report.nodeid or name in report.keywords:  # param or mark
+        if f"[{name}" in report.nodeid or f"-{name}]" in report.nodeid or name in getattr(report, "keywords", {}):
             return name
     return None
 

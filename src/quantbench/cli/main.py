@@ -180,14 +180,26 @@ def backends(as_json: Annotated[bool, typer.Option("--json", help="print the spe
 
 
 @app.command()
-def models() -> None:
-    """Registered models."""
+@friendly_errors
+def models(
+    timm: Annotated[str | None, typer.Option("--timm", help="list timm's models matching this glob instead "
+                                                              "(e.g. 'resnet*'; '' for all); use them as timm:NAME")]
+    = None,
+) -> None:
+    """Registered models, or timm's (any of them works as --model timm:NAME)."""
     from quantbench.models import MODELS, get_entry
 
-    t = Table(title="Models")
+    if timm is not None:
+        from quantbench.models.timm_models import list_timm
+
+        names = [f"timm:{n}" for n in list_timm(timm)]
+        title = f"timm models matching {timm!r}: {len(names)} (random init unless --weights; nothing downloaded)"
+    else:
+        names, title = MODELS.names(), "Models (also any timm model as timm:NAME: quantbench models --timm GLOB)"
+    t = Table(title=title)
     for col in ("name", "family", "input", "classes", "description"):
         t.add_column(col)
-    for name in MODELS.names():
+    for name in names:
         e = get_entry(name)
         t.add_row(name, e.family, "x".join(map(str, e.input_size)), str(e.num_classes), e.description)
     console.print(t)

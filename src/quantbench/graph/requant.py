@@ -202,9 +202,10 @@ def weight_codes(layer: QuantWeighted, w: Tensor) -> Tensor:
     return quantize(w, q.scale, q.zero_point, q.qmin, q.qmax, q.axis)
 
 
-def _broadcast_channels(p: Tensor, like: Tensor) -> Tensor:
-    """Shape a per-output-channel vector to broadcast over an (N, C, ...) activation."""
-    return p.reshape(1, -1, *([1] * (like.dim() - 2)))
+def _broadcast_channels(p: Tensor, like: Tensor, layer: QuantWeighted) -> Tensor:
+    """Shape a per-output-channel vector to broadcast over the layer's output: channels at dim 1 for a
+    convolution's (N, C, ...), last for a linear layer's (..., F) (tokens: (N, L, F))."""
+    return p.reshape(-1) if layer.is_linear else p.reshape(1, -1, *([1] * (like.dim() - 2)))
 
 
 def _weight_axis_shape(w: Tensor) -> list[int]:
@@ -238,11 +239,11 @@ def integer_weighted(layer: QuantWeighted, x: Tensor, w: Tensor, b: Tensor | Non
     dt = torch.float32 if exact32 else torch.float64
     acc = layer.compute(kx.to(dt), kw.to(dt), None)
     if bq is not None:
-        acc.add_(_broadcast_channels(bq.to(dt), acc))
+        acc.add_(_broadcast_channels(bq.to(dt), acc, layer))
     if not exact32:
         acc = acc.round_().clamp_(INT32_MIN, INT32_MAX).to(torch.float32)
     m = (_scalar(in_q.scale) * wq.scale.reshape(-1).to(torch.float32)) / _scalar(out_q.scale)
-    v = acc.mul_(_broadcast_channels(m, acc) if m.numel() > 1 else m.reshape(()))
+    v = acc.mul_(_broadcast_channels(m, acc, layer) if m.numel() > 1 else m.reshape(()))
     return requantize(v, out_q).to(x.dtype)
 
 

@@ -1,8 +1,28 @@
-"""Model zoo: CIFAR ResNets, torchvision classifiers and a small digits CNN, plus weight loading."""
+"""Model zoo: CIFAR ResNets, torchvision classifiers, a small digits CNN and any timm classifier
+(``timm:NAME``), plus weight loading."""
 
-from quantbench.models import cifar_resnet, small_cnn, torchvision_models  # noqa: F401  (register)
-from quantbench.models.registry import MODELS, ModelEntry, build_model, get_entry, list_models, register_model
+from quantbench.models import cifar_resnet, small_cnn, timm_models, torchvision_models  # noqa: F401  (register)
+from quantbench.models.registry import (
+    MODEL_SOURCES,
+    MODELS,
+    ModelEntry,
+    build_model,
+    get_entry,
+    list_models,
+    register_model,
+    register_model_source,
+)
 from quantbench.models.weights import load_weights, save_weights
 
-__all__ = ["MODELS", "ModelEntry", "build_model", "get_entry", "list_models", "load_weights", "register_model",
-           "save_weights"]
+__all__ = [
+    "MODELS",
+    "MODEL_SOURCES",
+    "ModelEntry",
+    "build_model",
+    "get_entry",
+    "list_models",
+    "load_weights",
+    "register_model",
+    "register_model_source",
+    "save_weights",
+]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ FAMILIES: tuple[str, ...] = (
     "shufflenet",
     "densenet",
     "small",
+    "timm",
 )
 
 #: ``builder(width_mult, num_classes) -> nn.Module`` (random init, never downloads anything).
@@ -77,8 +79,26 @@ def list_models(filter: str | list[str] | None = None, exclude: str | list[str] 
     return names if family is None else [n for n in names if MODELS.get(n).family == family]
 
 
+#: ``PREFIX:NAME`` model sources (e.g. ``timm:resnet18``): prefix -> ``NAME -> ModelEntry``.
+MODEL_SOURCES: Registry[Callable[[str], ModelEntry]] = Registry("model source")
+
+
+def register_model_source(prefix: str) -> Callable[[Callable[[str], ModelEntry]], Callable[[str], ModelEntry]]:
+    """Decorator on ``def entry(name) -> ModelEntry``: models named ``PREFIX:NAME`` come from it."""
+    return MODEL_SOURCES.register(prefix)
+
+
+@cache
+def _sourced(prefix: str, name: str) -> ModelEntry:
+    return MODEL_SOURCES.get(prefix)(name)
+
+
 def get_entry(name: str) -> ModelEntry:
-    """The :class:`ModelEntry` for ``name`` (``UnknownNameError`` listing valid names otherwise)."""
+    """The :class:`ModelEntry` for ``name``, a registered model or ``PREFIX:NAME`` of a model source
+    (``UnknownNameError`` listing valid names otherwise)."""
+    prefix, sep, rest = name.partition(":") if isinstance(name, str) else ("", "", "")
+    if sep and prefix in MODEL_SOURCES:
+        return _sourced(prefix, rest)
     return MODELS.get(name)
 
 
