@@ -193,19 +193,24 @@ def verify(
     batch_size: Annotated[int, typer.Option(help="images per batch")] = 256,
     x64_quant_precision: Annotated[bool, typer.Option(
         "--x64-quant-precision", help="ORT session.x64quantprecision=1 (exact u8u8 kernels on AVX2)")] = False,
-    threads: Annotated[int | None, typer.Option(help="ORT intra-op threads (default: all cores)")] = None,
+    threads: Annotated[int | None, typer.Option(help="runtime CPU threads (default: all cores)")] = None,
+    runtime: Annotated[str, typer.Option(help="real runtime to run the export in: onnxruntime or openvino "
+                                              "(optional extra)")] = "onnxruntime",
     quiet: QuietOpt = False,
 ) -> None:
-    """Run the exported model in ONNX Runtime (CPU) and compare it with the simulation on the same images."""
+    """Run the exported model in a real runtime (ONNX Runtime's CPU provider by default) and compare it with the
+    simulation on the same images."""
     import torch
 
     from quantbench.data import load_data, make_loader
     from quantbench.deploy.checkpoint import load_simulation
     from quantbench.deploy.metadata import load_onnx, read_metadata
+    from quantbench.deploy.runtimes import get_runtime
     from quantbench.deploy.verify import check_data, check_simulation_hash, verify_onnx
     from quantbench.errors import ConfigError
 
     check_out(out)  # before any work
+    get_runtime(runtime).require()
     record = read_metadata(load_onnx(str(onnx)), str(onnx))
     sim_path = sim or onnx.with_name(record.get("simulation", {}).get("file", ""))
     if not sim_path.is_file():
@@ -218,23 +223,27 @@ def verify(
     test = bundle.test
     if max_test is not None and max_test < len(test):  # type: ignore[arg-type]
         test = torch.utils.data.Subset(test, range(max_test))
-    res = verify_onnx(onnx, gm, make_loader(test, batch_size), x64_quant_precision, threads, progress=not quiet)
+    res = verify_onnx(onnx, gm, make_loader(test, batch_size), x64_quant_precision, threads, progress=not quiet,
+                      runtime=runtime)
+    who = "ORT" if runtime == "onnxruntime" else runtime
     def fmt(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}"
 
     delta = None if res.sim_top1 is None else res.real_top1 - res.sim_top1  # type: ignore[operator]
     rows = [
         ("backend", res.backend), ("images", res.n), ("sim top-1", fmt(res.sim_top1)),
-        ("ORT top-1", fmt(res.real_top1)), ("Δ (ORT - sim)", fmt(delta)), ("agreement", f"{100 * res.agreement:.2f} %"),
+        (f"{who} top-1", fmt(res.real_top1)), (f"Δ ({who} - sim)", fmt(delta)),
+        ("agreement", f"{100 * res.agreement:.2f} %"),
         ("max |Δ logit|", f"{res.max_abs_logit_diff:.4g}"), ("mean |Δ logit|", f"{res.mean_abs_logit_diff:.4g}"),
-        ("int8 kernels (after ORT optimization)", ", ".join(f"{k} x{v}" for k, v in res.int8_kernels.items())),
+        (f"integer kernels (after {who}'s optimization)", ", ".join(f"{k} x{v}" for k, v in res.int8_kernels.items())),
         ("status", res.status),
-        ("session", f"onnxruntime {res.onnxruntime}, x64quantprecision={int(res.x64_quant_precision)}"),
+        ("session", f"onnxruntime {res.onnxruntime}, x64quantprecision={int(res.x64_quant_precision)}"
+         if runtime == "onnxruntime" else f"{runtime} {res.runtime_version}"),
         ("CPU", f"{res.cpu.get('cpu')} (AVX2 {res.cpu.get('avx2')}, VNNI {res.cpu.get('vnni')})"),
     ]
-    console.print(_kv(rows, f"Verify {onnx.name}: ONNX Runtime vs simulation"))
+    console.print(_kv(rows, f"Verify {onnx.name}: {runtime} vs simulation"))
     if res.float_ops:
-        t = Table(title="Ops ONNX Runtime ran in float (the model still ran)")
+        t = Table(title=f"Ops {runtime} ran in float (the model still ran)")
         for c in ("op", "node", "why"):
             t.add_column(c)
         for f in res.float_ops:

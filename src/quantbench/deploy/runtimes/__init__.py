@@ -1,0 +1,14 @@
+"""Real runtimes an exported model runs in (one file each): ``onnxruntime``, ``openvino``."""
+
+from quantbench.deploy.runtimes import onnxruntime, openvino  # noqa: F401  (register)
+from quantbench.deploy.runtimes.base import (
+    DEPLOY_RUNTIMES,
+    Loaded,
+    OpReport,
+    Runtime,
+    RuntimeOptions,
+    get_runtime,
+    register_runtime,
+)
+
+__all__ = ["DEPLOY_RUNTIMES", "Loaded", "OpReport", "Runtime", "RuntimeOptions", "get_runtime", "register_runtime"]

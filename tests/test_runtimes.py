@@ -1,0 +1,99 @@
+"""The deployment-runtime registry: each runtime that is installed runs an exported model and is compared with
+the simulation; a runtime that is missing is named with its install command; OpenVINO's float fallback for
+asymmetric weights is reported."""
+
+from __future__ import annotations
+
+import sys
+from functools import cache
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from quantbench.cli.main import app
+from quantbench.config import PTQConfig
+from quantbench.data import make_loader
+from quantbench.deploy import export_onnx, verify_onnx
+from quantbench.deploy.errors import RuntimeUnavailableError
+from quantbench.deploy.pipeline import calibrated_model
+from quantbench.deploy.runtimes import DEPLOY_RUNTIMES, get_runtime
+from tests.conftest import CIFAR, RESNET20, needs_shared
+
+runner = CliRunner()
+INSTALLED = [n for n in DEPLOY_RUNTIMES.names() if get_runtime(n).missing() is None]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@cache
+def _exported(backend: str, folder: str):
+    """The shared ResNet-20 calibrated W8A8 for ``backend`` and exported, with 256 test images."""
+    cfg = PTQConfig(model="resnet20_cifar", weights=str(RESNET20), data=f"cifar10:{CIFAR}", backend=backend,
+                    w_observer="minmax", a_observer="minmax", calib_size=64)
+    cal = calibrated_model(cfg, progress=False)
+    path = export_onnx(cal.gm, cal.example, f"{folder}/{backend}.onnx", artefacts=[]).path
+    return cal, path
+
+
+def _test(cal):
+    return make_loader(torch.utils.data.Subset(cal.bundle.test, range(256)), 256)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("runtimes"))
+
+
+def test_the_registry_has_onnxruntime_and_openvino():
+    assert {"onnxruntime", "openvino"} <= set(DEPLOY_RUNTIMES.names())
+    assert "onnxruntime" in INSTALLED  # a hard dependency
+
+
+@needs_shared
+@pytest.mark.parametrize("runtime", INSTALLED)
+@pytest.mark.parametrize("backend", ["onnxruntime", "tensorrt"])
+def test_each_installed_runtime_runs_the_export_in_integer_arithmetic_close_to_the_simulation(runtime, backend,
+                                                                                             folder):
+    cal, path = _exported(backend, folder)
+    r = verify_onnx(path, cal.gm, _test(cal), x64_quant_precision=True, progress=False, runtime=runtime)
+    assert r.runtime == runtime and r.runtime_version and r.n == 256
+    convs = r.int8_kernels.get("QLinearConv", 0) + r.int8_kernels.get("Convolution", 0)
+    assert convs == 19, r.int8_kernels  # every convolution of ResNet-20 ran in int8
+    assert r.agreement >= 0.97 and abs(r.real_top1 - r.sim_top1) <= 1.5, r
+    if runtime == "onnxruntime":  # the simulation models ORT's arithmetic: the same logits up to float noise
+        assert r.agreement >= 0.995 and r.int8_kernels == r.kernels_expected, r
+
+
+@needs_shared
+def test_openvino_runs_asymmetric_weight_convolutions_in_float_and_verify_says_so(folder):
+    """OpenVINO's CPU plugin has int8 convolutions for symmetric weights only: an fbgemm export (asymmetric
+    per-channel weights, non-zero weight zero-points) runs its convolutions in f32 (a float fallback)."""
+    if "openvino" not in INSTALLED:
+        pytest.skip("OpenVINO is not installed (pip install 'quantbench[openvino]')")
+    cal, path = _exported("fbgemm", folder)
+    r = verify_onnx(path, cal.gm, _test(cal), progress=False, runtime="openvino")
+    assert not r.int8_complete and r.status.startswith("partial-int8")
+    assert {f["op"] for f in r.float_ops} == {"Convolution"}
+    assert all("f32" in f["reason"] for f in r.float_ops)
+    sym, sym_path = _exported("tensorrt", folder)
+    r = verify_onnx(sym_path, sym.gm, _test(sym), progress=False, runtime="openvino")
+    assert r.int8_kernels.get("Convolution", 0) == 19  # the same network with symmetric weights: int8
+
+
+@needs_shared
+def test_a_missing_runtime_is_named_with_its_install_command(monkeypatch, folder):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if OpenVINO were not installed
+    rt = get_runtime("openvino")
+    assert "pip install 'quantbench[openvino]'" in (rt.missing() or "")
+    cal, path = _exported("onnxruntime", folder)
+    with pytest.raises(RuntimeUnavailableError, match=r"runtime 'openvino' cannot run here.*quantbench\[openvino\]"):
+        verify_onnx(path, cal.gm, [torch.zeros(1, *cal.example.shape[1:])], progress=False, runtime="openvino")
+    res = runner.invoke(app, ["verify", "--onnx", str(path), "--data", "digits", "--runtime", "nope"])
+    assert res.exit_code != 0 and "nope" in res.output and "onnxruntime" in res.output
