@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from quantbench.cli.main import app
 
 runner = CliRunner()
-FAST = "torch-fp32,torch-fp16-gpu,ort-fp32,ort-int8-onnxruntime,ort-int8-tensorrt"
+FAST = "torch-fp32,torch-fp16-gpu,ort-fp32,ort-int8-onnxruntime,ort-int8-tensorrt,openvino-fp32,openvino-int8-tensorrt"
 
 
 def test_latency_table_json_and_png(tmp_path):
@@ -29,6 +29,8 @@ def test_latency_table_json_and_png(tmp_path):
     if not torch.cuda.is_available():
         assert gpu["median_ms"] is None and "no CUDA GPU" in gpu["skipped"]
     assert data["environment"]["onnxruntime"] and png.stat().st_size > 1000
+    ov = rows[("openvino-int8-tensorrt", 1)]  # a row per deployment runtime; skipped with the reason if missing
+    assert (ov["median_ms"] or 0) > 0 and ov["baseline"] == "openvino-fp32" or "quantbench[openvino]" in ov["skipped"]
 
 
 def test_unknown_runtime_lists_the_valid_ones():

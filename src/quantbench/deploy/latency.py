@@ -196,6 +196,26 @@ def _ort_int8(backend: str, x64: bool = False) -> Callable[[LatencyContext, torc
     return build
 
 
+def _deploy_runtime_missing(name: str) -> Callable[[LatencyContext], str | None]:
+    def missing(ctx: LatencyContext) -> str | None:
+        from quantbench.deploy.runtimes import get_runtime
+
+        return get_runtime(name).missing()
+    return missing
+
+
+def _deploy_runner(name: str, onnx_path: Callable[[LatencyContext], Path]) -> Callable[[LatencyContext, torch.Tensor],
+                                                                                      Runner]:
+    """A runner of registered deployment runtime ``name`` on the ONNX file ``onnx_path(ctx)``."""
+    def build(ctx: LatencyContext, x: torch.Tensor) -> Runner:
+        from quantbench.deploy.runtimes import RuntimeOptions, get_runtime
+
+        loaded = get_runtime(name).load(onnx_path(ctx), RuntimeOptions(threads=ctx.threads))
+        feed = np.ascontiguousarray(x.numpy())
+        return lambda: loaded.run(feed)
+    return build
+
+
 def _register_defaults() -> None:
     RUNTIMES.add("torch-fp32", Runtime("torch-fp32", "PyTorch eager FP32", None, _always, _torch_fp32))
     RUNTIMES.add("torch-fp16-gpu", Runtime("torch-fp16-gpu", "PyTorch FP16 (GPU)", None, _need_cuda,
@@ -212,11 +232,19 @@ def _register_defaults() -> None:
     RUNTIMES.add("ort-int8-onnxruntime-x64prec", Runtime(
         "ort-int8-onnxruntime-x64prec", "ONNX Runtime INT8 QDQ (u8 act., x64quantprecision)", "ort-fp32", _always,
         _ort_int8("onnxruntime", x64=True)))
+    ov = _deploy_runtime_missing("openvino")
+    RUNTIMES.add("openvino-fp32", Runtime("openvino-fp32", "OpenVINO CPU FP32", "torch-fp32", ov,
+                                          _deploy_runner("openvino", _float_onnx)))
+    for backend in ("onnxruntime", "tensorrt"):
+        RUNTIMES.add(f"openvino-int8-{backend}", Runtime(
+            f"openvino-int8-{backend}", f"OpenVINO CPU INT8 QDQ ({backend})", "openvino-fp32", ov,
+            _deploy_runner("openvino", lambda ctx, b=backend: qdq_onnx(ctx, b))))
 
 
 _register_defaults()
 DEFAULT_RUNTIMES = ("torch-fp32", "torch-fp16-gpu", "torch-bf16-gpu", "torch-int8-x86", "ort-fp32",
-                    "ort-int8-onnxruntime", "ort-int8-onnxruntime-x64prec", "ort-int8-tensorrt")
+                    "ort-int8-onnxruntime", "ort-int8-onnxruntime-x64prec", "ort-int8-tensorrt", "openvino-fp32",
+                    "openvino-int8-onnxruntime", "openvino-int8-tensorrt")
 
 
 def median_ms(run: Runner, repeats: int, warmup: int) -> float:
