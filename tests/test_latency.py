@@ -30,7 +30,7 @@ def test_latency_table_json_and_png(tmp_path):
         assert gpu["median_ms"] is None and "no CUDA GPU" in gpu["skipped"]
     assert data["environment"]["onnxruntime"] and png.stat().st_size > 1000
     ov = rows[("openvino-int8-tensorrt", 1)]  # a row per deployment runtime; skipped with the reason if missing
-    assert (ov["median_ms"] or 0) > 0 and ov["baseline"] == "openvino-fp32" or "quantbench[openvino]" in ov["skipped"]
+    assert ((ov["median_ms"] or 0) > 0 and ov["baseline"] == "openvino-fp32") or "quantbench[openvino]" in ov["skipped"]
 
 
 def test_unknown_runtime_lists_the_valid_ones():
