@@ -22,6 +22,7 @@ from quantbench.quant.quantizer import Quantizer
 
 OUTPUT_BACKENDS = ["tensorrt", "snpe", "tvm", "fbgemm", "onnxruntime"]
 INPUT_BACKENDS = ["academic", "acl"]
+FUSED_ADD_BACKENDS = ["openvino"]  # outputs, but the conv branch enters a residual add unrequantized
 
 
 @cache
@@ -59,7 +60,7 @@ def _roles(gm: fx.GraphModule) -> Counter:
 
 
 def test_every_backend_is_covered():
-    assert sorted(OUTPUT_BACKENDS + INPUT_BACKENDS) == backend_names()
+    assert sorted(OUTPUT_BACKENDS + INPUT_BACKENDS + FUSED_ADD_BACKENDS) == backend_names()
 
 
 # --------------------------------------------------------------------------- ResNet-20 (hand counts)
@@ -78,7 +79,7 @@ def test_resnet20_hardware_backends_requantize_every_op(backend):
     assert not any(_is_q(n, gm) for n in gm.graph.find_nodes(op="output")[0].all_input_nodes)
 
 
-@pytest.mark.parametrize("backend", OUTPUT_BACKENDS + INPUT_BACKENDS)
+@pytest.mark.parametrize("backend", OUTPUT_BACKENDS + INPUT_BACKENDS + FUSED_ADD_BACKENDS)
 def test_every_conv_and_linear_input_is_quantized(backend):
     gm = _prepared("resnet20_cifar", backend)
     layers = [n for n in gm.graph.nodes if n.op == "call_module"
@@ -146,6 +147,17 @@ def test_skip_fp_leaves_branches_entering_the_add_unquantized():
         main = add.args[0]
         assert not _is_q(main, gm), "seed 001 Fig. 16 graph 2: the main branch enters the add in float"
     assert _roles(gm)["output"] == 1 + 9 * 2 + 1
+
+
+def test_openvino_leaves_the_conv_branch_entering_an_add_unrequantized_as_its_cpu_plugin_runs_it():
+    """OpenVINO's CPU plugin fuses a residual add into the convolution before it and drops that convolution's
+    output requantization (measured: docs/DEPLOYMENT.md); the spec is the skip-fp placement (graph 2)."""
+    gm = _prepared("resnet20_cifar", "openvino")
+    for add in _nodes(gm, OpKind.ADD):
+        assert not _is_q(add.args[0], gm), "the main (conv) branch enters the add in float"
+        relu = next(iter(add.users))
+        assert _is_q(next(iter(relu.users)), gm), "add (+relu) output is re-quantized"
+    assert _roles(gm) == Counter(weight=20, input=1, output=1 + 9 * 2 + 1)
 
 
 def test_residual_and_skip_fp_give_a_full_precision_residual_path():
