@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,19 +24,11 @@ import torch
 from _common import CIFAR, RESNET20, print_table, write_json
 from quantbench.config import PTQConfig
 from quantbench.deploy import export_onnx
+from quantbench.deploy.export import export_float_onnx
 from quantbench.deploy.ort import make_session
 from quantbench.deploy.pipeline import calibrated_model
 
 ACT_TYPES = {"u8": ("onnxruntime", "QUInt8", False), "s8": ("tensorrt", "QInt8", True)}
-
-
-def _float_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> Path:
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (example,), str(path), dynamo=False, opset_version=13,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    return path
 
 
 def quantize_static_model(float_path: Path, calib: np.ndarray, act: str, symmetric: bool, out: Path) -> Path:
@@ -117,7 +108,7 @@ def main() -> None:
         calib = torch.stack([calib_set[i][0] for i in range(len(calib_set))])
         from quantbench.models import build_model
 
-        fp = _float_onnx(build_model(args.model, args.weights), cal.example, work / "float.onnx")
+        fp = export_float_onnx(build_model(args.model, args.weights), cal.example, work / "float.onnx")
         theirs = quantize_static_model(fp, calib.numpy(), qtype, symmetric, work / f"ort_{act}.onnx")
         xs = torch.stack([cal.bundle.test[i][0] for i in range(len(cal.bundle.test))]).numpy()
         ys = np.array([cal.bundle.test[i][1] for i in range(len(cal.bundle.test))])

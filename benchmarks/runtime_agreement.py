@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,21 +27,13 @@ from quantbench.backends import backend_names, load_backend
 from quantbench.config import PTQConfig
 from quantbench.data import make_loader
 from quantbench.deploy import export_onnx, verify_onnx
+from quantbench.deploy.export import export_float_onnx
 from quantbench.deploy.latency import median_ms
 from quantbench.deploy.pipeline import calibrated_model
 from quantbench.deploy.runtimes import DEPLOY_RUNTIMES, RuntimeOptions, get_runtime
 from quantbench.graph.quantize import prepare
 from quantbench.models import build_model
 from quantbench.ptq.calibrate import calibrate
-
-
-def float_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> Path:
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (example,), str(path), dynamo=False, opset_version=13,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    return path
 
 
 def latency_ms(runtime: str, path: Path, x: np.ndarray, repeats: int) -> float:
@@ -85,7 +76,7 @@ def main() -> None:
         x = np.ascontiguousarray(torch.stack([cal.bundle.test[i][0] for i in range(32)]).numpy())
         fpath = work / "r20_float.onnx"
         if not fpath.exists():
-            float_onnx(build_model("resnet20_cifar", str(RESNET20)), cal.example, fpath)
+            export_float_onnx(build_model("resnet20_cifar", str(RESNET20)), cal.example, fpath)
         for rt in runtimes:
             r = verify_onnx(path, cal.gm, make_loader(cal.bundle.test, 512), x64_quant_precision=True,
                             progress=False, runtime=rt)
@@ -98,7 +89,7 @@ def main() -> None:
         torch.manual_seed(0)
         net = build_model("mobilenet_v2", num_classes=10).eval()
         images = torch.randn(64, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-        fpath = float_onnx(net, images[:1], work / "mnv2_float.onnx")
+        fpath = export_float_onnx(net, images[:1], work / "mnv2_float.onnx")
         for backend in backends:
             gm = prepare(net, load_backend(backend), images[:1], "mse", "mse")
             calibrate(gm, [(images, None)], progress=False)

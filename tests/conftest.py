@@ -11,6 +11,18 @@ import pytest
 # the fused torch.compile kernels cost seconds to compile per process and shape; tests of them opt in explicitly
 os.environ.setdefault("QUANTBENCH_NO_COMPILE", "1")
 
+@pytest.fixture
+def torch_one_thread():
+    """One torch thread for the test (small models on busy cores run far faster), restored afterwards. Use with
+    ``pytestmark = pytest.mark.usefixtures("torch_one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 RESNET20 = SHARED / "models" / "resnet20_cifar10.safetensors"
 CIFAR = SHARED / "data" / "cifar10"

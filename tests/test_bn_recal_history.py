@@ -18,13 +18,7 @@ from quantbench.graph.quantize import prepare, set_quantizing
 from quantbench.models import build_model
 from quantbench.ptq import bn_recalibrate, calibrate
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _with_training_history(model: nn.Module, steps: int = 7) -> nn.Module:

@@ -21,12 +21,7 @@ from quantbench.models import build_model
 SPEC_DIR = Path(__file__).resolve().parents[1] / "src" / "quantbench" / "backends" / "specs"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _model(name: str) -> tuple[nn.Module, torch.Tensor]:

@@ -24,12 +24,7 @@ runner = CliRunner()
 INSTALLED = [n for n in DEPLOY_RUNTIMES.names() if get_runtime(n).missing() is None]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @cache

@@ -21,12 +21,7 @@ def _input(name: str) -> tuple[int, int, int]:
     return (c, min(h, 32), min(w, 32))  # small inputs: every registered model runs at 32x32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def test_grid_covers_both_placements_and_arithmetics():

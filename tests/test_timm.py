@@ -26,12 +26,7 @@ pytest.importorskip("timm", reason="timm is not installed (pip install 'quantben
 FAMILIES = ["resnet10t", "efficientnet_lite0", "mobilenetv3_small_050", "regnetx_002", "convnext_atto"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def test_a_timm_entry_takes_input_size_normalisation_and_family_from_timm():

@@ -236,3 +236,15 @@ def _stage_artefacts(names: list[str], model: onnx.ModelProto, record: dict[str,
 
 
 __all__ = ["DEFAULT_OPSET", "EXPORTER", "ExportResult", "check_opset", "export_onnx"]
+
+
+def export_float_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | Path) -> Path:
+    """The float model as ONNX (opset 13, TorchScript exporter, dynamic batch; input ``input``, output
+    ``logits``): the FP32 baseline that runtimes' int8 speed is measured against."""
+    path = Path(path)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (example,), str(path), dynamo=False, opset_version=13,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    return path

@@ -152,15 +152,9 @@ def _torch_int8(ctx: LatencyContext, x: torch.Tensor) -> Runner:
 
 
 def _float_onnx(ctx: LatencyContext) -> Path:
-    def make() -> Path:
-        path = ctx.workdir / "float.onnx"
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(ctx.model.eval(), (ctx.calib[:1],), str(path), dynamo=False, opset_version=13,
-                              input_names=["input"], output_names=["logits"],
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-        return path
-    return ctx.cached("float-onnx", make)
+    from quantbench.deploy.export import export_float_onnx
+
+    return ctx.cached("float-onnx", lambda: export_float_onnx(ctx.model, ctx.calib[:1], ctx.workdir / "float.onnx"))
 
 
 def qdq_onnx(ctx: LatencyContext, backend: str) -> Path:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import tempfile
 from collections import Counter
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import onnx
 
 from quantbench.deploy.errors import RuntimeUnavailableError
 from quantbench.deploy.onnx_graph import Graph, op_counts
+from quantbench.deploy.runtimes.base import OpReport
 
 X64_PRECISION_KEY = "session.x64quantprecision"
 INT8_KERNELS = frozenset({
@@ -61,22 +61,6 @@ def make_session(path: str | Path, x64_quant_precision: bool = False, threads: i
                                 providers=["CPUExecutionProvider"])
 
 
-@dataclass
-class KernelReport:
-    """Ops of the optimized graph: integer kernels, and compute ops left in float with the reason."""
-
-    int8_kernels: dict[str, int]
-    float_ops: list[dict[str, str]] = field(default_factory=list)
-    all_ops: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def int8_complete(self) -> bool:
-        return not self.float_ops
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "int8_complete": self.int8_complete}
-
-
 KEPT_ACTIVATION = ("ORT folds a Relu into QuantizeLinear only when the zero-point is the container minimum (0 for "
                    "uint8, -128 for int8) and a Clip only when the quantized range lies inside it")
 
@@ -121,13 +105,13 @@ def _reason(g: Graph, node: onnx.NodeProto) -> str:
     return f"its output feeds {kinds}, not only QuantizeLinear, so no int8 kernel fuses it"
 
 
-def report_from_optimized(model: onnx.ModelProto) -> KernelReport:
+def report_from_optimized(model: onnx.ModelProto) -> OpReport:
     """Which ops of an ORT-optimized graph are int8 kernels, and why the remaining compute ops are float."""
     g = Graph(model)
     int8 = dict(sorted(Counter(n.op_type for n in model.graph.node if n.op_type in INT8_KERNELS).items()))
     floats = [{"op": n.op_type, "node": n.name, "reason": _reason(g, n)}
               for n in model.graph.node if n.op_type in FLOAT_COMPUTE]
-    return KernelReport(int8, floats, op_counts(model.graph.node))
+    return OpReport(int8, floats, op_counts(model.graph.node))
 
 
 def session_with_report(path: str | Path, x64_quant_precision: bool = False, threads: int | None = None):

@@ -24,8 +24,8 @@ class _Session:
 def _load(path: Path, opts: RuntimeOptions) -> _Session:
     from quantbench.deploy.ort import session_with_report
 
-    sess, kr = session_with_report(path, opts.x64_quant_precision, opts.threads)
-    return _Session(sess, sess.get_inputs()[0].name, OpReport(kr.int8_kernels, kr.float_ops, kr.all_ops))
+    sess, report = session_with_report(path, opts.x64_quant_precision, opts.threads)
+    return _Session(sess, sess.get_inputs()[0].name, report)
 
 
 def _version() -> str:
