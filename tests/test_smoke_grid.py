@@ -32,9 +32,14 @@ def test_grid_covers_both_placements_and_arithmetics():
 
 @pytest.mark.parametrize(("model_name", "backend"), GRID)
 def test_every_model_on_every_backend_prepares_calibrates_and_runs(model_name: str, backend: str) -> None:
+    check_prepares_calibrates_and_runs(model_name, backend, _input(model_name))
+
+
+def check_prepares_calibrates_and_runs(model_name: str, backend: str, shape: tuple[int, ...]) -> None:
+    """Prepare ``model_name`` (10 classes) for ``backend``, calibrate on 2 random batches of ``shape``, run it
+    quantized: finite logits, every quantizer calibrated, every weighted layer listed."""
     torch.manual_seed(0)
     model = build_model(model_name, num_classes=10)
-    shape = _input(model_name)
     batches = [(torch.randn(2, *shape), torch.zeros(2, dtype=torch.long)) for _ in range(2)]
     gm = prepare(model, load_backend(backend), batches[0][0][:1])
     calibrate(gm, batches, progress=False)

@@ -15,10 +15,11 @@ from quantbench.backends import load_backend
 from quantbench.cli.main import app
 from quantbench.errors import ConfigError
 from quantbench.graph import requant
-from quantbench.graph.quantize import all_quantizers, prepare, set_quantizing
+from quantbench.graph.quantize import prepare, set_quantizing
 from quantbench.models import build_model, get_entry, save_weights
 from quantbench.models.timm_models import family_of
 from quantbench.ptq.calibrate import calibrate
+from tests.test_smoke_grid import check_prepares_calibrates_and_runs
 
 pytest.importorskip("timm", reason="timm is not installed (pip install 'quantbench[timm]')")
 
@@ -59,16 +60,7 @@ def test_weights_come_from_a_local_file_and_nothing_else(tmp_path):
 @pytest.mark.parametrize("backend", ["onnxruntime", "tensorrt"])
 @pytest.mark.parametrize("name", FAMILIES)
 def test_timm_families_prepare_calibrate_and_run(name, backend):
-    torch.manual_seed(0)
-    model = build_model(f"timm:{name}", num_classes=10)
-    batches = [(torch.randn(2, 3, 64, 64), torch.zeros(2, dtype=torch.long)) for _ in range(2)]
-    gm = prepare(model, load_backend(backend), batches[0][0][:1])
-    calibrate(gm, batches, progress=False)
-    set_quantizing(gm, True)
-    with torch.no_grad():
-        out = gm(batches[0][0])
-    assert out.shape == (2, 10) and torch.isfinite(out).all()
-    assert all(q.calibrated for q in all_quantizers(gm))
+    check_prepares_calibrates_and_runs(f"timm:{name}", backend, (3, 64, 64))
 
 
 def test_a_model_fx_cannot_trace_names_the_failing_call_and_the_fix():
