@@ -46,8 +46,8 @@ def folder(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("runtimes"))
 
 
-def test_the_registry_has_onnxruntime_and_openvino():
-    assert {"onnxruntime", "openvino"} <= set(DEPLOY_RUNTIMES.names())
+def test_the_registry_has_onnxruntime_openvino_and_tvm():
+    assert {"onnxruntime", "openvino", "tvm"} <= set(DEPLOY_RUNTIMES.names())
     assert "onnxruntime" in INSTALLED  # a hard dependency
 
 
@@ -59,9 +59,12 @@ def test_each_installed_runtime_runs_the_export_in_integer_arithmetic_close_to_t
     cal, path = _exported(backend, folder)
     r = verify_onnx(path, cal.gm, _test(cal), x64_quant_precision=True, progress=False, runtime=runtime)
     assert r.runtime == runtime and r.runtime_version and r.n == 256
+    assert r.agreement >= 0.97 and abs(r.real_top1 - r.sim_top1) <= 1.5, r
+    if runtime == "tvm":  # QDQ runs as float fake quantization there: every conv and the linear, said so
+        assert not r.int8_complete and len(r.float_ops) == 20 and "fake quantization" in r.float_ops[0]["reason"]
+        return
     convs = r.int8_kernels.get("QLinearConv", 0) + r.int8_kernels.get("Convolution", 0)
     assert convs == 19, r.int8_kernels  # every convolution of ResNet-20 ran in int8
-    assert r.agreement >= 0.97 and abs(r.real_top1 - r.sim_top1) <= 1.5, r
     if runtime == "onnxruntime":  # the simulation models ORT's arithmetic: the same logits up to float noise
         assert r.agreement >= 0.995 and r.int8_kernels == r.kernels_expected, r
 
@@ -158,3 +161,14 @@ def test_openvino_drops_the_requantization_of_a_conv_fused_with_a_residual_add(t
         differing[requant] = float(np.mean(np.round((a - b) / 0.07) != 0))
     assert differing[True] > 0.02, differing  # the fused add skips the branch's requantization
     assert differing[False] == 0.0, differing
+
+
+@needs_shared
+def test_tvm_runs_the_power_of_two_tvm_spec_bit_exactly(folder):
+    """TVM runs QDQ as float fake quantization; with the tvm spec's power-of-two scales every product and
+    rescale is exact in float32, so TVM's logits equal the simulation's bit for bit."""
+    if "tvm" not in INSTALLED:
+        pytest.skip("Apache TVM is not installed (pip install 'quantbench[tvm]')")
+    cal, path = _exported("tvm", folder)
+    r = verify_onnx(path, cal.gm, _test(cal), progress=False, runtime="tvm")
+    assert r.agreement == 1.0 and r.max_abs_logit_diff == 0.0, r

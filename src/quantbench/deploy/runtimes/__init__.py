@@ -1,6 +1,6 @@
-"""Real runtimes an exported model runs in (one file each): ``onnxruntime``, ``openvino``."""
+"""Real runtimes an exported model runs in (one file each): ``onnxruntime``, ``openvino``, ``tvm``."""
 
-from quantbench.deploy.runtimes import onnxruntime, openvino  # noqa: F401  (register)
+from quantbench.deploy.runtimes import onnxruntime, openvino, tvm  # noqa: F401  (register)
 from quantbench.deploy.runtimes.base import (
     DEPLOY_RUNTIMES,
     Loaded,

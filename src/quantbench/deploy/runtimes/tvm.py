@@ -1,0 +1,109 @@
+"""Apache TVM (``pip install 'quantbench[tvm]'``): the QDQ ONNX imported by TVM's Relax ONNX frontend and compiled
+for the CPU (``llvm``), run in Relax's virtual machine.
+
+Two facts of TVM 0.27 shape this adapter:
+
+* The frontend refuses the exporter's computed ``Pad`` (ResNet shortcuts: "Dynamic pads are not supported yet"),
+  so the model is first constant-folded by ONNX Runtime's basic graph optimizations (nothing quantized changes:
+  the folded subgraphs compute pad sizes and shapes).
+* It lowers QuantizeLinear / DequantizeLinear to ``R.quantize`` / ``R.dequantize`` around **float** operators
+  (fake quantization): no int8 kernel runs on the ``llvm`` target. The report therefore lists every convolution and
+  matrix multiply as a float op, with that reason.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantbench.deploy.runtimes.base import OpReport, Runtime, RuntimeOptions, register_runtime
+
+INSTALL = "pip install 'quantbench[tvm]'"
+FLOAT_REASON = ("TVM's Relax ONNX frontend lowers QuantizeLinear/DequantizeLinear to quantize/dequantize around "
+                "float operators: on the llvm target this runs in float32 (fake quantization), not int8")
+COMPUTE = ("nn.conv2d", "nn.conv1d", "matmul", "nn.dense")
+
+
+def _tvm() -> Any:
+    import tvm
+    from tvm.relax.frontend import onnx as _  # noqa: F401  (the frontend must import too)
+
+    return tvm
+
+
+def _missing() -> str | None:
+    try:
+        _tvm()
+    except ImportError:
+        return f"Apache TVM is not installed ({INSTALL})"
+    return None
+
+
+def _folded(path: Path, folder: Path) -> Any:
+    """The ONNX model with its constant subgraphs folded by ONNX Runtime's basic optimizations."""
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(folder / "folded.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return onnx.load(str(folder / "folded.onnx"))
+
+
+def report_from_relax(text: str) -> OpReport:
+    """Op counts of a Relax module's text; every conv / matmul is float (see the module docstring)."""
+    calls = Counter(re.findall(r"R\.([a-zA-Z_][a-zA-Z0-9_.]*)\(", text))
+    floats = [{"op": op, "node": f"{op} #{i + 1}", "reason": FLOAT_REASON}
+              for op in COMPUTE for i in range(calls.get(op, 0))]
+    return OpReport({}, floats, dict(sorted(calls.items())))
+
+
+@dataclass
+class _Compiled:
+    model: Any
+    threads: int | None
+    report: OpReport
+    _vms: dict[tuple[int, ...], Any]
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        vm = self._vms.get(x.shape)
+        if vm is None:  # compiled per input shape (the frontend wants static shapes)
+            vm = self._vms[x.shape] = _compile(self.model, x.shape)
+        tvm = _tvm()
+        make = getattr(tvm.runtime, "tensor", None) or tvm.nd.array
+        return np.asarray(vm["main"](make(np.ascontiguousarray(x))).numpy())
+
+
+def _compile(model: Any, shape: tuple[int, ...]) -> Any:
+    tvm = _tvm()
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    name = model.graph.input[0].name
+    mod = from_onnx(model, shape_dict={name: list(shape)})
+    return relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
+
+
+def _load(path: Path, opts: RuntimeOptions) -> _Compiled:
+    if opts.threads:
+        os.environ["TVM_NUM_THREADS"] = str(opts.threads)  # read when TVM's thread pool starts
+    from tvm.relax.frontend.onnx import from_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = _folded(path, Path(tmp))
+    dims = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim]
+    report = report_from_relax(str(from_onnx(model, shape_dict={model.graph.input[0].name: dims})))
+    return _Compiled(model, opts.threads, report, {})
+
+
+register_runtime(Runtime("tvm", "Apache TVM, Relax ONNX frontend, llvm CPU target (QDQ run as float fake quantization)",
+                         _missing, lambda: str(_tvm().__version__), _load))
