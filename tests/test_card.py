@@ -56,6 +56,9 @@ def test_card_of_every_backend_matches_the_schema_and_the_spec(w4a8_cards, backe
     assert ops["skip_connection"]["policy"] == (skip if outputs else "full precision")
     assert ops["residual_connection"]["policy"] == ("quantized" if outputs else "full precision")
     assert ops["bn_folded"] is spec.fold_bn
+    faithful = card["run"]["faithful_to"]  # which real runtime the number stands for
+    assert all(f"{rt}: {how}" in faithful for rt, how in spec.faithful_to.items())
+    assert spec.faithful_to or faithful.startswith("no real runtime")
     edge = spec.first_last_bits(4)
     assert ops["first_layer"]["weight_bits"] == (edge if edge is not None else "fp32")
     assert ops["last_layer"]["output_bits"] == "fp32", "logits stay in float"
@@ -94,6 +97,7 @@ def test_markdown_has_the_five_categories_of_table_1(w4a8_cards):
                      "Pretrained Model"):
         assert f"| {category} |" in md
     assert "skip connections: quantized" in md and "of one training epoch" in md
+    assert "| Faithful To | onnxruntime: bit-exact" in md  # and which real runtime the number stands for
 
 
 def test_schema_catches_broken_cards(w4a8_cards):

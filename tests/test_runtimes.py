@@ -11,6 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from quantbench.backends import backend_names, load_backend
 from quantbench.cli.main import app
 from quantbench.config import PTQConfig
 from quantbench.data import make_loader
@@ -46,8 +47,11 @@ def folder(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("runtimes"))
 
 
-def test_the_registry_has_onnxruntime_openvino_and_tvm():
+def test_the_registry_has_onnxruntime_openvino_and_tvm_and_the_specs_name_only_those():
     assert {"onnxruntime", "openvino", "tvm"} <= set(DEPLOY_RUNTIMES.names())
+    for name in backend_names():  # a spec's faithful_to names registered runtimes
+        assert set(load_backend(name).faithful_to) <= set(DEPLOY_RUNTIMES.names()), name
+    assert set(load_backend("openvino").faithful_to) == {"openvino"} and not load_backend("academic").faithful_to
     assert "onnxruntime" in INSTALLED  # a hard dependency
 
 

@@ -64,6 +64,9 @@ class BackendSpec(BaseModel):
     artefacts: tuple[str, ...] = Field((), description="artefact files `quantbench export` writes "
                                  "beside the ONNX (see quantbench.deploy.artefacts)")
     reference: str = ""
+    faithful_to: dict[str, str] = Field(
+        default_factory=dict, description="real runtimes (quantbench.deploy.runtimes) whose results this simulation "
+                                          "reproduces, and how closely, as measured (docs/DEPLOYMENT.md)")
     overrides: tuple[LayerOverride, ...] = Field(
         (), description="per-layer refinements, later entries win (see quantbench.backends.overrides)")
 

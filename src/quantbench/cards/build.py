@@ -136,11 +136,19 @@ def _pretrained_section(acc: dict[str, Any]) -> dict[str, Any]:
             "relative_degradation_percent": round(100.0 * (fp - q) / fp, 4) if fp else NA}
 
 
+def faithful_to(spec: Any) -> str:
+    """Which real runtime a simulated number stands for, and how closely (from the backend spec)."""
+    if not spec.faithful_to:
+        return ("no real runtime: fake quantization" + (f" ({spec.not_deployable_because.strip()})"
+                                                         if not spec.deployable else ""))
+    return "; ".join(f"{rt}: {how}" for rt, how in spec.faithful_to.items())
+
+
 def build_card(inp: CardInputs) -> dict[str, Any]:
     """The card as a JSON-able dict (validated by ``card.schema.json``)."""
     return {
         "card_version": CARD_VERSION,
-        "run": inp.run,
+        "run": {**inp.run, "faithful_to": faithful_to(inp.spec)},
         "quantization_method": _method_section(inp),
         "quantized_operations": _operations_section(inp),
         "mixed_precision": _mixed_section(inp),

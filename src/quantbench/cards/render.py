@@ -78,8 +78,10 @@ def summary_rows(card: dict[str, Any]) -> list[tuple[str, str]]:
     pretrained = (f"baseline {pm['baseline_top1']:.2f} %, quantized {pm['quantized_top1']:.2f} %, relative "
                   f"degradation {_fmt(pm['relative_degradation_percent'])} % ({pm['dataset']}, {pm['n_test']} "
                   f"test images; agreement {100 * pm['agreement']:.1f} %)")
-    return [("Quantization Method", method), ("Quantized Operations", operations), ("Mixed Precision", mixed),
+    rows = [("Quantization Method", method), ("Quantized Operations", operations), ("Mixed Precision", mixed),
             ("Resource Complexity", resources), ("Pretrained Model", pretrained)]
+    faithful = card["run"].get("faithful_to")  # cards written before the field existed have none
+    return [*rows, ("Faithful To", faithful)] if faithful else rows
 
 
 def _layer_text(r: dict[str, Any]) -> str:
