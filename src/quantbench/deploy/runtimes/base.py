@@ -3,6 +3,7 @@ on a batch, and say which ops ran in integer arithmetic (one file per runtime in
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,6 +65,18 @@ class Runtime:
 
 
 DEPLOY_RUNTIMES: Registry[Runtime] = Registry("deployment runtime")
+
+
+def requires(what: str, install: str, *modules: str) -> Callable[[], str | None]:
+    """A ``Runtime.missing`` that imports ``modules`` and, when one is missing, says what to install."""
+    def missing() -> str | None:
+        try:
+            for name in modules:
+                importlib.import_module(name)
+        except ImportError:
+            return f"{what} is not installed ({install})"
+        return None
+    return missing
 
 
 def register_runtime(rt: Runtime) -> Runtime:

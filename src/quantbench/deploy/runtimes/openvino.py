@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from quantbench.deploy.runtimes.base import OpReport, Runtime, RuntimeOptions, register_runtime
+from quantbench.deploy.runtimes.base import OpReport, Runtime, RuntimeOptions, register_runtime, requires
 
 INSTALL = "pip install 'quantbench[openvino]'"
 #: layer types of the CPU plugin's runtime graph that compute (the rest move, reshape or hold constants)
@@ -28,14 +28,6 @@ def _openvino() -> Any:
     import openvino
 
     return openvino
-
-
-def _missing() -> str | None:
-    try:
-        _openvino()
-    except ImportError:
-        return f"OpenVINO is not installed ({INSTALL})"
-    return None
 
 
 def _info(op: Any, key: str) -> str:
@@ -81,4 +73,4 @@ def _load(path: Path, opts: RuntimeOptions) -> _Compiled:
 
 
 register_runtime(Runtime("openvino", "OpenVINO CPU plugin (int8 via its low-precision transformations, f32 rest)",
-                         _missing, lambda: str(_openvino().__version__), _load))
+                         requires("OpenVINO", INSTALL, "openvino"), lambda: str(_openvino().__version__), _load))

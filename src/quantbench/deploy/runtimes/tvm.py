@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from quantbench.deploy.runtimes.base import OpReport, Runtime, RuntimeOptions, register_runtime
+from quantbench.deploy.runtimes.base import OpReport, Runtime, RuntimeOptions, register_runtime, requires
 
 INSTALL = "pip install 'quantbench[tvm]'"
 FLOAT_REASON = ("TVM's Relax ONNX frontend lowers QuantizeLinear/DequantizeLinear to quantize/dequantize around "
@@ -33,17 +33,8 @@ COMPUTE = ("nn.conv2d", "nn.conv1d", "matmul", "nn.dense")
 
 def _tvm() -> Any:
     import tvm
-    from tvm.relax.frontend import onnx as _  # noqa: F401  (the frontend must import too)
 
     return tvm
-
-
-def _missing() -> str | None:
-    try:
-        _tvm()
-    except ImportError:
-        return f"Apache TVM is not installed ({INSTALL})"
-    return None
 
 
 def _folded(path: Path, folder: Path) -> Any:
@@ -106,4 +97,5 @@ def _load(path: Path, opts: RuntimeOptions) -> _Compiled:
 
 
 register_runtime(Runtime("tvm", "Apache TVM, Relax ONNX frontend, llvm CPU target (QDQ run as float fake quantization)",
-                         _missing, lambda: str(_tvm().__version__), _load))
+                         requires("Apache TVM", INSTALL, "tvm", "tvm.relax.frontend.onnx"),
+                         lambda: str(_tvm().__version__), _load))
