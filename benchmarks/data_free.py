@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from _common import print_table, write_json
+from quantbench.backends import backend_names
 from quantbench.config import PTQConfig
 from quantbench.datafree import make_images, parse_data_source
 from quantbench.models import get_entry
@@ -35,7 +36,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 MODELS = {"resnet20_cifar": SHARED / "models/resnet20_cifar10.safetensors",
           "resnet32_cifar": SHARED / "models/resnet32_cifar10.safetensors"}
 DATA = f"cifar10:{SHARED / 'data/cifar10'}"
-BACKENDS = ["academic", "tensorrt", "snpe", "tvm", "acl", "fbgemm", "onnxruntime"]
+BACKENDS = backend_names()  # every registered backend spec
 N = 1024
 
 
