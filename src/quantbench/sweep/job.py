@@ -27,6 +27,11 @@ class Job:
                 "seed": c.get("seed"), "config": {**c, "method": self.method}, "code_version":
                 self.identity.get("code_version")}
 
+    @property
+    def uses_cuda(self) -> bool:
+        """Whether the run's device is a CUDA GPU (it then takes one GPU)."""
+        return str(self.config.get("device", "cpu")).startswith("cuda")
+
     def with_config(self, **updates: Any) -> Job:
         """A copy whose config has ``updates`` (the identity, hence the run id, is unchanged)."""
         return replace(self, config={**self.config, **updates})

@@ -62,35 +62,29 @@ def _missing_here(paths: list[str]) -> tuple[str, list[str]]:
     return socket.gethostname(), [p for p in paths if not os.path.exists(p)]
 
 
+def _files(job: Job) -> tuple[str | None, Path | None]:
+    """The weights file and the dataset folder ``job`` reads (None where it reads none)."""
+    w = job.config.get("weights")
+    weights = w if isinstance(w, str) and w and not w.startswith("train:") else None
+    data = job.config.get("data")
+    return weights, parse_spec(data)[1] if isinstance(data, str) else None
+
+
 def absolute(job: Job, cwd: Path) -> Job:
     """``job`` with relative weight and data paths made absolute from ``cwd`` (its identity is unchanged)."""
     updates: dict[str, Any] = {}
-    w = job.config.get("weights")
-    if isinstance(w, str) and w and not w.startswith("train:") and not Path(w).expanduser().is_absolute():
-        updates["weights"] = str(cwd / w)
-    data = job.config.get("data")
-    if isinstance(data, str):
-        kind, path = parse_spec(data)
-        if path is not None and not path.is_absolute():
-            rest = data.partition(":")[2]
-            flags = rest.partition("?")[1] + rest.partition("?")[2]
-            updates["data"] = f"{kind}:{cwd / path}{flags}"
+    weights, folder = _files(job)
+    if weights is not None and not Path(weights).expanduser().is_absolute():
+        updates["weights"] = str(cwd / weights)
+    if folder is not None and not folder.is_absolute():
+        kind, _, rest = job.config["data"].partition(":")
+        updates["data"] = f"{kind}:{cwd / folder}{''.join(rest.partition('?')[1:])}"
     return job.with_config(**updates) if updates else job
 
 
 def needed_paths(jobs: list[Job]) -> list[str]:
     """Every file or folder the runs read: weights files and dataset folders (absolute)."""
-    out: set[str] = set()
-    for job in jobs:
-        w = job.config.get("weights")
-        if isinstance(w, str) and w and not w.startswith("train:"):
-            out.add(w)
-        data = job.config.get("data")
-        if isinstance(data, str):
-            path = parse_spec(data)[1]
-            if path is not None:
-                out.add(str(path))
-    return sorted(out)
+    return sorted({str(p) for job in jobs for p in _files(job) if p is not None})
 
 
 def _connect(ray: Any, address: str | None) -> bool:
@@ -116,7 +110,7 @@ def check_cluster(ray: Any, jobs: list[Job], cpus: float) -> int:
 
     resources = ray.cluster_resources()
     total_cpus = float(resources.get("CPU", 0))
-    gpu_runs = any(str(j.config.get("device", "cpu")).startswith("cuda") for j in jobs)
+    gpu_runs = any(j.uses_cuda for j in jobs)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     biggest = max((float(n.get("Resources", {}).get("CPU", 0)) for n in nodes), default=0.0)
     if cpus > biggest:
@@ -160,9 +154,8 @@ def run_on_ray(jobs: list[Job], sink: Sink, summary: SweepSummary, bar: SweepPro
                 job = queue.popleft()
                 if not claim(job, sink, summary, bar):
                     continue
-                gpus = 1 if str(job.config.get("device", "cpu")).startswith("cuda") else 0
-                ref = task.options(num_cpus=cpus, num_gpus=gpus, name=f"quantbench-run-{job.run_id}").remote(
-                    shipped[job.run_id], threads, env, paths)
+                ref = task.options(num_cpus=cpus, num_gpus=int(job.uses_cuda),
+                                   name=f"quantbench-run-{job.run_id}").remote(shipped[job.run_id], threads, env, paths)
                 inflight[ref] = job
             if not inflight:
                 break

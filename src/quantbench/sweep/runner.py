@@ -128,7 +128,7 @@ def run_ray(jobs: list[Job], sink: Sink, summary: SweepSummary, bar: SweepProgre
 def visible_gpus(jobs: list[Job]) -> list[str]:
     """The GPUs local workers are pinned to, one each (``CUDA_VISIBLE_DEVICES``), when some job runs on cuda
     and this machine has more than one GPU; else none (no pinning)."""
-    if not any(str(j.config.get("device", "cpu")).startswith("cuda") for j in jobs):
+    if not any(j.uses_cuda for j in jobs):
         return []
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     ids = [d.strip() for d in env.split(",") if d.strip()] if env is not None else \
