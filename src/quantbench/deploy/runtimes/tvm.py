@@ -61,39 +61,38 @@ def report_from_relax(text: str) -> OpReport:
 @dataclass
 class _Compiled:
     model: Any
-    threads: int | None
     report: OpReport
+    _modules: dict[tuple[int, ...], Any]  # Relax modules imported per input shape (the frontend wants static ones)
     _vms: dict[tuple[int, ...], Any]
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        vm = self._vms.get(x.shape)
-        if vm is None:  # compiled per input shape (the frontend wants static shapes)
-            vm = self._vms[x.shape] = _compile(self.model, x.shape)
         tvm = _tvm()
+        vm = self._vms.get(x.shape)
+        if vm is None:
+            from tvm import relax
+
+            vm = self._vms[x.shape] = relax.VirtualMachine(tvm.compile(self._module(x.shape), target="llvm"),
+                                                           tvm.cpu())
         make = getattr(tvm.runtime, "tensor", None) or tvm.nd.array
         return np.asarray(vm["main"](make(np.ascontiguousarray(x))).numpy())
 
+    def _module(self, shape: tuple[int, ...]) -> Any:
+        if shape not in self._modules:
+            from tvm.relax.frontend.onnx import from_onnx
 
-def _compile(model: Any, shape: tuple[int, ...]) -> Any:
-    tvm = _tvm()
-    from tvm import relax
-    from tvm.relax.frontend.onnx import from_onnx
-
-    name = model.graph.input[0].name
-    mod = from_onnx(model, shape_dict={name: list(shape)})
-    return relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
+            self._modules[shape] = from_onnx(self.model, shape_dict={self.model.graph.input[0].name: list(shape)})
+        return self._modules[shape]
 
 
 def _load(path: Path, opts: RuntimeOptions) -> _Compiled:
     if opts.threads:
         os.environ["TVM_NUM_THREADS"] = str(opts.threads)  # read when TVM's thread pool starts
-    from tvm.relax.frontend.onnx import from_onnx
-
     with tempfile.TemporaryDirectory() as tmp:
         model = _folded(path, Path(tmp))
-    dims = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim]
-    report = report_from_relax(str(from_onnx(model, shape_dict={model.graph.input[0].name: dims})))
-    return _Compiled(model, opts.threads, report, {})
+    compiled = _Compiled(model, OpReport({}), {}, {})
+    shape = tuple(d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim)
+    compiled.report = report_from_relax(str(compiled._module(shape)))
+    return compiled
 
 
 register_runtime(Runtime("tvm", "Apache TVM, Relax ONNX frontend, llvm CPU target (QDQ run as float fake quantization)",
