@@ -67,6 +67,16 @@ def _notes(record: dict[str, Any], report_int8: dict[str, int], expected: dict[s
     return notes
 
 
+def _faithfulness(record: dict[str, Any], runtime: str) -> str:
+    """What the export's backend spec says about ``runtime`` (its ``faithful_to``, as measured)."""
+    spec = record["backend"]
+    how = (spec.get("faithful_to") or {}).get(runtime)
+    if how is not None:
+        return f"the {spec['name']} spec is faithful to {runtime}: {how}"
+    return (f"the {spec['name']} spec does not model {runtime}'s arithmetic (its requantization rounding, fusions "
+            "and float fallbacks), so small differences are expected: docs/DEPLOYMENT.md gives the measured bounds")
+
+
 class SimulationMismatchError(QuantbenchError, ValueError):
     """The simulation checkpoint is not the one the ONNX was exported with, or the data does not fit the model."""
 
@@ -156,7 +166,6 @@ def verify_onnx(onnx_path: str | Path, sim: nn.Module, loader: Iterable, x64_qua
         x64_quant_precision=x64_quant_precision, onnxruntime=ort_version(), cpu=dict(cpu),
         int16_overflow_risk=record.get("int16_overflow_risk", {}),
         notes=_notes(record, report.integer_ops, expected, x64_quant_precision, cpu) if runtime == "onnxruntime"
-        else [f"the simulation does not model {runtime}'s arithmetic (its requantization rounding, fusions and "
-              "float fallbacks), so small differences are expected: docs/DEPLOYMENT.md gives the measured bounds"],
+        else [_faithfulness(record, runtime)],
         runtime=runtime, runtime_version=rt.version(),
     )
