@@ -15,6 +15,7 @@ from torch import nn
 
 from quantbench.errors import ConfigError
 from quantbench.models.registry import IMAGENET_MEAN, IMAGENET_STD, ModelEntry, register_model_source
+from quantbench.utils.optional import require_module
 
 PREFIX = "timm"
 #: name prefix -> quantbench family (first match wins)
@@ -28,12 +29,7 @@ _FAMILIES: tuple[tuple[tuple[str, ...], str], ...] = (
 
 def import_timm() -> Any:
     """The ``timm`` module, or a :class:`ConfigError` naming the extra to install."""
-    try:
-        import timm
-    except ImportError:
-        raise ConfigError("timm:NAME models need timm, which is not installed here; install the extra: "
-                          "pip install 'quantbench[timm]'") from None
-    return timm
+    return require_module("timm", "timm:NAME models", "timm")
 
 
 def family_of(name: str) -> str:

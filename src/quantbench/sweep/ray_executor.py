@@ -30,19 +30,15 @@ from quantbench.sweep.execute import RunRecord, execute, failed_record
 from quantbench.sweep.job import Job
 from quantbench.sweep.progress import SweepProgress
 from quantbench.sweep.runner import INTERRUPTED, ExecutorOptions, Sink, SweepSummary, claim, finish
+from quantbench.utils.optional import require_module
 
 RAY_WORKER_DIED = ("its Ray worker or node died while running it (killed by a signal, out of memory, a crash in "
                    "native code, or the node left the cluster)")
-INSTALL = "install the Ray extra: pip install 'quantbench[ray]'"
 
 
 def import_ray() -> Any:
     """The ``ray`` module, or a :class:`ConfigError` naming the extra to install."""
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError(f"--executor ray needs Ray, which is not installed here; {INSTALL}") from None
-    return ray
+    return require_module("ray", "--executor ray", "ray")
 
 
 def _task(job: Job, threads: int, env: dict[str, str], paths: list[str]) -> RunRecord:
