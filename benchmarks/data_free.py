@@ -6,6 +6,10 @@ Sections (each prints a table; all go into one JSON):
 2. ``recon``: AdaRound academic W4A8 and QDrop W4A4 (academic, tensorrt) on 1 024 images of each source.
 3. ``balance``: the float model's predicted classes on the synthetic sets (uniform = 10 % each).
 4. ``cost``: generation seconds per generator for 256 and 1 024 images, beside calibration and reconstruction.
+5. ``spread``: W8A8 on every backend, calibrated on several disjoint 256-image sets of each source (``--spread K``
+   seeded draws of real training images; the four 256-image quarters of each 1 024-image synthetic set), so
+   the real-vs-synthetic gap of section 1 can be read against how much one calibration set differs from
+   another of the same source.
 
 Synthetic sets are generated once (1 024 images per generator, cached by identity); runs needing fewer take
 the first images of the same set.
@@ -18,7 +22,11 @@ the first images of the same set.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +35,10 @@ import torch
 from _common import print_table, write_json
 from quantbench.backends import backend_names
 from quantbench.config import PTQConfig
+from quantbench.data.loaders import TensorImageDataset
 from quantbench.datafree import make_images, parse_data_source
 from quantbench.models import get_entry
+from quantbench.ptq import pipeline
 from quantbench.ptq.pipeline import build_context, run_ptq
 from quantbench.recon.config import ReconOptions
 
@@ -57,6 +67,53 @@ def run(ctx: Any, model: str, backend: str, w: int, a: int, source: str, method:
             "generation_s": src.get("generation_seconds", 0.0), "wall_s": round(time.perf_counter() - t0, 1)}
 
 
+@contextlib.contextmanager
+def calibration_slice(offset: int) -> Iterator[None]:
+    """Synthetic / noise runs calibrate on images ``offset .. offset + calib_size`` of their set (not the first)."""
+    original = pipeline.RunImages.calibration
+
+    def shifted(self: pipeline.RunImages) -> Any:
+        if self.made is None:
+            return original(self)
+        n = self.cfg.calib_size
+        return TensorImageDataset(self.made.images[offset:offset + n], torch.zeros(n, dtype=torch.long))
+
+    pipeline.RunImages.calibration = shifted  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        pipeline.RunImages.calibration = original  # type: ignore[method-assign]
+
+
+def spread_rows(ctx: Any, model: str, gens: list[str], k_real: int, n: int) -> list[dict[str, Any]]:
+    """Section 5: W8A8 top-1 over ``k_real`` seeded real 256-image sets and the 256-image quarters of each
+    synthetic set, per backend."""
+    fixed = ctx.bundle
+    rows = []
+    for b in BACKENDS:
+        runs: dict[str, list[float]] = {}
+        # seed s draws its own 256 training images (seed 0 is the shared fixed list)
+        ctx.bundle = dataclasses.replace(fixed, calib_indices=None)
+        try:
+            for seed in range(k_real):
+                cfg = PTQConfig(model=model, weights=str(MODELS[model]), data=DATA, backend=b, w_bits=8, a_bits=8,
+                                seed=seed)
+                runs.setdefault("real", []).append(run_ptq(cfg, progress=False, context=ctx).quant_top1)
+        finally:
+            ctx.bundle = fixed
+        for g in gens:
+            for offset in range(0, n, 256):
+                with calibration_slice(offset):
+                    runs.setdefault(g, []).append(run(ctx, model, b, 8, 8, f"synthetic:{g}:{n}")["top1"])
+        for src, tops in runs.items():
+            rows.append({"backend": b, "source": src, "sets": len(tops), "mean": round(statistics.fmean(tops), 2),
+                         "std": round(statistics.stdev(tops), 2) if len(tops) > 1 else 0.0,
+                         "min": round(min(tops), 2), "max": round(max(tops), 2),
+                         "top1": [round(t, 2) for t in tops]})
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(MODELS), default="resnet20_cifar")
@@ -70,6 +127,7 @@ def main() -> None:
                     help="leave out the noise rows of the reconstruction section (already measured)")
     ap.add_argument("--recon-real", action="store_true",
                     help="also the real-data reconstruction rows (the same runs as reconstruction.py --rows headline)")
+    ap.add_argument("--spread", type=int, default=8, help="real 256-image calibration sets in the spread section")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -129,6 +187,12 @@ def main() -> None:
                 print(rows[-1], flush=True)
         out["recon"] = rows
         print_table("Reconstruction on 1 024 images per source", list(rows[0]), [list(r.values()) for r in rows])
+
+    if "spread" in sections:
+        rows = spread_rows(ctx, model, gens, args.spread, n)
+        out["spread"] = rows
+        print_table("W8A8 top-1 over disjoint 256-image calibration sets per source", list(rows[0])[:-1],
+                    [list(r.values())[:-1] for r in rows])
 
     write_json("data_free", out, args.out)
 
