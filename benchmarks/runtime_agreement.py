@@ -43,7 +43,7 @@ def latency_ms(runtime: str, path: Path, x: np.ndarray, repeats: int) -> float:
 
 def row(runtime: str, backend: str, r: Any, int8_ms: float, fp32_ms: float, convs: int) -> dict[str, Any]:
     ints = r.int8_kernels
-    conv_int = ints.get("QLinearConv", 0) + ints.get("Convolution", 0) + ints.get("GroupConvolution", 0)
+    conv_int = sum(ints.get(k, 0) for k in ("QLinearConv", "Convolution", "GroupConvolution", "Conv", "convolution"))
     return {"runtime": runtime, "backend": backend, "agreement_%": round(100 * r.agreement, 2),
             "sim_top1": None if r.sim_top1 is None else round(r.sim_top1, 2),
             "real_top1": None if r.real_top1 is None else round(r.real_top1, 2),

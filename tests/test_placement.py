@@ -20,7 +20,7 @@ from quantbench.graph.quantize import list_quantizers, prepare
 from quantbench.models import build_model
 from quantbench.quant.quantizer import Quantizer
 
-OUTPUT_BACKENDS = ["tensorrt", "snpe", "tvm", "fbgemm", "onnxruntime"]
+OUTPUT_BACKENDS = ["tensorrt", "snpe", "tvm", "fbgemm", "onnxruntime", "x86", "qnnpack"]
 INPUT_BACKENDS = ["academic", "acl"]
 FUSED_ADD_BACKENDS = ["openvino"]  # outputs, but the conv branch enters a residual add unrequantized
 

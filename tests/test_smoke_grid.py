@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 def test_grid_covers_both_placements_and_arithmetics():
     specs = [load_backend(b) for b in backend_names()]
     assert {s.placement.mode for s in specs} == {"inputs", "outputs"}
-    assert {s.arithmetic for s in specs} == {"fake_quant", "onnxruntime"}
+    assert {s.arithmetic for s in specs} == {"fake_quant", "onnxruntime", "torch-x86", "torch-qnnpack"}
 
 
 @pytest.mark.parametrize(("model_name", "backend"), GRID)

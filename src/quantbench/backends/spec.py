@@ -15,7 +15,7 @@ FirstLast = Literal["same", "fp"] | int
 #: the weight axes every quantized layer kind supports: conv1d/conv2d/linear weights all keep output channels on
 #: axis 0, which BN folding, per-channel scales and ONNX's per-axis QuantizeLinear rely on
 WEIGHT_CH_AXES: tuple[int, ...] = (0,)
-Arithmetic = Literal["fake_quant", "onnxruntime"]
+Arithmetic = Literal["fake_quant", "onnxruntime", "torch-x86", "torch-qnnpack"]
 
 
 class Placement(BaseModel):
@@ -56,7 +56,9 @@ class BackendSpec(BaseModel):
         "fake_quant",
         description="inference arithmetic of the simulation: 'fake_quant' (float fake quantization) or "
                     "'onnxruntime' (ONNX Runtime's CPU integer kernels: int32 bias, integer accumulation, "
-                    "float32 requantization, QLinearAdd / QLinearGlobalAveragePool; see graph/requant.py)",
+                    "float32 requantization, QLinearAdd / QLinearGlobalAveragePool; see graph/requant.py) or "
+                    "'torch-x86' / 'torch-qnnpack' (PyTorch's x86 / QNNPACK engine: torch.ops.quantized's "
+                    "convolution, add and average pool)",
     )
     reduce_range: bool = Field(
         False, description="7-bit weights (ONNX Runtime's reduce_range): no int16 overflow in the u8 x s8 "

@@ -34,9 +34,10 @@ def check_spec(spec: BackendSpec) -> None:
     """Refuse backends whose simulation no integer runtime executes."""
     if not spec.deployable:
         raise ExportError(f"backend {spec.name!r} is not deployable: {spec.not_deployable_because}")
-    if spec.arithmetic != "onnxruntime":
+    if spec.arithmetic == "fake_quant":
         raise ExportError(f"backend {spec.name!r} simulates with {spec.arithmetic!r} arithmetic, so its simulation "
-                          "would not match an integer runtime; set `arithmetic: onnxruntime` in its spec")
+                          "would not match an integer runtime; set `arithmetic: onnxruntime` (or a torch engine's) "
+                          "in its spec")
     too_wide = [f"{what} {s.bits} bits" for what, s in (("weights", spec.weight), ("activations", spec.activation))
                 if s.bits > MAX_EXPORT_BITS]
     if too_wide:

@@ -121,3 +121,18 @@ def session_with_report(path: str | Path, x64_quant_precision: bool = False, thr
         sess = make_session(path, x64_quant_precision, threads, optimized_model=opt)
         model = onnx.load(str(opt))
     return sess, report_from_optimized(model)
+
+
+def constant_folded(path: str | Path) -> onnx.ModelProto:
+    """The ONNX model at ``path`` with its constant subgraphs folded by ONNX Runtime's basic graph optimizations
+    (nothing quantized changes: the folded subgraphs compute shapes and pad sizes). Runtimes whose importers refuse
+    computed ``Pad`` sizes (TVM's Relax frontend) or that interpret the graph node by node (the PyTorch engines)
+    read this form."""
+    ort = _ort()
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = str(Path(tmp) / "folded.onnx")
+        so.log_severity_level = 3
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return onnx.load(str(Path(tmp) / "folded.onnx"))

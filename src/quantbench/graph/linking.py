@@ -55,8 +55,9 @@ def clamp_of(node: fx.Node, modules: dict[str, nn.Module]) -> Clamp | None:
 
 
 class _Linker:
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, arithmetic: str = "onnxruntime") -> None:
         self.gm = gm
+        self.arithmetic = arithmetic
         self.modules = dict(gm.named_modules())
 
     def quantizer(self, n: fx.Node) -> Quantizer | None:
@@ -96,7 +97,7 @@ class _Linker:
     def links(self, node: fx.Node, inputs: list[fx.Node]) -> Links:
         srcs = [self.source_quantizer(a) for a in inputs]
         out_q, acts = self.output_chain(node)
-        return Links([q for q, _ in srcs], [r for _, r in srcs], out_q, acts)
+        return Links([q for q, _ in srcs], [r for _, r in srcs], out_q, acts, self.arithmetic)
 
     def replace(self, node: fx.Node, module: nn.Module, args: tuple) -> None:
         if not hasattr(self.gm, "qb_int"):
@@ -166,10 +167,11 @@ class _Linker:
         return False
 
 
-def link_integer_arithmetic(gm: fx.GraphModule) -> None:
+def link_integer_arithmetic(gm: fx.GraphModule, arithmetic: str = "onnxruntime") -> None:
     """Wire layers, adds and global pools to their quantizers and switch activation quantizers to
-    QuantizeLinear's ``x / s`` (in place; called by placement for ``arithmetic: onnxruntime`` backends)."""
+    QuantizeLinear's ``x / s`` (in place; called by placement for backends with integer arithmetic).
+    ``arithmetic`` picks the add and pool kernels (:data:`quantbench.graph.requant.ADD_POOL_KERNELS`)."""
     for m in gm.modules():
         if isinstance(m, Quantizer) and not m.is_weight:
             m.onnx_rounding = True
-    _Linker(gm).run()
+    _Linker(gm, arithmetic).run()

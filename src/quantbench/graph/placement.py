@@ -217,6 +217,6 @@ def place_activation_quantizers(
     their quantizers (:func:`quantbench.graph.linking.link_integer_arithmetic`).
     """
     sites = _Placer(gm, spec, make_quantizer).run()
-    if spec.arithmetic == "onnxruntime":
-        link_integer_arithmetic(gm)
+    if spec.arithmetic != "fake_quant":
+        link_integer_arithmetic(gm, spec.arithmetic)
     return sites

@@ -1,6 +1,7 @@
-"""Real runtimes an exported model runs in (one file each): ``onnxruntime``, ``openvino``, ``tvm``."""
+"""Real runtimes an exported model runs in (one file each): ``onnxruntime``, ``openvino``, ``tvm``, PyTorch's int8
+engines ``torch-x86`` and ``torch-qnnpack``."""
 
-from quantbench.deploy.runtimes import onnxruntime, openvino, tvm  # noqa: F401  (register)
+from quantbench.deploy.runtimes import onnxruntime, openvino, torch_int8, tvm  # noqa: F401  (register)
 from quantbench.deploy.runtimes.base import (
     DEPLOY_RUNTIMES,
     Loaded,

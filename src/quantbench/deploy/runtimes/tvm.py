@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,19 +34,6 @@ def _tvm() -> Any:
     import tvm
 
     return tvm
-
-
-def _folded(path: Path, folder: Path) -> Any:
-    """The ONNX model with its constant subgraphs folded by ONNX Runtime's basic optimizations."""
-    import onnx
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    so.optimized_model_filepath = str(folder / "folded.onnx")
-    so.log_severity_level = 3
-    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return onnx.load(str(folder / "folded.onnx"))
 
 
 def report_from_relax(text: str) -> OpReport:
@@ -87,8 +73,9 @@ class _Compiled:
 def _load(path: Path, opts: RuntimeOptions) -> _Compiled:
     if opts.threads:
         os.environ["TVM_NUM_THREADS"] = str(opts.threads)  # read when TVM's thread pool starts
-    with tempfile.TemporaryDirectory() as tmp:
-        model = _folded(path, Path(tmp))
+    from quantbench.deploy.ort import constant_folded
+
+    model = constant_folded(path)
     compiled = _Compiled(model, OpReport({}), {}, {})
     shape = tuple(d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim)
     compiled.report = report_from_relax(str(compiled._module(shape)))
