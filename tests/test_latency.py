@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 from quantbench.cli.main import app
 
 runner = CliRunner()
-FAST = "torch-fp32,torch-fp16-gpu,ort-fp32,ort-int8-onnxruntime,ort-int8-tensorrt,openvino-fp32,openvino-int8-tensorrt"
+FAST = ("torch-fp32,torch-fp16-gpu,ort-fp32,ort-int8-onnxruntime,ort-int8-tensorrt,openvino-fp32,"
+        "openvino-int8-tensorrt,torch-qdq-x86,executorch-fp32,executorch-int8-tensorrt")
 
 
 def test_latency_table_json_and_png(tmp_path):
@@ -31,6 +32,10 @@ def test_latency_table_json_and_png(tmp_path):
     assert data["environment"]["onnxruntime"] and png.stat().st_size > 1000
     ov = rows[("openvino-int8-tensorrt", 1)]  # a row per deployment runtime; skipped with the reason if missing
     assert ((ov["median_ms"] or 0) > 0 and ov["baseline"] == "openvino-fp32") or "quantbench[openvino]" in ov["skipped"]
+    et = rows[("executorch-int8-tensorrt", 1)]
+    assert ((et["median_ms"] or 0) > 0 and et["baseline"] == "executorch-fp32") or \
+        "quantbench[executorch]" in et["skipped"]
+    assert rows[("torch-qdq-x86", 2)]["median_ms"] > 0  # the x86 spec's export on PyTorch's own x86 kernels
 
 
 def test_unknown_runtime_lists_the_valid_ones():

@@ -233,12 +233,23 @@ def _register_defaults() -> None:
         RUNTIMES.add(f"openvino-int8-{backend}", Runtime(
             f"openvino-int8-{backend}", f"OpenVINO CPU INT8 QDQ ({backend})", "openvino-fp32", ov,
             _deploy_runner("openvino", lambda ctx, b=backend: qdq_onnx(ctx, b))))
+    et = _deploy_runtime_missing("executorch")
+    RUNTIMES.add("executorch-fp32", Runtime("executorch-fp32", "ExecuTorch XNNPACK FP32", "torch-fp32", et,
+                                            _deploy_runner("executorch", _float_onnx)))
+    for backend in ("onnxruntime", "tensorrt"):
+        RUNTIMES.add(f"executorch-int8-{backend}", Runtime(
+            f"executorch-int8-{backend}", f"ExecuTorch XNNPACK INT8 QDQ ({backend})", "executorch-fp32", et,
+            _deploy_runner("executorch", lambda ctx, b=backend: qdq_onnx(ctx, b))))
+    RUNTIMES.add("torch-qdq-x86", Runtime(
+        "torch-qdq-x86", "PyTorch x86 engine on the QDQ export (x86 spec, interpreted)", "torch-int8-x86",
+        _deploy_runtime_missing("torch-x86"), _deploy_runner("torch-x86", lambda ctx: qdq_onnx(ctx, "x86"))))
 
 
 _register_defaults()
 DEFAULT_RUNTIMES = ("torch-fp32", "torch-fp16-gpu", "torch-bf16-gpu", "torch-int8-x86", "ort-fp32",
                     "ort-int8-onnxruntime", "ort-int8-onnxruntime-x64prec", "ort-int8-tensorrt", "openvino-fp32",
-                    "openvino-int8-onnxruntime", "openvino-int8-tensorrt")
+                    "openvino-int8-onnxruntime", "openvino-int8-tensorrt", "torch-qdq-x86", "executorch-fp32",
+                    "executorch-int8-onnxruntime", "executorch-int8-tensorrt")
 
 
 def median_ms(run: Runner, repeats: int, warmup: int) -> float:
