@@ -1,7 +1,13 @@
-"""Model zoo: CIFAR ResNets, torchvision classifiers, a small digits CNN and any timm classifier
-(``timm:NAME``), plus weight loading."""
+"""Model zoo: CIFAR ResNets, seed 003's CIFAR models (VGG11 A/B/C, Inv-ResNet26, MobileNetV2-CIFAR), torchvision
+classifiers, a small digits CNN and any timm classifier (``timm:NAME``), plus weight loading."""
 
-from quantbench.models import cifar_resnet, small_cnn, timm_models, torchvision_models  # noqa: F401  (register)
+from quantbench.models import (  # noqa: F401  (register)
+    cifar_resnet,
+    seed003_models,
+    small_cnn,
+    timm_models,
+    torchvision_models,
+)
 from quantbench.models.registry import (
     MODEL_SOURCES,
     MODELS,
