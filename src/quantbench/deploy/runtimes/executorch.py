@@ -59,6 +59,14 @@ class _Builder:
     model: onnx.ModelProto
     root: nn.Module = field(default_factory=nn.Module)
     requantized: set[str] = field(default_factory=set)
+    clips: dict[str, tuple[fx.Node, tuple[float, float]]] = field(default_factory=dict)
+    ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
+    readers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
+
+    def only_quantized(self, name: str) -> bool:
+        """Whether every reader of ``name`` is a QuantizeLinear."""
+        rs = self.readers.get(name, [])
+        return bool(rs) and all(r.op_type == "QuantizeLinear" for r in rs)
     graph: fx.Graph = field(default_factory=fx.Graph)
     env: dict[str, fx.Node] = field(default_factory=dict)
     consts: dict[str, np.ndarray] = field(default_factory=dict)
@@ -80,6 +88,9 @@ class _Builder:
                 self.consts[n.output[0]] = numpy_helper.to_array(_attrs(n)["value"])
         self.env[g.input[0].name] = self.graph.placeholder("x")
         self.requantized = _requantized_outputs(g)
+        for n in g.node:
+            for i in n.input:
+                self.readers.setdefault(i, []).append(n)
         for node in g.node:
             if node.op_type != "Constant":
                 self.env[node.output[0]] = self.node(node, qd)
@@ -97,7 +108,7 @@ class _Builder:
     def tensor(self, name: str) -> fx.Node:
         """The value ``name``: a node computed earlier, or a float constant (a float model's weights)."""
         if name not in self.env:
-            self.env[name] = self.const(name, torch.from_numpy(np.ascontiguousarray(self.value(name))))
+            self.env[name] = self.const(name, torch.from_numpy(np.array(self.value(name), copy=True)))
         return self.env[name]
 
     def value(self, name: str) -> np.ndarray:
@@ -110,7 +121,14 @@ class _Builder:
         x = self.env.get(ins[0]) if ins else None
         if op == "QuantizeLinear":
             s, zp = float(self.value(ins[1])), self.value(ins[2])
-            return self.call(qd.quantize_per_tensor, x, s, _s8(int(zp), zp.dtype), -128, 127, torch.int8)
+            z = _s8(int(zp), zp.dtype)
+            qlo, qhi = -128, 127
+            if ins[0] in self.clips:  # a Clip the quantizer absorbs: its bounds as the code range
+                x, (lo, hi) = self.clips[ins[0]]
+                qlo, qhi = max(-128, z + round(lo / s)), min(127, z + round(hi / s))
+            node_out = self.call(qd.quantize_per_tensor, x, s, z, qlo, qhi, torch.int8)
+            self.ranges[node.output[0]] = (qlo, qhi)
+            return node_out
         if op == "DequantizeLinear":
             return self.dequantize(ins, a, qd, node.output[0] in self.float_weights)
         if op == "Conv":
@@ -136,6 +154,11 @@ class _Builder:
         if op == "Clip":
             lo = float(self.value(ins[1])) if len(ins) > 1 and ins[1] else a.get("min", -math.inf)
             hi = float(self.value(ins[2])) if len(ins) > 2 and ins[2] else a.get("max", math.inf)
+            if self.only_quantized(node.output[0]) and math.isfinite(lo) and math.isfinite(hi):
+                # a narrow range exported as Clip -> QuantizeLinear: quantize_per_tensor's quant_min / quant_max
+                # clamp the codes exactly (XNNPACK has no fused clamp-then-quantize pattern otherwise)
+                self.clips[node.output[0]] = (x, (lo, hi))
+                return x
             return self.call(torch.clamp, x, lo, hi)
         if op == "GlobalAveragePool":
             return self.call(torch.mean, x, [2, 3], True)
@@ -159,8 +182,9 @@ class _Builder:
         s = self.value(ins[1]).astype(np.float32)
         zp = self.value(ins[2]) if len(ins) > 2 and ins[2] else np.zeros_like(s, dtype=np.uint8)
         if ins[0] not in self.consts:  # runtime codes (signed-int8 domain)
+            qlo, qhi = self.ranges.get(ins[0], (-128, 127))
             return self.call(qd.dequantize_per_tensor, self.env[ins[0]], float(s), _s8(int(zp), zp.dtype),
-                             -128, 127, torch.int8)
+                             qlo, qhi, torch.int8)
         codes = self.consts[ins[0]]
         if codes.dtype == np.int32:  # an int32 bias: the float bias XNNPACK re-quantizes to exactly these codes
             axis_s = s.reshape(-1) if s.size > 1 else s
