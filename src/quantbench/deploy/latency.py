@@ -210,6 +210,18 @@ def _deploy_runner(name: str, onnx_path: Callable[[LatencyContext], Path]) -> Ca
     return build
 
 
+def _register_deploy_rows(runtime: str, label: str) -> None:
+    """``{runtime}-fp32`` (the float export) and ``{runtime}-int8-{onnxruntime,tensorrt}`` (QDQ exports) rows of
+    deployment runtime ``runtime``, skipped with its install command when it is missing."""
+    missing, prefix = _deploy_runtime_missing(runtime), runtime
+    RUNTIMES.add(f"{prefix}-fp32", Runtime(f"{prefix}-fp32", f"{label} FP32", "torch-fp32", missing,
+                                           _deploy_runner(runtime, _float_onnx)))
+    for backend in ("onnxruntime", "tensorrt"):
+        RUNTIMES.add(f"{prefix}-int8-{backend}", Runtime(
+            f"{prefix}-int8-{backend}", f"{label} INT8 QDQ ({backend})", f"{prefix}-fp32", missing,
+            _deploy_runner(runtime, lambda ctx, b=backend: qdq_onnx(ctx, b))))
+
+
 def _register_defaults() -> None:
     RUNTIMES.add("torch-fp32", Runtime("torch-fp32", "PyTorch eager FP32", None, _always, _torch_fp32))
     RUNTIMES.add("torch-fp16-gpu", Runtime("torch-fp16-gpu", "PyTorch FP16 (GPU)", None, _need_cuda,
@@ -226,20 +238,8 @@ def _register_defaults() -> None:
     RUNTIMES.add("ort-int8-onnxruntime-x64prec", Runtime(
         "ort-int8-onnxruntime-x64prec", "ONNX Runtime INT8 QDQ (u8 act., x64quantprecision)", "ort-fp32", _always,
         _ort_int8("onnxruntime", x64=True)))
-    ov = _deploy_runtime_missing("openvino")
-    RUNTIMES.add("openvino-fp32", Runtime("openvino-fp32", "OpenVINO CPU FP32", "torch-fp32", ov,
-                                          _deploy_runner("openvino", _float_onnx)))
-    for backend in ("onnxruntime", "tensorrt"):
-        RUNTIMES.add(f"openvino-int8-{backend}", Runtime(
-            f"openvino-int8-{backend}", f"OpenVINO CPU INT8 QDQ ({backend})", "openvino-fp32", ov,
-            _deploy_runner("openvino", lambda ctx, b=backend: qdq_onnx(ctx, b))))
-    et = _deploy_runtime_missing("executorch")
-    RUNTIMES.add("executorch-fp32", Runtime("executorch-fp32", "ExecuTorch XNNPACK FP32", "torch-fp32", et,
-                                            _deploy_runner("executorch", _float_onnx)))
-    for backend in ("onnxruntime", "tensorrt"):
-        RUNTIMES.add(f"executorch-int8-{backend}", Runtime(
-            f"executorch-int8-{backend}", f"ExecuTorch XNNPACK INT8 QDQ ({backend})", "executorch-fp32", et,
-            _deploy_runner("executorch", lambda ctx, b=backend: qdq_onnx(ctx, b))))
+    for runtime, label in (("openvino", "OpenVINO CPU"), ("executorch", "ExecuTorch XNNPACK")):
+        _register_deploy_rows(runtime, label)
     RUNTIMES.add("torch-qdq-x86", Runtime(
         "torch-qdq-x86", "PyTorch x86 engine on the QDQ export (x86 spec, interpreted)", "torch-int8-x86",
         _deploy_runtime_missing("torch-x86"), _deploy_runner("torch-x86", lambda ctx: qdq_onnx(ctx, "x86"))))
