@@ -176,3 +176,23 @@ def test_tvm_runs_the_power_of_two_tvm_spec_bit_exactly(folder):
     cal, path = _exported("tvm", folder)
     r = verify_onnx(path, cal.gm, _test(cal), progress=False, runtime="tvm")
     assert r.agreement == 1.0 and r.max_abs_logit_diff == 0.0, r
+
+
+def test_tensorrt_is_skipped_with_the_reason_without_a_gpu_and_reads_the_engine_inspector():
+    """No GPU has been lent: the adapter refuses with the reason here; its inspector parsing is checked on the
+    JSON layout TensorRT 10 writes (``get_engine_information``)."""
+    from quantbench.deploy.runtimes.tensorrt import report_from_inspector
+
+    rt = get_runtime("tensorrt")
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in (rt.missing() or "")
+        with pytest.raises(RuntimeUnavailableError, match="runtime 'tensorrt' cannot run here"):
+            rt.require()
+    info = ('{"Layers": [{"Name": "conv1", "LayerType": "CaskConvolution", "Inputs": [{"Format/Datatype": '
+            '"Channel major INT8 format"}], "Outputs": [{"Format/Datatype": "Channel major INT8 format"}]}, '
+            '{"Name": "fc", "LayerType": "CaskGemmMatrixMultiply", "Inputs": [{"Format/Datatype": "Row major linear '
+            'FP32 format"}], "Outputs": [{"Format/Datatype": "Row major linear FP32 format"}]}, '
+            '{"Name": "reformat", "LayerType": "Reformat", "Inputs": [], "Outputs": []}]}')
+    report = report_from_inspector(info)
+    assert report.integer_ops == {"CaskConvolution": 1} and [f["node"] for f in report.float_ops] == ["fc"]
+    assert report.all_ops["Reformat"] == 1

@@ -1,7 +1,14 @@
 """Real runtimes an exported model runs in (one file each): ``onnxruntime``, ``openvino``, ``tvm``, PyTorch's int8
-engines ``torch-x86`` and ``torch-qnnpack``, and ``executorch`` (XNNPACK delegate)."""
+engines ``torch-x86`` and ``torch-qnnpack``, ``executorch`` (XNNPACK delegate) and ``tensorrt`` (GPU only)."""
 
-from quantbench.deploy.runtimes import executorch, onnxruntime, openvino, torch_int8, tvm  # noqa: F401  (register)
+from quantbench.deploy.runtimes import (  # noqa: F401  (register)
+    executorch,
+    onnxruntime,
+    openvino,
+    tensorrt,
+    torch_int8,
+    tvm,
+)
 from quantbench.deploy.runtimes.base import (
     DEPLOY_RUNTIMES,
     Loaded,
