@@ -64,9 +64,10 @@ class _Builder:
     readers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
 
     def only_quantized(self, name: str) -> bool:
-        """Whether every reader of ``name`` is a QuantizeLinear."""
+        """Whether every reader of ``name`` is a QuantizeLinear, directly or through more Clips."""
         rs = self.readers.get(name, [])
-        return bool(rs) and all(r.op_type == "QuantizeLinear" for r in rs)
+        return bool(rs) and all(r.op_type == "QuantizeLinear" or (r.op_type == "Clip" and r.input[0] == name
+                                                                    and self.only_quantized(r.output[0])) for r in rs)
     graph: fx.Graph = field(default_factory=fx.Graph)
     env: dict[str, fx.Node] = field(default_factory=dict)
     consts: dict[str, np.ndarray] = field(default_factory=dict)
@@ -125,7 +126,8 @@ class _Builder:
             qlo, qhi = -128, 127
             if ins[0] in self.clips:  # a Clip the quantizer absorbs: its bounds as the code range
                 x, (lo, hi) = self.clips[ins[0]]
-                qlo, qhi = max(-128, z + round(lo / s)), min(127, z + round(hi / s))
+                qlo = -128 if math.isinf(lo) else max(-128, z + round(lo / s))
+                qhi = 127 if math.isinf(hi) else min(127, z + round(hi / s))
             node_out = self.call(qd.quantize_per_tensor, x, s, z, qlo, qhi, torch.int8)
             self.ranges[node.output[0]] = (qlo, qhi)
             return node_out
@@ -154,9 +156,12 @@ class _Builder:
         if op == "Clip":
             lo = float(self.value(ins[1])) if len(ins) > 1 and ins[1] else a.get("min", -math.inf)
             hi = float(self.value(ins[2])) if len(ins) > 2 and ins[2] else a.get("max", math.inf)
-            if self.only_quantized(node.output[0]) and math.isfinite(lo) and math.isfinite(hi):
-                # a narrow range exported as Clip -> QuantizeLinear: quantize_per_tensor's quant_min / quant_max
+            if self.only_quantized(node.output[0]):
+                # Clip(s) -> QuantizeLinear (a narrow range, ReLU6): quantize_per_tensor's quant_min / quant_max
                 # clamp the codes exactly (XNNPACK has no fused clamp-then-quantize pattern otherwise)
+                if ins[0] in self.clips:  # a chain of clips: one range
+                    x, (lo0, hi0) = self.clips[ins[0]]
+                    lo, hi = max(lo, lo0), min(hi, hi0)
                 self.clips[node.output[0]] = (x, (lo, hi))
                 return x
             return self.call(torch.clamp, x, lo, hi)
