@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--runtimes", default=",".join(installed))
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--mobilenet", action="store_true", help="also MobileNetV2 (random weights) for op coverage")
+    ap.add_argument("--no-resnet", dest="resnet", action="store_false", help="leave out the ResNet-20 rows")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -69,7 +70,7 @@ def main() -> None:
     t0 = time.perf_counter()
     results: dict[str, list[dict[str, Any]]] = {"resnet20": [], "mobilenet_v2": []}
     fp32: dict[tuple[str, str], float] = {}
-    for backend in backends:
+    for backend in backends if args.resnet else []:
         cfg = PTQConfig(model="resnet20_cifar", weights=str(RESNET20), data=f"cifar10:{CIFAR}", backend=backend)
         cal = calibrated_model(cfg, progress=False)
         path = export_onnx(cal.gm, cal.example, work / f"r20_{backend}.onnx", artefacts=[]).path
@@ -78,7 +79,7 @@ def main() -> None:
         if not fpath.exists():
             export_float_onnx(build_model("resnet20_cifar", str(RESNET20)), cal.example, fpath)
         for rt in runtimes:
-            r = verify_onnx(path, cal.gm, make_loader(cal.bundle.test, 512), x64_quant_precision=True,
+            r = verify_onnx(path, cal.gm, make_loader(cal.bundle.test, 1024), x64_quant_precision=True,
                             progress=False, runtime=rt)
             if (rt, "r20") not in fp32:
                 fp32[(rt, "r20")] = latency_ms(rt, fpath, x, args.repeats)
