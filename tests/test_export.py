@@ -20,7 +20,7 @@ from quantbench.backends import backend_names, load_backend
 from quantbench.deploy import export_onnx, verify_onnx
 from quantbench.deploy.errors import ExportError
 from quantbench.deploy.metadata import read_metadata
-from quantbench.graph import requant
+from quantbench.graph import requant, torch_engines
 from quantbench.graph.quantize import activation_quantizers, prepare, weight_layers
 from quantbench.models import build_model
 from quantbench.ptq import calibrate
@@ -227,7 +227,7 @@ def test_onnx_runtime_agrees_with_the_simulation(name, backend, tmpdir_module):
             scale = float(gm(TEST).abs().max())
         # oneDNN (symmetric weights on AVX512-VNNI CPUs) and QNNPACK's convolutions round 1 code in about 10^6
         # differently: see requant
-        exact = spec.arithmetic == "torch-x86" and not requant._host_has_vnni()
+        exact = spec.arithmetic == "torch-x86" and not torch_engines.host_has_vnni()
         assert r.max_abs_logit_diff <= (0.0 if exact else 0.05 * scale), r
         return
     r = verify_onnx(path, gm, [TEST], x64_quant_precision=not signed, progress=False)

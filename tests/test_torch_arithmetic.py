@@ -1,6 +1,7 @@
-"""``arithmetic: torch-x86``: each formula of :mod:`quantbench.graph.requant` against PyTorch's own x86 int8
-kernel (``torch.ops.quantized``) bit for bit, and the ``torch-x86`` / ``torch-qnnpack`` runtimes against the
-simulation on exported models (random weights: no shared data needed)."""
+"""``arithmetic: torch-x86`` / ``torch-qnnpack``: each formula of :mod:`quantbench.graph.torch_engines` and
+:mod:`quantbench.graph.requant` against PyTorch's own int8 kernels (``torch.ops.quantized``) bit for bit, and the
+``torch-x86`` / ``torch-qnnpack`` runtimes against the simulation on exported models (random weights: no shared
+data needed)."""
 
 from __future__ import annotations
 
@@ -15,16 +16,10 @@ from quantbench.backends import load_backend
 from quantbench.deploy import export_onnx, verify_onnx
 from quantbench.deploy.runtimes import get_runtime
 from quantbench.deploy.runtimes.torch_qdq import engine
-from quantbench.graph import requant
+from quantbench.graph import requant, torch_engines
 from quantbench.graph.quantize import prepare
-from quantbench.graph.requant import (
-    IntAdd,
-    IntGlobalAvgPool,
-    qnnpack_add,
-    qnnpack_global_avg_pool,
-    torch_add,
-    torch_global_avg_pool,
-)
+from quantbench.graph.requant import IntAdd, IntGlobalAvgPool
+from quantbench.graph.torch_engines import qnnpack_add, qnnpack_global_avg_pool, torch_add, torch_global_avg_pool
 from quantbench.ptq import calibrate
 from quantbench.quant.quantizer import Quantizer
 from quantbench.quant.scheme import QScheme
@@ -146,8 +141,8 @@ class _Layer(nn.Module):
 
 def _simulated(x, zx, sx, w, sw, zw, sy, zy, bq, monkeypatch, vnni: bool) -> torch.Tensor:
     """``integer_weighted`` with ``arithmetic: torch-x86`` on the same codes: the output codes."""
-    monkeypatch.setattr(requant, "_host_has_vnni", lambda: vnni)
-    monkeypatch.setattr(requant.sys, "platform", "linux")
+    monkeypatch.setattr(torch_engines, "host_has_vnni", lambda: vnni)
+    monkeypatch.setattr(torch_engines.sys, "platform", "linux")
     wscheme = QScheme(bits=8, symmetric=bool((zw == 0).all()), signedness="signed", granularity="per_channel")
     wq = fixed(wscheme, sw, zw, is_weight=True)
     in_q, out_q = fixed(U8, torch.tensor([sx]), torch.tensor([zx])), fixed(U8, torch.tensor([sy]), torch.tensor([zy]))
@@ -176,7 +171,7 @@ def test_the_fbgemm_conv_formula_is_the_fbgemm_kernel_bit_for_bit(symmetric, mon
 def test_the_onednn_conv_formula_is_within_one_code_of_the_kernel_on_vnni_hosts(monkeypatch):
     """oneDNN (the x86 engine's kernel for symmetric weights on AVX512-VNNI CPUs): the fitted float32 formula
     equals the kernel except about one output in 10^6, by one code (its exact rounding is not reproduced)."""
-    if not requant._host_has_vnni():
+    if not torch_engines.host_has_vnni():
         pytest.skip("this CPU has no AVX512-VNNI: PyTorch's x86 engine never runs oneDNN convolutions here")
     gen = torch.Generator().manual_seed(3)
     differ = total = 0
@@ -195,14 +190,14 @@ def test_the_x86_engine_picks_onednn_only_for_symmetric_convolutions_on_vnni_lin
     wq = fixed(QScheme(bits=8, symmetric=True, granularity="per_channel"), torch.ones(4), torch.zeros(4), True)
     conv, lin = _Layer(nn.Conv2d(9, 4, 1), wq), _Layer(nn.Conv2d(9, 4, 1), wq)
     lin.is_linear = True
-    monkeypatch.setattr(requant.sys, "platform", "linux")
-    monkeypatch.setattr(requant, "_host_has_vnni", lambda: True)
-    assert requant.x86_conv_kernel(conv) == "onednn" and requant.x86_conv_kernel(lin) == "fbgemm"
+    monkeypatch.setattr(torch_engines.sys, "platform", "linux")
+    monkeypatch.setattr(torch_engines, "host_has_vnni", lambda: True)
+    assert torch_engines.x86_conv_kernel(conv) == "onednn" and torch_engines.x86_conv_kernel(lin) == "fbgemm"
     wq.zero_point.data.fill_(1)
-    assert requant.x86_conv_kernel(conv) == "fbgemm"  # asymmetric weights: FBGEMM
+    assert torch_engines.x86_conv_kernel(conv) == "fbgemm"  # asymmetric weights: FBGEMM
     wq.zero_point.data.fill_(0)
-    monkeypatch.setattr(requant, "_host_has_vnni", lambda: False)
-    assert requant.x86_conv_kernel(conv) == "fbgemm"
+    monkeypatch.setattr(torch_engines, "host_has_vnni", lambda: False)
+    assert torch_engines.x86_conv_kernel(conv) == "fbgemm"
 
 
 class _Block(nn.Module):
@@ -251,7 +246,7 @@ def test_torch_x86_runs_the_simulation_bit_for_bit_when_fbgemm_computes(tmp_path
 def test_the_x86_spec_matches_torch_x86_and_onnxruntime_differs_in_add_and_pool(tmp_path):
     gm, path, data = _exported(tmp_path, load_backend("x86"), seed=1)
     r = verify_onnx(path, gm, data, progress=False, runtime="torch-x86")
-    bound = 0.0 if not requant._host_has_vnni() else 0.05  # oneDNN: one code, about 1 output in 10^6
+    bound = 0.0 if not torch_engines.host_has_vnni() else 0.05  # oneDNN: one code, about 1 output in 10^6
     assert r.agreement == 1.0 and r.max_abs_logit_diff <= bound, r
     ort = verify_onnx(path, gm, data, x64_quant_precision=True, progress=False, runtime="onnxruntime")
     assert ort.max_abs_logit_diff > 0.0  # ORT's QLinearAdd / pool round differently: not this spec's runtime

@@ -20,7 +20,8 @@ computes:
 * **QuantizeLinear** (everything left in float): ``rne(x / s) + z`` -- a division, as ONNX specifies.
 
 With ``arithmetic: torch-x86`` the kernels are PyTorch's x86 engine's (``torch.ops.quantized``, what a
-``torch.ao`` model runs; each formula checked against the kernel in ``tests/test_torch_arithmetic.py``):
+``torch.ao`` model runs; the add and pool formulas live in :mod:`quantbench.graph.torch_engines`; each formula is
+checked against the kernel in ``tests/test_torch_arithmetic.py``):
 
 * **conv / linear (FBGEMM)**: ``y_q = sat(rne((float32(acc) + float32(b / s_xw)) * M) + z_y)``, the float
   bias ``b = float32(b_q s_xw)`` as the QDQ export stores it;
@@ -53,7 +54,6 @@ enabled (QAT) every module falls back to fake quantization with the straight-thr
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -61,6 +61,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from quantbench.graph.torch_engines import ADD_KERNELS, POOL_KERNELS, x86_conv_kernel
+from quantbench.graph.torch_engines import scalar32 as _scalar
 from quantbench.quant.fake_quant import quantize
 from quantbench.quant.quantizer import Quantizer
 
@@ -71,9 +73,9 @@ INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 EXACT_FLOAT32 = 2**24  # integers below this are exact in float32
 _EPS32 = torch.finfo(torch.float32).eps
 #: the runtimes whose integer kernels the simulation computes (a backend spec's ``arithmetic``)
-INTEGER_ARITHMETICS = ("onnxruntime", "torch-x86", "torch-qnnpack")
-#: the integer arithmetics of PyTorch's engines (torch.ops.quantized kernels)
-TORCH_ARITHMETICS = ("torch-x86", "torch-qnnpack")
+INTEGER_ARITHMETICS = ("onnxruntime", *ADD_KERNELS)
+#: the integer arithmetics of PyTorch's engines (:mod:`quantbench.graph.torch_engines`)
+TORCH_ARITHMETICS = tuple(ADD_KERNELS)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -114,10 +116,6 @@ def ready(*qs: Quantizer | None) -> bool:
 def integer_mode() -> bool:
     """Integer arithmetic runs at inference; with gradients the modules fall back to fake quantization."""
     return not torch.is_grad_enabled()
-
-
-def _scalar(t: Tensor) -> Tensor:
-    return t.reshape(()).to(torch.float32)
 
 
 def codes(x: Tensor, q: Quantizer) -> Tensor:
@@ -284,22 +282,6 @@ def integer_weighted(layer: QuantWeighted, x: Tensor, w: Tensor, b: Tensor | Non
     return requantize(v, out_q).to(x.dtype)
 
 
-def x86_conv_kernel(layer: QuantWeighted) -> str:
-    """Which library PyTorch's x86 engine runs this layer on: ``onednn`` for convolutions with symmetric
-    weights and at most 100 groups on Linux CPUs with AVX512-VNNI (``onednn_utils::should_use_onednn_quant``),
-    ``fbgemm`` otherwise (and for every linear layer). It depends on the host, as the engine does."""
-    wq = layer.weight_quantizer
-    if layer.is_linear or wq is None or sys.platform != "linux" or not _host_has_vnni():
-        return "fbgemm"
-    groups = getattr(layer.module, "groups", 1)
-    return "onednn" if groups <= 100 and bool((wq.zero_point == 0).all()) else "fbgemm"
-
-
-def _host_has_vnni() -> bool:
-    probe = getattr(torch.cpu, "_is_vnni_supported", None)
-    return bool(probe()) if probe is not None else False
-
-
 def _onednn_requantize(layer: QuantWeighted, acc: Tensor, bq: Tensor | None, in_q: Quantizer,
                        out_q: Quantizer) -> Tensor:
     """oneDNN's int8 convolution output: ``sat(rne(((float32(acc) * s_x) * s_w + b) * float32(1 / s_y) + z_y))``
@@ -356,80 +338,6 @@ def weight_type_ok(layer: QuantWeighted) -> bool:
 
 
 # ------------------------------------------------------------------------------------ add and pool
-def _torch_uint8(q: Quantizer) -> float:
-    """The shift PyTorch's kernels apply to a tensor: int8 runs as quint8 with codes and zero-point + 128."""
-    return 128.0 if q.qmin < 0 else 0.0
-
-
-def torch_add(ca: Tensor, cb: Tensor, qa: Quantizer, qb: Quantizer, qy: Quantizer) -> Tensor:
-    """``torch.ops.quantized.add`` (x86 engine) on integer codes ``ca``, ``cb`` (float dtype, zero-point
-    included): the output's pre-rounding float32 values with its zero-point, in the input codes' signedness."""
-    f32, f64 = torch.float32, torch.float64
-
-    def dequantize(c: Tensor, q: Quantizer) -> Tensor:  # fma(s, c, -s z): exact in float64, one rounding
-        shift = _torch_uint8(q)
-        s = _scalar(q.scale)
-        neg_zs = (s * -(float(q.zero_point.reshape(-1)[0]) + shift)).to(f32)
-        return (c.to(f64).add(shift).mul_(s.to(f64)).add_(neg_zs.to(f64))).to(f32)
-
-    inv = torch.tensor(1.0 / float(_scalar(qy.scale)), dtype=f32)
-    shift = _torch_uint8(qy)
-    return torch.round((dequantize(ca, qa) + dequantize(cb, qb)) * inv).add_(
-        float(qy.zero_point.reshape(-1)[0]) + shift).sub_(shift)
-
-
-def torch_global_avg_pool(cx: Tensor, qx: Quantizer, qy: Quantizer) -> Tensor:
-    """The x86 engine's quantized ``adaptive_avg_pool2d(x, 1)`` (at the input's scale and zero-point), then the
-    requantization to ``qy``: the output codes (float dtype, zero-point included)."""
-    shift = _torch_uint8(qx)
-    n = cx.shape[-1] * cx.shape[-2]
-    p = torch.round(cx.double().add(shift).sum(dim=(-2, -1), keepdim=True) / n)  # codes at the input's grid
-    zx, zy = (float(q.zero_point.reshape(-1)[0]) for q in (qx, qy))
-    sx, sy = _scalar(qx.scale), _scalar(qy.scale)
-    if (float(sx), zx) == (float(sy), zy):
-        return p.float().sub_(shift)
-    v = (p.float() - (zx + shift)) * sx  # the dequantized pool, float32
-    out_shift = _torch_uint8(qy)
-    return torch.round(v * torch.tensor(1.0 / float(sy), dtype=torch.float32)).add_(zy + out_shift).sub_(out_shift)
-
-
-def qnnpack_add(ca: Tensor, cb: Tensor, qa: Quantizer, qb: Quantizer, qy: Quantizer) -> Tensor:
-    """``torch.ops.quantized.add`` on the QNNPACK engine, in fixed point (its add quantization parameters):
-    ``acc = m_a a + m_b b - (m_a z_a + m_b z_b)`` in integers with ``m = lrint(2^(21 - e) r)``,
-    ``r = float32(s / s_y)``, ``e`` the exponent of the larger ratio, then a rounding right shift by ``21 - e``
-    (negative halves round away from zero, as the kernel's remainder test does). Output codes (float dtype,
-    zero-point included)."""
-    sy = _scalar(qy.scale)
-    ra, rb = (_scalar(q.scale) / sy for q in (qa, qb))
-    exponent = int(torch.frexp(torch.maximum(ra, rb)).exponent) - 1
-    shift = 21 - exponent
-    unit = torch.tensor(2.0 ** shift, dtype=torch.float32)
-    ma, mb = (int(torch.round(unit * r)) for r in (ra, rb))
-    sa, sb = _torch_uint8(qa), _torch_uint8(qb)
-    za, zb = (int(q.zero_point.reshape(-1)[0]) + int(sh) for q, sh in ((qa, sa), (qb, sb)))
-    acc = (ca.to(torch.int64) + int(sa)) * ma + (cb.to(torch.int64) + int(sb)) * mb - (ma * za + mb * zb)
-    mask = (1 << shift) - 1
-    rem = (acc & mask) - (acc < 0).to(torch.int64)
-    out = (acc >> shift) + (rem > (mask >> 1)).to(torch.int64)
-    return out.to(torch.float32).add_(float(qy.zero_point.reshape(-1)[0]))
-
-
-def qnnpack_global_avg_pool(cx: Tensor, qx: Quantizer, qy: Quantizer) -> Tensor:
-    """The QNNPACK engine's quantized ``adaptive_avg_pool2d(x, 1)``: ``rne(float32(sum - z_x N) * float32(s_x /
-    (s_x N))) + z_x`` at the input's grid, then the requantization to ``qy`` (as :func:`torch_global_avg_pool`)."""
-    shift = _torch_uint8(qx)
-    n = cx.shape[-1] * cx.shape[-2]
-    zx, zy = (float(q.zero_point.reshape(-1)[0]) for q in (qx, qy))
-    sx, sy = _scalar(qx.scale), _scalar(qy.scale)
-    acc = cx.double().add(shift).sum(dim=(-2, -1), keepdim=True) - (zx + shift) * n
-    p = torch.round(acc.float() * (sx / (sx * torch.tensor(float(n), dtype=torch.float32)))) + (zx + shift)
-    if (float(sx), zx) == (float(sy), zy):
-        return p.sub_(shift)
-    v = (p - (zx + shift)) * sx
-    out_shift = _torch_uint8(qy)
-    return torch.round(v * torch.tensor(1.0 / float(sy), dtype=torch.float32)).add_(zy + out_shift).sub_(out_shift)
-
-
 class IntAdd(nn.Module):
     """A residual add that runs its runtime's integer add (ORT's QLinearAdd, or PyTorch's x86 quantized add)
     when its inputs and output are quantized."""
@@ -446,8 +354,8 @@ class IntAdd(nn.Module):
             return a + b
         qa, qb, qy = links.inputs[0], links.inputs[1], links.out_q
         assert qa is not None and qb is not None and qy is not None
-        if links.arithmetic in TORCH_ARITHMETICS:
-            kernel = torch_add if links.arithmetic == "torch-x86" else qnnpack_add
+        if links.arithmetic in ADD_KERNELS:
+            kernel = ADD_KERNELS[links.arithmetic]
             return requantize(kernel(codes(a, qa), codes(b, qb), qa, qb, qy), qy, with_zero_point=True).to(a.dtype)
         sy = _scalar(qy.scale)
         ra, rb = _scalar(qa.scale) / sy, _scalar(qb.scale) / sy  # float32 ratios
@@ -482,9 +390,9 @@ class IntGlobalAvgPool(nn.Module):
             return F.adaptive_avg_pool2d(x, 1)
         qx, qy = links.inputs[0], links.out_q
         assert qx is not None and qy is not None
-        if links.arithmetic in TORCH_ARITHMETICS:
-            kernel = torch_global_avg_pool if links.arithmetic == "torch-x86" else qnnpack_global_avg_pool
-            return requantize(kernel(codes(x, qx), qx, qy), qy, with_zero_point=True).to(x.dtype)
+        if links.arithmetic in POOL_KERNELS:
+            return requantize(POOL_KERNELS[links.arithmetic](codes(x, qx), qx, qy), qy,
+                              with_zero_point=True).to(x.dtype)
         n = x.shape[-1] * x.shape[-2]
         zx = float(qx.zero_point.reshape(-1)[0])
         acc = codes(x, qx).double().sum(dim=(-2, -1), keepdim=True) - zx * n
