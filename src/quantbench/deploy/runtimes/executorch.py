@@ -33,6 +33,7 @@ from torch import nn
 
 from quantbench.deploy.errors import RuntimeUnavailableError
 from quantbench.deploy.runtimes.base import OpReport, Runtime, RuntimeOptions, register_runtime, requires
+from quantbench.deploy.runtimes.onnx_ops import attrs, input_shape
 
 INSTALL = "pip install 'quantbench[executorch]'"
 MODULES = ("executorch.runtime", "executorch.exir", "executorch.backends.xnnpack.partition.xnnpack_partitioner",
@@ -41,10 +42,6 @@ NOT_DELEGATED = ("ConstantPadConfig",)
 FP32_REASON = ("XNNPACK ran it in fp32: the adapter gives it float weights where no QS8 kernel applies (asymmetric "
                "weights: QS8 takes zero point 0; or an output that is not re-quantized)")
 COMPUTE_TARGETS = ("convolution", "linear", "addmm", "mm", "add.Tensor", "mean", "avg_pool2d", "mul.Tensor")
-
-
-def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _s8(zero_point: int, dtype: np.dtype) -> int:
@@ -86,7 +83,7 @@ class _Builder:
         self.consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
         for n in g.node:
             if n.op_type == "Constant":
-                self.consts[n.output[0]] = numpy_helper.to_array(_attrs(n)["value"])
+                self.consts[n.output[0]] = numpy_helper.to_array(attrs(n)["value"])
         self.env[g.input[0].name] = self.graph.placeholder("x")
         self.requantized = _requantized_outputs(g)
         for n in g.node:
@@ -118,7 +115,7 @@ class _Builder:
         return self.consts[name]
 
     def node(self, node: onnx.NodeProto, qd: Any) -> fx.Node:
-        op, ins, a = node.op_type, list(node.input), _attrs(node)
+        op, ins, a = node.op_type, list(node.input), attrs(node)
         x = self.env.get(ins[0]) if ins else None
         if op == "QuantizeLinear":
             s, zp = float(self.value(ins[1])), self.value(ins[2])
@@ -344,7 +341,6 @@ def build_module(model: onnx.ModelProto) -> fx.GraphModule:
 
 def _load(path: Path, opts: RuntimeOptions) -> _Program:
     from quantbench.deploy.ort import constant_folded
-    from quantbench.deploy.runtimes.torch_qdq import input_shape
 
     model = constant_folded(path)
     module = build_module(model)

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from quantbench.deploy.runtimes.base import OpReport, Runtime, RuntimeOptions, register_runtime
-from quantbench.deploy.runtimes.torch_qdq import QDQInterpreter, Record, engine, input_shape
+from quantbench.deploy.runtimes.onnx_ops import input_shape
+from quantbench.deploy.runtimes.torch_qdq import QDQInterpreter, Record, engine
 
 
 @dataclass

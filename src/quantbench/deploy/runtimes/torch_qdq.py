@@ -22,11 +22,10 @@ import contextlib
 import math
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
@@ -35,10 +34,18 @@ from torch import Tensor
 
 from quantbench.deploy.errors import RuntimeUnavailableError
 from quantbench.deploy.runtimes.base import OpReport
+from quantbench.deploy.runtimes.onnx_ops import (
+    MOVEMENT_OPS,
+    Unsupported,
+    attrs,
+    conv_padding,
+    float_op,
+    move,
+    pad_tensor,
+    scalar,
+)
 
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul", "Add", "GlobalAveragePool")
-MOVEMENT_OPS = frozenset({"Slice", "Pad", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity",
-                          "MaxPool"})
 
 
 @contextlib.contextmanager
@@ -101,7 +108,7 @@ class Weight:
     def qtensor(self, transpose: bool = False) -> Tensor:
         """The engine's ``qint8`` weight (per channel along the output axis, or per tensor)."""
         if self.codes.dtype not in (torch.int8, torch.uint8):
-            raise _Unsupported(f"weights stored as {self.codes.dtype}; the engine takes int8 weights")
+            raise Unsupported(f"weights stored as {self.codes.dtype}; the engine takes int8 weights")
         zp = self.zp.long()
         codes = self.codes
         if codes.dtype == torch.uint8:  # the same values as int8: codes and zero points - 128
@@ -111,7 +118,7 @@ class Weight:
         if self.scale.numel() == 1:
             return torch._make_per_tensor_quantized_tensor(codes.contiguous(), float(self.scale), int(zp))
         if axis != 0:
-            raise _Unsupported(f"weights quantized per channel along axis {axis}; the engine wants the output axis 0")
+            raise Unsupported(f"weights quantized per channel along axis {axis}; the engine wants the output axis 0")
         return torch._make_per_channel_quantized_tensor(codes.contiguous(), self.scale.double(), zp, 0)
 
 
@@ -129,162 +136,14 @@ class Pending:
         return Pending(self.node, self.inputs, (max(old_lo, lo), min(old_hi, hi)))
 
 
-class _Unsupported(Exception):
-    """The engine has no integer kernel for this case (the node runs in float, with this reason)."""
-
-
 def _unsigned(codes: Tensor, zp: int) -> tuple[Tensor, int]:
     if codes.dtype == torch.int8:
         return (codes.to(torch.int16) + 128).to(torch.uint8), zp + 128
     return codes, zp
 
 
-def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-
-
-def _scalar(v: Any) -> float:
-    return float(v.reshape(-1)[0]) if isinstance(v, Tensor) else float(v)
-
-
 def _to_float(v: Any) -> Tensor:
     return v.float() if isinstance(v, (Deq, Weight)) else v
-
-
-# ---- data movement, on codes or floats alike ----------------------------------------------------------------------
-
-def _slice(x: Tensor, starts: Tensor, ends: Tensor, axes: Tensor | None = None, steps: Tensor | None = None) -> Tensor:
-    axes_l = list(range(len(starts))) if axes is None else [int(a) % x.dim() for a in axes]
-    steps_l = [1] * len(starts) if steps is None else [int(s) for s in steps]
-    index = [slice(None)] * x.dim()
-    for a, s, e, st in zip(axes_l, starts.tolist(), ends.tolist(), steps_l, strict=True):
-        if st < 0:
-            raise _Unsupported("Slice with a negative step")
-        n = x.shape[a]
-        index[a] = slice(max(0, min(n, s + n if s < 0 else s)), max(0, min(n, e + n if e < 0 else e)), st)
-    return x[tuple(index)]
-
-
-def _pad(x: Tensor, pads: Tensor, value: float, mode: str) -> Tensor:
-    if mode != "constant":
-        raise _Unsupported(f"Pad mode {mode!r}")
-    p = [int(v) for v in pads]
-    half = len(p) // 2
-    torch_pads: list[int] = []
-    for axis in reversed(range(half)):
-        torch_pads += [p[axis], p[axis + half]]
-    if x.dtype in (torch.uint8, torch.int8):
-        return F.pad(x.to(torch.int16), torch_pads, value=int(value)).to(x.dtype)
-    return F.pad(x, torch_pads, value=value)
-
-
-def _reshape(x: Tensor, shape: Tensor) -> Tensor:
-    dims = [int(d) if int(d) != 0 else x.shape[i] for i, d in enumerate(shape.tolist())]
-    return x.reshape(dims)
-
-
-def _maxpool(x: Tensor, a: dict[str, Any]) -> Tensor:
-    k = a["kernel_shape"]
-    pads = a.get("pads", [0] * 2 * len(k))
-    if pads[: len(k)] != pads[len(k):]:
-        raise _Unsupported("MaxPool with asymmetric pads")
-    integer = x.dtype in (torch.uint8, torch.int8)
-    y = F.max_pool2d(x.float() if integer else x, k, a.get("strides", k), pads[: len(k)], a.get("dilations", 1),
-                     ceil_mode=bool(a.get("ceil_mode", 0)))
-    return y.to(x.dtype) if integer else y  # max commutes with dequantization: exact on codes
-
-
-def move(node: onnx.NodeProto, x: Tensor, rest: list[Any]) -> Tensor:
-    """``node`` (a data-movement op) applied to ``x`` (codes or floats); ``rest`` are its other (constant) inputs."""
-    a, op = _attrs(node), node.op_type
-    if op == "Slice":
-        return _slice(x, *rest)
-    if op == "Pad":
-        value = _scalar(rest[1]) if len(rest) > 1 and rest[1] is not None else 0.0
-        return _pad(x, rest[0], value, a.get("mode", b"constant").decode() if isinstance(a.get("mode"), bytes)
-                    else a.get("mode", "constant"))
-    if op == "Reshape":
-        return _reshape(x, rest[0])
-    if op == "Flatten":
-        axis = a.get("axis", 1) % max(x.dim(), 1)
-        return x.reshape(math.prod(x.shape[:axis]), -1)
-    if op == "Transpose":
-        return x.permute(*(a.get("perm") or reversed(range(x.dim()))))
-    if op == "Squeeze":
-        axes = rest[0].tolist() if rest else a.get("axes")
-        return x.squeeze(tuple(axes)) if axes is not None else x.squeeze()
-    if op == "Unsqueeze":
-        axes = [int(v) for v in (rest[0] if rest and rest[0] is not None else a["axes"])]
-        for ax in sorted(v % (x.dim() + len(axes)) for v in axes):
-            x = x.unsqueeze(ax)
-        return x
-    if op == "MaxPool":
-        return _maxpool(x, a)
-    return x  # Identity
-
-
-# ---- float execution ------------------------------------------------------------------------------------------------
-
-def _conv_padding(a: dict[str, Any], nd: int) -> tuple[list[int], list[int] | None]:
-    """``(symmetric padding, explicit F.pad list or None)`` of an ONNX Conv's ``pads``."""
-    pads = a.get("pads", [0] * 2 * nd)
-    if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-        raise _Unsupported(f"auto_pad {a['auto_pad']!r}")
-    if pads[:nd] == pads[nd:]:
-        return list(pads[:nd]), None
-    torch_pads: list[int] = []
-    for axis in reversed(range(nd)):
-        torch_pads += [pads[axis], pads[axis + nd]]
-    return [0] * nd, torch_pads
-
-
-def float_op(node: onnx.NodeProto, xs: list[Any]) -> Tensor:
-    """ONNX ``node`` on float inputs (``None`` for absent optional inputs)."""
-    a, op = _attrs(node), node.op_type
-    if op == "Conv":
-        nd = xs[1].dim() - 2
-        padding, explicit = _conv_padding(a, nd)
-        x = F.pad(xs[0], explicit) if explicit else xs[0]
-        conv = F.conv2d if nd == 2 else F.conv1d
-        return conv(x, xs[1], xs[2] if len(xs) > 2 else None, a.get("strides", 1), padding,
-                    a.get("dilations", 1), a.get("group", 1))
-    if op == "Gemm":
-        if a.get("transB") and not a.get("transA") and a.get("alpha", 1.0) == 1.0 and a.get("beta", 1.0) == 1.0:
-            return F.linear(xs[0], xs[1], xs[2] if len(xs) > 2 else None)  # what a float nn.Linear runs
-        x, w = xs[0].t() if a.get("transA") else xs[0], xs[1].t() if a.get("transB") else xs[1]
-        y = a.get("alpha", 1.0) * (x @ w)
-        return y + a.get("beta", 1.0) * xs[2] if len(xs) > 2 and xs[2] is not None else y
-    simple: dict[str, Callable[..., Tensor]] = {
-        "MatMul": torch.matmul, "Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": torch.div,
-        "Relu": torch.relu, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Erf": torch.erf,
-        "GlobalAveragePool": lambda x: x.mean(dim=tuple(range(2, x.dim())), keepdim=True),
-    }
-    if op in simple:
-        return simple[op](*xs)
-    if op == "Clip":
-        lo = _scalar(xs[1]) if len(xs) > 1 and xs[1] is not None else a.get("min", -math.inf)
-        hi = _scalar(xs[2]) if len(xs) > 2 and xs[2] is not None else a.get("max", math.inf)
-        return xs[0].clamp(lo, hi)
-    if op == "HardSigmoid":
-        return (a.get("alpha", 0.2) * xs[0] + a.get("beta", 0.5)).clamp(0, 1)
-    if op == "HardSwish":
-        return F.hardswish(xs[0])
-    if op == "Softmax":
-        return torch.softmax(xs[0], a.get("axis", -1))
-    if op == "AveragePool":
-        k = a["kernel_shape"]
-        pads = a.get("pads", [0] * 2 * len(k))
-        return F.avg_pool2d(xs[0], k, a.get("strides", k), pads[: len(k)], bool(a.get("ceil_mode", 0)),
-                            bool(a.get("count_include_pad", 0)))
-    if op == "Concat":
-        return torch.cat(xs, a["axis"])
-    if op == "ReduceMean":
-        axes = xs[1].tolist() if len(xs) > 1 else a.get("axes")
-        return xs[0].mean(dim=tuple(axes), keepdim=bool(a.get("keepdims", 1)))
-    if op in MOVEMENT_OPS:
-        return move(node, xs[0], xs[1:])
-    raise RuntimeUnavailableError(f"the PyTorch-engine runtime has no implementation of ONNX op {op!r} "
-                                  f"(node {node.name!r}); run this model with --runtime onnxruntime")
 
 
 # ---- integer kernels ------------------------------------------------------------------------------------------------
@@ -339,7 +198,7 @@ class Kernels:
         elif op == "GlobalAveragePool":
             y = self._pool(p, scale, zp, dtype)
         else:  # pragma: no cover - pending only holds QUANTIZED_OPS
-            raise _Unsupported(op)
+            raise Unsupported(op)
         codes = _back(y, dtype)
         # Q(clip(v)) = clip(Q(v)) with the bounds quantized (the fused-ReLU kernels did the bare ReLU)
         if p.act is not None and (p.act != RELU or op == "GlobalAveragePool"):
@@ -354,12 +213,12 @@ class Kernels:
     def _conv(self, p: Pending, scale: float, zp: int, dtype: torch.dtype) -> Tensor:
         x, w = p.inputs[0], p.inputs[1]
         if not isinstance(x, Deq) or not isinstance(w, Weight) or w.codes.dim() != 4:
-            raise _Unsupported("a 2-D convolution of quantized activations by constant quantized weights")
-        a = _attrs(p.node)
-        padding, explicit = _conv_padding(a, 2)
+            raise Unsupported("a 2-D convolution of quantized activations by constant quantized weights")
+        a = attrs(p.node)
+        padding, explicit = conv_padding(a, 2)
         qx = x.qtensor()
         if explicit:  # pad the codes with the zero point (the real value 0)
-            qx = torch._make_per_tensor_quantized_tensor(_pad(qx.int_repr(), torch.tensor(
+            qx = torch._make_per_tensor_quantized_tensor(pad_tensor(qx.int_repr(), torch.tensor(
                 [explicit[2], explicit[0], explicit[3], explicit[1]]), qx.q_zero_point(), "constant"),
                 qx.q_scale(), qx.q_zero_point())
         key = p.node.output[0]
@@ -372,11 +231,11 @@ class Kernels:
 
     def _linear(self, p: Pending, scale: float, zp: int, dtype: torch.dtype) -> Tensor:
         x, w = p.inputs[0], p.inputs[1]
-        a = _attrs(p.node)
+        a = attrs(p.node)
         transpose = p.node.op_type == "MatMul" or not a.get("transB", 0)
         if not isinstance(x, Deq) or not isinstance(w, Weight) or w.codes.dim() != 2 or a.get("transA", 0) \
                 or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0:
-            raise _Unsupported("a matrix product of quantized activations by constant quantized weights")
+            raise Unsupported("a matrix product of quantized activations by constant quantized weights")
         key = p.node.output[0]
         if key not in self.packed:
             self.packed[key] = torch.ops.quantized.linear_prepack(w.qtensor(transpose), self._bias(p))
@@ -386,14 +245,14 @@ class Kernels:
     def _add(self, p: Pending, scale: float, zp: int, dtype: torch.dtype) -> Tensor:
         xa, xb = p.inputs
         if not isinstance(xa, Deq) or not isinstance(xb, Deq) or xa.codes.shape != xb.codes.shape:
-            raise _Unsupported("an addition of two quantized tensors of one shape")
+            raise Unsupported("an addition of two quantized tensors of one shape")
         fn = torch.ops.quantized.add_relu if _relu_first(p) else torch.ops.quantized.add
         return fn(xa.qtensor(), xb.qtensor(), *_out_qparams(scale, zp, dtype))
 
     def _pool(self, p: Pending, scale: float, zp: int, dtype: torch.dtype) -> Tensor:
         x = p.inputs[0]
         if not isinstance(x, Deq) or x.codes.dim() != 4:
-            raise _Unsupported("a global average pool of quantized activations")
+            raise Unsupported("a global average pool of quantized activations")
         y = F.adaptive_avg_pool2d(x.qtensor(), 1)  # the engine's kernel keeps the input's scale and zero point
         s, z = _out_qparams(scale, zp, dtype)
         if (y.q_scale(), y.q_zero_point()) == (s, z):
@@ -431,7 +290,7 @@ class QDQInterpreter:
         self.consts: dict[str, Any] = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in g.initializer}
         for n in self.nodes:
             if n.op_type == "Constant":
-                self.consts[n.output[0]] = torch.from_numpy(numpy_helper.to_array(_attrs(n)["value"]).copy())
+                self.consts[n.output[0]] = torch.from_numpy(numpy_helper.to_array(attrs(n)["value"]).copy())
         self.kernels = Kernels()
 
     def run(self, x: Tensor, record: Record | None = None) -> list[Tensor]:
@@ -478,8 +337,8 @@ class QDQInterpreter:
 
     @staticmethod
     def _clip_bounds(node: onnx.NodeProto, ins: list[Any]) -> tuple[float, float]:
-        lo = _scalar(ins[1]) if len(ins) > 1 and ins[1] is not None else _attrs(node).get("min", -math.inf)
-        hi = _scalar(ins[2]) if len(ins) > 2 and ins[2] is not None else _attrs(node).get("max", math.inf)
+        lo = scalar(ins[1]) if len(ins) > 1 and ins[1] is not None else attrs(node).get("min", -math.inf)
+        hi = scalar(ins[2]) if len(ins) > 2 and ins[2] is not None else attrs(node).get("max", math.inf)
         return lo, hi
 
     def _pad_code(self, node: onnx.NodeProto, x: Codes | Deq, ins: list[Any]) -> Any:
@@ -487,7 +346,7 @@ class QDQInterpreter:
         value = ins[2] if len(ins) > 2 else None
         if isinstance(x, Codes):
             return value
-        v = 0.0 if value is None else _scalar(value)
+        v = 0.0 if value is None else scalar(value)
         if v != 0.0:
             raise RuntimeUnavailableError(f"Pad {node.name!r} pads dequantized values with {v}, not 0")
         return torch.tensor(x.zp)
@@ -497,7 +356,7 @@ class QDQInterpreter:
         zp = ins[2] if len(ins) > 2 and ins[2] is not None else torch.zeros((), dtype=torch.uint8)
         name = node.input[0]
         if name in self.consts:
-            axis = _attrs(node).get("axis", 1) if s.numel() > 1 else None
+            axis = attrs(node).get("axis", 1) if s.numel() > 1 else None
             return Weight(q, s.float(), zp, axis % q.dim() if axis is not None else None)
         if isinstance(q, Codes):
             if s.numel() != 1:
@@ -514,7 +373,7 @@ class QDQInterpreter:
         if isinstance(x, Pending):
             try:
                 codes = self.kernels.run(x, scale, zp, dtype)
-            except _Unsupported as why:
+            except Unsupported as why:
                 x = self._float(x.node, x.inputs, rec, f"no integer kernel: the engine needs {why}", x.act)
             else:
                 rec.integer[x.node.op_type] += 1
@@ -546,11 +405,3 @@ class QDQInterpreter:
                                "reason": reason})
         return y
 
-
-def input_shape(model: onnx.ModelProto) -> tuple[int, ...]:
-    """The graph input's shape with dynamic dimensions as 1."""
-    return tuple(d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim)
-
-
-def as_numpy(outputs: list[Tensor]) -> np.ndarray:
-    return outputs[0].detach().numpy()
