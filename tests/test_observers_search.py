@@ -116,18 +116,22 @@ def test_mse_num_candidates_option():
 # ------------------------------------------------------------------------------------------------
 # 4. kld
 # ------------------------------------------------------------------------------------------------
+def assert_kld_matches_reference(obs, x: np.ndarray, sc, per_channel: bool) -> None:
+    """The observer's range equals the per-candidate loop reference within one histogram bin."""
+    qmin, qmax = resolved_qrange(x, sc)
+    levels = qmax + 1 if sc.symmetric else qmax - qmin + 1
+    lo_ref, hi_ref = ref_kld_range(obs, rows_of(x, per_channel), sc.symmetric, levels)
+    lo, hi = obs_range(obs)
+    w = obs.hist.width.numpy() * (1 + 1e-6) + 1e-6 * np.maximum(np.abs(lo_ref), np.abs(hi_ref))
+    assert np.all(np.abs(lo - lo_ref) <= w) and np.all(np.abs(hi - hi_ref) <= w)
+
+
 @pytest.mark.parametrize(CASE_NAMES, **BITS_CASES)
 def test_kld_matches_per_candidate_loop_reference(per_channel, symmetric, bits, kind):
     x = make_data(kind, bits + 40)
     sc = scheme_for(bits, symmetric, per_channel)
     obs = observe("kld", x, sc, batches=2, bins=512)
-    rows = rows_of(x, per_channel)
-    qmin, qmax = resolved_qrange(x, sc)
-    levels = qmax + 1 if symmetric else qmax - qmin + 1
-    lo_ref, hi_ref = ref_kld_range(obs, rows, symmetric, levels)
-    lo, hi = obs_range(obs)
-    w = obs.hist.width.numpy() * (1 + 1e-6) + 1e-6 * np.maximum(np.abs(lo_ref), np.abs(hi_ref))
-    assert np.all(np.abs(lo - lo_ref) <= w) and np.all(np.abs(hi - hi_ref) <= w)
+    assert_kld_matches_reference(obs, x, sc, per_channel)
 
 
 @pytest.mark.parametrize(("symmetric", "bits"), [(True, 8), (True, 4), (False, 8), (False, 2)])
@@ -135,13 +139,7 @@ def test_kld_default_2048_bins_matches_reference(symmetric, bits):
     x = make_data("relu" if symmetric else "normal", 5, (20000,))
     sc = scheme_for(bits, symmetric, False)
     obs = observe("kld", x, sc)
-    rows = rows_of(x, False)
-    qmin, qmax = resolved_qrange(x, sc)
-    levels = qmax + 1 if symmetric else qmax - qmin + 1
-    lo_ref, hi_ref = ref_kld_range(obs, rows, symmetric, levels)
-    lo, hi = obs_range(obs)
-    w = obs.hist.width.numpy() * (1 + 1e-6) + 1e-6 * np.maximum(np.abs(lo_ref), np.abs(hi_ref))
-    assert np.all(np.abs(lo - lo_ref) <= w) and np.all(np.abs(hi - hi_ref) <= w)
+    assert_kld_matches_reference(obs, x, sc, False)
 
 
 def test_kld_divergences_equal_the_loop_reference():
@@ -270,15 +268,10 @@ def test_kld_accumulation_equals_kld_of_all_data_on_the_merged_grid(per_channel,
     for b in batches:
         many.observe(torch.from_numpy(b))
     x = np.concatenate(batches)
-    rows = rows_of(x, per_channel)
-    qmin, qmax = resolved_qrange(x, sc)
-    levels = qmax + 1 if symmetric else qmax - qmin + 1
-    lo_ref, hi_ref = ref_kld_range(many, rows, symmetric, levels)
+    assert_kld_matches_reference(many, x, sc, per_channel)
     lo, hi = obs_range(many)
-    w = many.hist.width.numpy() * (1 + 1e-6) + 1e-6 * np.maximum(np.abs(lo_ref), np.abs(hi_ref))
-    assert np.all(np.abs(lo - lo_ref) <= w) and np.all(np.abs(hi - hi_ref) <= w)
     lo1, hi1 = obs_range(observe("kld", x, sc, bins=512))
-    amax = np.abs(rows).max(1)
+    amax = np.abs(rows_of(x, per_channel)).max(1)
     assert np.all(np.abs(hi - hi1) <= 0.15 * amax) and np.all(np.abs(lo - lo1) <= 0.15 * amax)
 
 
