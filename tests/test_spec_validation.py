@@ -43,8 +43,8 @@ def test_the_output_channel_axis_loads(tmp_path: Path) -> None:
 
 @pytest.mark.fault(input="ptq --backend tensorrt --w-bits 1 (or --a-bits 1)", exit_code=2, kept="nothing run",
                    message="--w-bits 1: tensorrt's signed symmetric weights at 1 bit have the grid {-1, 0}·s, which "
-                           "zeroes every positive weight: use at least 2 bits (binary/ternary quantizers are not "
-                           "selectable yet)")
+                           "zeroes every positive weight: use at least 2 bits (binary or ternary weights: "
+                           "`quantbench qat --algorithm binary` or `gaussian` make 1-bit weights binary, {-1, +1}·s)")
 @pytest.mark.parametrize(("flag", "role"), [("--w-bits", "weight"), ("--a-bits", "activation")])
 def test_signed_symmetric_one_bit_is_refused_naming_the_option(flag: str, role: str) -> None:
     res = runner.invoke(app, ["ptq", "--model", "digits_cnn", "--data", "digits", "--backend", "tensorrt", flag, "1"])

@@ -117,12 +117,17 @@ class QuantRunConfig(BaseModel):
             raise ValueError("device 'cuda' requested but no CUDA GPU is available: use --device cpu")
         return self
 
+    def binary_weights(self) -> bool:
+        """Whether 1-bit weights mean the binary grid {-1, +1}·s (a QAT rule that learns it; never in PTQ)."""
+        return False
+
     def resolved_backend(self) -> BackendSpec:
         """The backend spec with this run's bit-width and policy overrides applied."""
         try:
             return load_backend(self.backend).configure(
                 w_bits=self.w_bits, a_bits=self.a_bits, first_last=self.first_last,
                 residual=self.residual, skip=self.skip, overrides=self.overrides,
+                binary_weights=self.binary_weights() or None,
             )
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc

@@ -65,6 +65,11 @@ class BackendSpec(BaseModel):
                            "kernels of x86 CPUs without VNNI (AVX2)")
     artefacts: tuple[str, ...] = Field((), description="artefact files `quantbench export` writes "
                                  "beside the ONNX (see quantbench.deploy.artefacts)")
+    binary_weights: bool = Field(
+        False, description="1-bit signed weights are binary, {-1, +1}·s per filter (seed 003 eq. 4), as a "
+                           "binary-capable QAT rule (binary, gaussian) learns them; set by the run, never by a spec "
+                           "file. Without it 1-bit signed symmetric weights are refused (their grid {-1, 0}·s zeroes "
+                           "positive weights)")
     reference: str = ""
     faithful_to: dict[str, str] = Field(
         default_factory=dict, description="real runtimes (quantbench.deploy.runtimes) whose results this simulation "
@@ -93,11 +98,13 @@ class BackendSpec(BaseModel):
         if weight.signedness == "adaptive" and self.deployable:
             raise ValueError(f"{where}adaptive signedness is an academic setting: a deployable backend cannot use it")
         for role, scheme in (("weight", weight), ("activation", activation)):
+            if role == "weight" and self.binary_weights:
+                continue
             if scheme.bits == 1 and scheme.symmetric and scheme.signedness != "unsigned":
                 raise ValueError(
                     f"{where}{role}.bits 1: {self.name}'s signed symmetric {role}s at 1 bit have the grid {{-1, 0}}·s, "
                     f"which zeroes every positive {role}: use at least 2 bits (binary or ternary weights: "
-                    "`quantbench qat --algorithm binary|ternary` at 2 bits or more)")
+                    "`quantbench qat --algorithm binary` or `gaussian` make 1-bit weights binary, {-1, +1}·s)")
         if weight.ch_axis not in WEIGHT_CH_AXES:
             raise ValueError(
                 f"{where}weight.ch_axis {weight.ch_axis}: conv and linear weights (out_channels, in_channels, ...) "
@@ -117,6 +124,7 @@ class BackendSpec(BaseModel):
         skip: Literal["quantized", "fp"] | None = None,
         reduce_range: bool | None = None,
         overrides: tuple[LayerOverride, ...] | list[LayerOverride] = (),
+        binary_weights: bool | None = None,
     ) -> BackendSpec:
         """A validated copy with the options every backend accepts applied.
 
@@ -133,6 +141,8 @@ class BackendSpec(BaseModel):
                 data["weight"]["bits"] = min(data["weight"]["bits"], 7)
         if a_bits is not None:
             data["activation"]["bits"] = a_bits
+        if binary_weights is not None:
+            data["binary_weights"] = binary_weights
         if first_last is not None:
             data["first_last"] = first_last
         if residual is not None:

@@ -181,7 +181,8 @@ class Observer(nn.Module):
         scale, zp = qparams_from_range(
             lo, hi, qmin, qmax, self.scheme.symmetric, self.scheme.scale_type == "pow2"
         )
-        self.check_clipping(scale, zp, qmin, qmax)
+        if qmax - qmin >= 2:  # a 1-bit grid {-1, 0}·s is calibrated only to be replaced by the binary rule (seed 003)
+            self.check_clipping(scale, zp, qmin, qmax)
         return scale, zp, qmin, qmax
 
     # -- clipping ------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ class QATConfig(QuantRunConfig):
     quantizer_lr: float | None = Field(None, gt=0, le=10, description="default: lr")
     quantizer_weight_decay: float | None = Field(None, ge=0, le=1, description="default: weight_decay")
     warmup_steps: int = Field(0, ge=0)
+    warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up over this many epochs (after warmup_steps)")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     augment: bool = True
     max_train: int | None = Field(None, ge=1, description="train on the first N training images")
@@ -76,6 +77,10 @@ class QATConfig(QuantRunConfig):
                                  for e in exc.errors())
             raise ValueError(f"{name} options: {problems}") from None
         return v
+
+    def binary_weights(self) -> bool:
+        """1-bit weights are binary when the algorithm's weight rule makes them so (binary, gaussian)."""
+        return ALGORITHMS.get(self.algorithm).binary_weights
 
     def check(self) -> QATConfig:
         """Cross-checks that need the backend: the algorithm and BN strategy must suit it (ConfigError)."""

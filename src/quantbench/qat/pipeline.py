@@ -44,6 +44,7 @@ class QATResult(PTQResult):
     train_seconds: float = 0.0
     seconds_per_epoch: float = 0.0
     world_size: int = 1
+    n_train: int = 0  # training images
     amp: str = "none"
     out_dir: str = ""
 
@@ -76,6 +77,43 @@ class PreparedRun:
     init_top1: float
 
 
+def _calibration_set(cfg: QATConfig, ctx: DistContext, bundle: Any, model: nn.Module, progress: bool) -> Any:
+    """The images of the PTQ calibration that initialises QAT: real, noise or synthetic (``calib_data``)."""
+    src = parse_data_source(cfg.calib_data)
+    if src.kind == "real":
+        return calibration_subset(bundle, cfg.calib_size, cfg.seed)
+    entry = get_entry(cfg.model)  # noise / synthetic images for the PTQ init; training stays on the training split
+    made = make_images(src, model, entry.input_size, bundle.num_classes, cfg.calib_size, cfg.seed, ctx.device,
+                       progress, cfg.synthetic_options, entry.mean, entry.std)
+    return made.dataset(cfg.calib_size)
+
+
+@torch.no_grad()
+def estimate_bn_statistics(model: nn.Module, loader: Any, device: torch.device | str) -> int:
+    """Replace BatchNorm running statistics by their average over ``loader``'s images (the float model).
+
+    An untrained network's running statistics are BN's defaults (mean 0, variance 1), unrelated to what its layers
+    output; calibrating activation ranges in eval mode on them gives ranges the training-mode network far exceeds,
+    and the clipped activations pass no gradient (QAT from scratch then stays at chance). Returns the BN count.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+        m.train()
+    try:
+        for batch in loader:
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            model(x.to(device))
+    finally:
+        for m, momentum in zip(bns, saved, strict=True):
+            m.momentum = momentum
+        model.eval()
+    return len(bns)
+
+
 def prepare_run(cfg: QATConfig, ctx: DistContext, progress: bool = True) -> PreparedRun:
     """Load model and data, prepare the backend's graph, calibrate it (the PTQ init) and swap in QAT modules."""
     main = ctx.is_main
@@ -87,20 +125,16 @@ def prepare_run(cfg: QATConfig, ctx: DistContext, progress: bool = True) -> Prep
     if cfg.max_test is not None and cfg.max_test < len(test):  # type: ignore[arg-type]
         test = Subset(test, range(cfg.max_test))
     test_loader = make_loader(test, cfg.eval_batch_size)
+    calib_set = _calibration_set(cfg, ctx, bundle, model, progress and main)
+    calib_loader = make_loader(calib_set, cfg.calib_batch_size)
+    if cfg.weights is None:  # from scratch: BN's default running statistics (0 / 1) describe nothing yet
+        estimate_bn_statistics(model, calib_loader, ctx.device)
     fp_pred, labels = (predict(model.eval(), test_loader, ctx.device, progress and main, "evaluating FP32")
                        if main else (torch.empty(0), torch.empty(0)))
     w_obs, a_obs = cfg.observers()
     example = bundle.test[0][0].unsqueeze(0).to(ctx.device)
     gm = prepare(model, cfg.resolved_backend(), example, w_obs, a_obs, cfg.w_observer_options,
                  cfg.a_observer_options)
-    src = parse_data_source(cfg.calib_data)
-    if src.kind == "real":
-        calib_set = calibration_subset(bundle, cfg.calib_size, cfg.seed)
-    else:  # noise / synthetic images for the PTQ init; training stays on the --data training split
-        made = make_images(src, model, entry.input_size, bundle.num_classes, cfg.calib_size, cfg.seed, ctx.device,
-                           progress and main, cfg.synthetic_options, entry.mean, entry.std)
-        calib_set = made.dataset(cfg.calib_size)
-    calib_loader = make_loader(calib_set, cfg.calib_batch_size)
     t0 = time.perf_counter()
     calibrate(gm, calib_loader, ctx.device, progress and main)
     calib_seconds = time.perf_counter() - t0
@@ -163,7 +197,8 @@ def run_qat(cfg: QATConfig, resume: bool = False, progress: bool = True, overwri
                "warnings": outcome.warnings},
         algorithm=cfg.algorithm, bn_fold=cfg.bn_fold, init=cfg.init, init_top1=run.init_top1, epochs=cfg.epochs,
         batch_size=cfg.batch_size, lr=cfg.resolved()["lr"], train_seconds=outcome.seconds,
-        seconds_per_epoch=outcome.seconds / max(cfg.epochs, 1), world_size=ctx.world, amp=cfg.amp,
+        seconds_per_epoch=outcome.seconds / max(cfg.epochs, 1), world_size=ctx.world, n_train=len(run.train),
+        amp=cfg.amp,
         out_dir=str(out_dir),
     )
     if main:

@@ -93,7 +93,8 @@ class Trainer:
         r = cfg.resolved()
         self.opt = build_optimizer(gm, quantizer_parameters(gm), r["lr"], r["weight_decay"], r["quantizer_lr"],
                                    r["quantizer_weight_decay"], cfg.momentum, cfg.nesterov)
-        self.sched = cosine_schedule(self.opt, cfg.epochs * len(batches), cfg.warmup_steps)
+        self.sched = cosine_schedule(self.opt, cfg.epochs * len(batches),
+                                     cfg.warmup_steps + round(cfg.warmup_epochs * len(batches)))
         self.model = wrap_ddp(gm, ctx)
         self.eval_every: int = r["eval_every"]
         self.ckpt_path = self.out_dir / CHECKPOINT

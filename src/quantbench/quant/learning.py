@@ -209,6 +209,8 @@ class Algorithm:
     pow2_scales: bool = True
     #: True: the weight rule's scale is one per output filter (ternary / binary), so weights must be per-channel
     per_channel_weights: bool = False
+    #: True: at 1 bit the weight rule outputs the binary grid {-1, +1}·s (seed 003 eq. 4), so 1-bit weights are allowed
+    binary_weights: bool = False
 
     def build(self, ctx: QuantizerContext, options: BaseModel) -> LearningRule:
         cls = self.weight if ctx.is_weight else self.activation

@@ -1,18 +1,22 @@
 """Gaussian-optimal clipped weights (seed 003 eq. 1, App. B) as a learning rule: every step filter ``i`` is
 quantized with ``a_i = |W̄_i| / c_b`` (:mod:`quantbench.quant.gaussian_clip`), ``s_i = a_i / (2^(b-1) - 1)``, and the
 gradient passes straight through (eq. 5, for all precisions). Codes lie in ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` with a
-per-filter scale, so a baked layer exports as int8 per-channel codes and verifies like any other. With ``ternary``
-(b = 2) and ``binary`` (b = 1) this is seed 003's whole weight-quantizer family. Activations use LSQ (an
-interpretation: seed 003 quantizes activations to 4 bits without naming their quantizer).
+per-filter scale, so a baked layer exports as int8 per-channel codes and verifies like any other. The ``gaussian``
+algorithm is seed 003's whole weight-quantizer family: a layer at 2 bits gets the ``ternary`` rule and one at 1 bit
+the ``binary`` rule (:class:`Seed003Family`). Activations use LSQ (an interpretation: seed 003 quantizes activations
+to 4 bits without naming their quantizer).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from quantbench.qat.quantizers.lsq import LSQQuantizer
+from quantbench.qat.quantizers.ternary import BinaryWeight, TernaryOptions, TernaryWeight
 from quantbench.quant.gaussian_clip import gaussian_clip_scale
 from quantbench.quant.learning import Algorithm, LearningRule, QuantizerContext, register_algorithm
 
@@ -55,8 +59,20 @@ class GaussianWeight(LearningRule):
         return self.last_scale.clone(), torch.zeros_like(self.last_scale)
 
 
-register_algorithm(Algorithm(
+@dataclass(frozen=True)
+class Seed003Family(Algorithm):
+    """Seed 003's weight quantizer by precision: Gaussian clipping above 2 bits, ternary at 2 (eq. 3), binary at 1
+    (eq. 4), chosen per layer from its weight bits (a DualPrecision model mixes them)."""
+
+    def build(self, ctx: QuantizerContext, options: BaseModel) -> LearningRule:
+        if ctx.is_weight and ctx.scheme.bits <= 2:
+            return (BinaryWeight if ctx.scheme.bits == 1 else TernaryWeight)(ctx, TernaryOptions())
+        return super().build(ctx, options)
+
+
+register_algorithm(Seed003Family(
     "gaussian", GaussianWeight, LSQQuantizer, GaussianOptions, per_channel_weights=True, pow2_scales=False,
-    description="Gaussian-optimal clipped weights per filter (seed 003 eq. 1 / App. B, a = |W̄| / c_b, STE eq. 5); "
-                "LSQ activations",
+    binary_weights=True,
+    description="seed 003's weights per filter: Gaussian-optimal clipping above 2 bits (eq. 1 / App. B, a = |W̄| / "
+                "c_b), ternary at 2 (eq. 3), binary at 1 (eq. 4), STE eq. 5; LSQ activations",
 ))

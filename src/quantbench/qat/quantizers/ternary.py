@@ -58,11 +58,20 @@ class TernaryWeight(LearningRule):
 
     def __init__(self, ctx: QuantizerContext, options: BaseModel) -> None:
         super().__init__(ctx, options)
-        if ctx.qmin > -1 or ctx.qmax < 1:
-            raise ValueError(f"{ctx.name}: ternary / binary codes need a signed weight range, got "
+        if ctx.qmin > -1 or (ctx.qmax < 1 and not self.binary):
+            raise ValueError(f"{ctx.name}: {self.algorithm} codes need a signed weight range, got "
                              f"[{ctx.qmin}, {ctx.qmax}]")
         self.register_buffer("last_scale", torch.ones(ctx.channels))
         self.mark_initialized()  # nothing to initialise: the scale follows the weights
+
+    @property
+    def qmin(self) -> int:
+        """Codes lie in {-1, 0, 1} (binary: {-1, 1}, also at 1 bit), the grid a baked or exported layer keeps."""
+        return -1
+
+    @property
+    def qmax(self) -> int:
+        return 1
 
     def init_from_range(self, lo: Tensor, hi: Tensor) -> None:
         """The scale follows the weights (|W̄_i|): a calibrator has nothing to set."""
@@ -97,5 +106,6 @@ register_algorithm(Algorithm(
 ))
 register_algorithm(Algorithm(
     "binary", BinaryWeight, LSQQuantizer, BinaryOptions, per_channel_weights=True, pow2_scales=False,
+    binary_weights=True,
     description="binary weights per filter (seed 003 eq. 4, STE eq. 5); LSQ activations",
 ))
