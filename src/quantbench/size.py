@@ -130,6 +130,16 @@ class SizeReport:
         }
 
 
+def is_depthwise(m: nn.Module) -> bool:
+    """A depthwise conv: ``groups == in_channels > 1`` (what the ``depthwise`` override matches)."""
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+
+
+def depthwise_layers(model: nn.Module) -> list[str]:
+    """Names of the depthwise convs of ``model``, in module order."""
+    return [n for n, m in model.named_modules() if is_depthwise(m)]
+
+
 @torch.no_grad()
 def _layer_shapes(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, tuple[int, int]]:
     """(input elements, output elements) of every conv / linear module for one image."""
@@ -175,6 +185,18 @@ def model_size(model: nn.Module, input_size: tuple[int, ...], w_bits: int = 8, a
         "some conv/linear modules never ran on this input and are not counted"]
     return SizeReport(name or type(model).__name__, tuple(input_size), w_bits, a_bits, first_last_bits, layers,
                       total, total - sum(layer.weights for layer in layers), notes)
+
+
+def c_size_of(model: nn.Module, w_bits: int, first_last_bits: int | None = None,
+              layer_bits: Mapping[str, int] | None = None) -> int:
+    """Eq. 6 alone, from the weight shapes (no forward pass: works on a ``meta``-device model). The first and last
+    conv / linear layer in module order get ``first_last_bits``; ``layer_bits`` per name wins over both; equal to
+    :func:`model_size`'s ``c_size_bits`` when every layer runs in module order."""
+    names = [n for n, m in model.named_modules() if isinstance(m, WEIGHTED)]
+    edge = {names[0], names[-1]} if names and first_last_bits is not None else set()
+    modules = dict(model.named_modules())
+    bits = {n: (layer_bits or {}).get(n, first_last_bits if n in edge else w_bits) for n in names}
+    return sum(c_size_bits(modules[n].weight, int(b)) for n, b in bits.items())  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

@@ -82,18 +82,20 @@ def _existing_statuses(out: Path, store_url: str | None, run_ids: list[str]) -> 
 
 def run_sweep_file(sweep_path: Path, out: Path, store_url: str | None, workers: int, on_invalid: str,
                    progress: bool, dry_run: bool, con: Console, threads: int | None = None,
-                   executor: str = "local", address: str | None = None, cpus_per_run: float | None = None) -> int:
-    """The body of ``quantbench bench``; returns the exit code."""
+                   executor: str = "local", address: str | None = None, cpus_per_run: float | None = None,
+                   combos: list[Any] | None = None) -> int:
+    """The body of ``quantbench bench``; returns the exit code. ``combos``: run these combinations of the sweep
+    instead of its own product (``quantbench pareto``'s second step)."""
     from quantbench.report.leaderboard import leaderboards
     from quantbench.sweep.expand import expand
     from quantbench.sweep.load import load_sweep
-    from quantbench.sweep.prepare import materialize_weights
+    from quantbench.sweep.prepare import assign_run_dirs, materialize_weights
     from quantbench.sweep.runner import ExecutorOptions, pending, run_jobs
     from quantbench.sweep.sink import StoreSink
 
     _check_executor(executor, workers, address, cpus_per_run)
     sweep = load_sweep(sweep_path)
-    expansion = expand(sweep, on_invalid)
+    expansion = expand(sweep, on_invalid, combos)
     for inv in expansion.invalid:
         con.print(Text(f"skipped: {inv.description}: {inv.reason}", style="yellow"))
     if dry_run:
@@ -110,7 +112,7 @@ def run_sweep_file(sweep_path: Path, out: Path, store_url: str | None, workers: 
         con.print(f"sweep {sweep.spec.name!r}: {len(expansion.jobs)} runs, {n_done} already complete in the store "
                   f"(skipped), {len(todo)} to run" + _where(executor, workers, address) +
                   f"; store: {store.location}")
-        todo = materialize_weights(todo, out / "cache", progress)
+        todo = assign_run_dirs(materialize_weights(todo, out / "cache", progress), out / "checkpoints")
         options = ExecutorOptions(workers=workers, threads=threads, address=address, cpus_per_run=cpus_per_run)
         with sigterm_as_interrupt():
             summary = run_jobs(todo, StoreSink(store, out / "cards"), progress=progress, console=con,
@@ -129,9 +131,14 @@ def run_sweep_file(sweep_path: Path, out: Path, store_url: str | None, workers: 
             return 130
         elsewhere = (f"{summary.elsewhere} were taken by another process on this store (not run here); "
                      if summary.elsewhere else "")
+        report = f"quantbench report --out {out}"
+        if sweep.spec.pareto is not None:  # a Pareto sweep's product is its analysis: write the report now
+            from quantbench.cli.results import write_report
+
+            report = str(write_report(out, store_url, output=out / "report.html"))
         con.print(f"{summary.done} runs done, {summary.failed} failed in this call; {elsewhere}"
                   f"{n_done} were already complete. "
-                  f"Store: {store.location}; cards: {out / 'cards'}; report: quantbench report --out {out}")
+                  f"Store: {store.location}; cards: {out / 'cards'}; report: {report}")
         return 1 if failed else 0
 
 

@@ -54,7 +54,7 @@ class Verdict:
         if self.overlap is None:
             return f"{self.a} and {self.b} cannot be compared: their size ranges do not overlap."
         lo, hi = self.overlap
-        where = f"between C_size {lo:.4g} and {hi:.4g}"
+        where = f"between C_size {lo:.4g} and {hi:.4g} bits"
         if self.winner is not None:
             win, lose = (self.a, self.b) if self.winner == "a" else (self.b, self.a)
             m = min(abs(x) for x in self.margins)
@@ -62,7 +62,7 @@ class Verdict:
                     f"by at least {m:.2f} points.")
         cross = next((s for s, m0, m1 in zip(self.sizes[1:], self.margins, self.margins[1:], strict=False)
                       if (m0 > 0) != (m1 > 0)), self.sizes[0])
-        return (f"Neither {self.a} nor {self.b} dominates {where}: the fronts cross (near C_size {cross:.4g}) or "
+        return (f"Neither {self.a} nor {self.b} dominates {where}: the fronts cross (near C_size {cross:.4g} bits) or "
                 "tie.")
 
 

@@ -11,6 +11,7 @@ from quantbench.cards.render import details, summary_rows
 from quantbench.report.assets import CSS, JS
 from quantbench.report.leaderboard import COLUMNS, Entry, cells, leaderboards
 from quantbench.report.mixed import mixed_section
+from quantbench.report.pareto import pareto_section
 from quantbench.report.plots import FIGURES
 from quantbench.report.synthetic import synthetic_section
 from quantbench.store import RunRow
@@ -140,6 +141,7 @@ predicted class is unchanged by quantization; Δ = quantized − FP32 top-1.</p>
 <section id="curves"><h2>Latency and training curves</h2>{curves}</section>
 {synthetic_section(done)}
 {mixed_section(done)}
+{pareto_section(done)}
 <section id="failed"><h2>Failed or unfinished runs</h2>{_failed_table(failed)}</section>
 <section id="cards"><h2>Quantization cards</h2><p class="muted">One card per run (seed 004 Table 1), generated
 from what the run did. Click to open.</p>{cards}</section>

@@ -18,6 +18,7 @@ from quantbench.sweep.identity import code_version, data_fingerprint, run_id, we
 from quantbench.sweep.job import Job
 from quantbench.sweep.load import Sweep
 from quantbench.sweep.methods import METHODS, MethodParams
+from quantbench.sweep.pareto import dual_combinations, front_combinations
 from quantbench.sweep.schema import DEFAULT, TRAIN, Bits, ModelEntry
 from quantbench.sweep.weights import train_recipe
 
@@ -38,10 +39,16 @@ class Combination:
     seed: int
     deploy: bool
     device: str = "cpu"
+    extra: dict[str, Any] = field(default_factory=dict)  # config entries of its own (a Pareto cell's width, overrides)
+    invalid: str | None = None  # why it cannot run, found while it was made
 
     def describe(self) -> str:
         parts = [self.model.model, Path(self.backend).stem if self.backend.endswith(".yaml") else self.backend,
                  self.method.display(), f"W{self.bits.w or '-'}A{self.bits.a or '-'}"]
+        if self.model.width_mult != 1.0:
+            parts.append(f"width {self.model.width_mult:g}")
+        for o in self.extra.get("overrides", []):
+            parts.append(f"{o['match']} W{o['w_bits']}")
         for name, value in (("first_last", self.first_last), ("residual", self.residual), ("skip", self.skip)):
             if value != DEFAULT:
                 parts.append(f"{name}={value}")
@@ -68,14 +75,22 @@ def _none_if_default(v: Any) -> Any:
     return None if v == DEFAULT else v
 
 
-def _resolve(c: Combination) -> BackendSpec:
+def resolve_spec(c: Combination) -> BackendSpec:
+    from quantbench.backends import LayerOverride
+
     return load_backend(c.backend).configure(
         w_bits=c.bits.w, a_bits=c.bits.a, first_last=_none_if_default(c.first_last),
         residual=_none_if_default(c.residual), skip=_none_if_default(c.skip),
+        overrides=[LayerOverride.model_validate(o) for o in c.extra.get("overrides", [])],
+        binary_weights=METHODS.get(c.method.kind).binary_weights(c.method) or None,
     )
 
 
 # -- impossible combinations: each check returns the reason or None -------------------------------
+def _check_made_invalid(c: Combination) -> str | None:
+    return c.invalid
+
+
 def _check_deployable(c: Combination) -> str | None:
     spec = load_backend(c.backend)
     if c.deploy and not spec.deployable:
@@ -86,7 +101,7 @@ def _check_deployable(c: Combination) -> str | None:
 
 def _check_backend_options(c: Combination) -> str | None:
     try:
-        _resolve(c)
+        resolve_spec(c)
     except (ValueError, ValidationError) as exc:
         first = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
         return f"backend {c.backend!r} cannot run these options: {first.removeprefix('Value error, ')}"
@@ -122,7 +137,8 @@ def _check_device(c: Combination) -> str | None:
 
 #: Checks run in order on every combination; add one function to refuse a new kind of combination.
 CHECKS: list[Callable[[Combination], str | None]] = [
-    _check_deployable, _check_backend_options, _check_data_matches_model, _check_weights_exist, _check_device,
+    _check_made_invalid, _check_deployable, _check_backend_options, _check_data_matches_model, _check_weights_exist,
+    _check_device,
 ]
 
 
@@ -152,12 +168,12 @@ def _config(c: Combination, spec: BackendSpec, sweep: Sweep) -> dict[str, Any]:
         "first_last": _none_if_default(c.first_last), "residual": _none_if_default(c.residual),
         "skip": _none_if_default(c.skip), "seed": c.seed, "device": s.device,
         "eval_batch_size": s.eval_batch_size, "max_test": s.max_test,
-        **METHODS.get(c.method.kind).config_fields(c.method),
+        **METHODS.get(c.method.kind).config_fields(c.method), **c.extra,
     }
 
 
 def _job(c: Combination, sweep: Sweep) -> Job:
-    spec = _resolve(c)
+    spec = resolve_spec(c)
     config = _config(c, spec, sweep)
     method = METHODS.get(c.method.kind)
     reason = method.check(config)
@@ -172,7 +188,7 @@ def _job(c: Combination, sweep: Sweep) -> Job:
 
 
 def combinations(sweep: Sweep) -> list[Combination]:
-    """Every point of the sweep's product, in file order."""
+    """Every point of the sweep's product, in file order, then the points of its ``pareto:`` section."""
     s, base = sweep.spec, sweep.base_dir
     backends = s.backend_list(lambda b: _path(base, b))
     out = []
@@ -182,16 +198,17 @@ def combinations(sweep: Sweep) -> list[Combination]:
         data = _data(base, m.data)
         out.append(Combination(m, _weights(base, m, data), data, backend, method, bits, fl, res, sk, seed, s.deploy,
                                s.settings.device))
-    return out
+    return front_combinations(sweep, out) + dual_combinations(sweep, out, resolve_spec)
 
 
-def expand(sweep: Sweep, on_invalid: str = "refuse") -> Expansion:
-    """The sweep's jobs. Impossible combinations raise SweepError (``refuse``) or are left out (``skip``)."""
+def expand(sweep: Sweep, on_invalid: str = "refuse", combos: list[Combination] | None = None) -> Expansion:
+    """The sweep's jobs (of ``combos``; default: :func:`combinations`). Impossible combinations raise SweepError
+    (``refuse``) or are left out (``skip``)."""
     if on_invalid not in ("refuse", "skip"):
         raise SweepError(f"on_invalid must be 'refuse' or 'skip', got {on_invalid!r}")
     out = Expansion()
     seen: set[str] = set()
-    for c in combinations(sweep):
+    for c in combinations(sweep) if combos is None else combos:
         reason = next((r for check in CHECKS if (r := check(c))), None)
         if reason is None:
             try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from quantbench.sweep.job import Job
+from quantbench.sweep.methods import METHODS
 from quantbench.sweep.weights import ensure_trained
 
 
@@ -21,3 +22,10 @@ def materialize_weights(jobs: list[Job], cache: Path, progress: bool = True) -> 
             job = job.with_config(weights=paths[w])
         out.append(job)
     return out
+
+
+def assign_run_dirs(jobs: list[Job], root: Path) -> list[Job]:
+    """Jobs whose method keeps files (``needs_run_dir``: a trained checkpoint) get ``root/<run id>`` as their folder,
+    so a rerun of the same identity finds what an earlier one left."""
+    return [job.with_config(run_dir=str(root / job.run_id)) if METHODS.get(job.method).needs_run_dir else job
+            for job in jobs]

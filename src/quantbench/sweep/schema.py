@@ -12,6 +12,7 @@ from quantbench.config import QuantRunConfig, field_from
 from quantbench.data import DATASETS, parse_spec
 from quantbench.errors import UnknownNameError
 from quantbench.models import get_entry
+from quantbench.sweep.pareto import ParetoSection
 
 DEFAULT = "default"
 TRAIN = "train"
@@ -111,6 +112,8 @@ class SweepFile(BaseModel):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     settings: Settings = Field(default_factory=Settings)
     deploy: bool = Field(False, description="every run must target a deployable backend")
+    pareto: ParetoSection | None = Field(None, description="precision fronts across widths and the DualPrecision "
+                                                            "grid (seed 003; quantbench.sweep.pareto)")
 
     @field_validator("backends", mode="before")
     @classmethod

@@ -19,6 +19,9 @@ from quantbench.sweep.job import Job
 from quantbench.utils.registry import Registry
 
 T = TypeVar("T")
+#: keys a job's config may carry for the sweep rather than the method: where a run keeps its files (``run_dir``, for
+#: methods with ``needs_run_dir``) and its place in a Pareto analysis (``pareto``, :mod:`quantbench.sweep.pareto`)
+SWEEP_KEYS = frozenset({"run_dir", "pareto"})
 
 
 class MethodParams(BaseModel):
@@ -68,6 +71,8 @@ class Method(ABC):
     name: ClassVar[str]
     params_type: ClassVar[type[MethodParams]]
     description: ClassVar[str]
+    #: True: the run keeps files (a trained checkpoint) in a folder the sweep gives it (``config["run_dir"]``)
+    needs_run_dir: ClassVar[bool] = False
 
     def parse(self, data: dict[str, Any]) -> MethodParams:
         """Validate one ``methods:`` entry (raises pydantic ValidationError)."""
@@ -76,6 +81,10 @@ class Method(ABC):
     def config_fields(self, params: MethodParams) -> dict[str, Any]:
         """The entries this method adds to a run's resolved config."""
         return params.model_dump(exclude={"kind", "label"})
+
+    def binary_weights(self, params: MethodParams) -> bool:
+        """Whether this entry makes 1-bit weights binary, {-1, +1}·s (a QAT rule that learns them)."""
+        return False
 
     def check(self, config: dict[str, Any]) -> str | None:
         """Why this resolved config cannot run (an impossible combination), or None."""

@@ -16,7 +16,7 @@ from quantbench.observers import OBSERVERS
 from quantbench.ptq.pipeline import PTQContext, build_context, context_key, run_ptq
 from quantbench.sweep.epoch import estimate_epoch_seconds
 from quantbench.sweep.job import Job
-from quantbench.sweep.methods.base import ContextCache, Method, MethodOutcome, MethodParams, register_method
+from quantbench.sweep.methods.base import SWEEP_KEYS, ContextCache, Method, MethodOutcome, MethodParams, register_method
 from quantbench.sweep.schema import known
 
 NOT_APPLICABLE = {
@@ -89,7 +89,7 @@ class PTQMethod(Method):
     def ptq_config(self, config: dict[str, Any]) -> PTQConfig:
         """The run's :class:`PTQConfig`; a key it does not know (and this method does not consume) is an
         error that names it, never dropped."""
-        data = {k: v for k, v in config.items() if k not in self.own_keys}
+        data = {k: v for k, v in config.items() if k not in self.own_keys and k not in SWEEP_KEYS}
         unknown = sorted(set(data) - set(PTQConfig.model_fields))
         if unknown:
             raise SweepError(f"method {self.name!r} gives keys that PTQConfig does not have: "
