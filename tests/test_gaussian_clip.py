@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from quantbench.qat.quantizers import ALGORITHMS, QuantizerContext
+from quantbench.qat.quantizers.gaussian import GaussianWeight
+from quantbench.qat.quantizers.ternary import TernaryWeight
 from quantbench.quant.gaussian_clip import gaussian_clip_ratio, gaussian_clip_scale, simulate_clip_ratio
 from quantbench.quant.scheme import QScheme
 
@@ -82,6 +84,8 @@ def test_the_learning_rule_quantizes_per_filter_with_an_identity_gradient():
     assert torch.equal(w.grad, torch.ones_like(w))  # eq. 5
     scale, zero = rule.export_qparams()
     assert torch.allclose(scale, s.reshape(-1)) and not zero.any()
-    with pytest.raises(ValueError, match="at least 3 bits"):
-        two = QScheme(bits=2, symmetric=True, signedness="signed", granularity="per_channel")
-        alg.build(QuantizerContext(two, *two.qrange(), True, "w", True, 8), alg.parse_options({}))
+    two = QScheme(bits=2, symmetric=True, signedness="signed", granularity="per_channel")
+    ctx2 = QuantizerContext(two, *two.qrange(), True, "w", True, 8)
+    with pytest.raises(ValueError, match="at least 3 bits"):  # the rule itself; the algorithm picks ternary at 2
+        GaussianWeight(ctx2, alg.parse_options({}))
+    assert isinstance(alg.build(ctx2, alg.parse_options({})), TernaryWeight)

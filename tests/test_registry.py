@@ -64,7 +64,8 @@ def test_unknown_names_list_the_valid_ones():
 
 def test_list_models_datasets_observers():
     assert list_models("resnet*_cifar") == ["resnet20_cifar", "resnet32_cifar", "resnet44_cifar", "resnet56_cifar"]
-    assert list_models(family="small") == ["digits_cnn", "vgg11_cifar", "vgg11a_cifar", "vgg11b_cifar", "vgg11c_cifar"]
+    assert list_models(family="small") == ["digits_cnn", "digits_dwcnn", "vgg11_cifar", "vgg11a_cifar", "vgg11b_cifar",
+                                           "vgg11c_cifar"]
     assert set(list_models()) == set(MODELS.names()) and "mobilenet_v2" in list_models()
     assert "mobilenet_v3_large" not in list_models("mobilenet*", exclude="*large")
     assert list_datasets() == ["cifar10", "digits", "imagefolder"]
