@@ -44,6 +44,10 @@ class QATConfig(QuantRunConfig):
     quantizer_weight_decay: float | None = Field(None, ge=0, le=1, description="default: weight_decay")
     warmup_steps: int = Field(0, ge=0)
     warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up over this many epochs (after warmup_steps)")
+    schedule: Literal["cosine", "multistep"] = Field("cosine", description="learning-rate decay after the warm-up")
+    milestones: list[int] = Field(default_factory=list, description="multistep: epochs at which lr is multiplied "
+                                                                    "by gamma (seed 002 Table 2: 150, 225, 270)")
+    gamma: float = Field(0.1, gt=0, le=1, description="multistep: the factor at each milestone")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     augment: bool = True
     max_train: int | None = Field(None, ge=1, description="train on the first N training images")
@@ -81,6 +85,13 @@ class QATConfig(QuantRunConfig):
     def binary_weights(self) -> bool:
         """1-bit weights are binary when the algorithm's weight rule makes them so (binary, gaussian)."""
         return ALGORITHMS.get(self.algorithm).binary_weights
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, v: list[int]) -> list[int]:
+        if any(m < 1 for m in v) or v != sorted(set(v)):
+            raise ValueError(f"milestones must be increasing epochs >= 1, got {v}")
+        return v
 
     def check(self) -> QATConfig:
         """Cross-checks that need the backend: the algorithm and BN strategy must suit it (ConfigError)."""
@@ -125,7 +136,8 @@ class QATConfig(QuantRunConfig):
         return yaml.safe_dump({**self.model_dump(mode="json"), "resolved": resolved}, sort_keys=False)
 
 
-def load_qat_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> QATConfig:
+def load_qat_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                    cls: type[QATConfig] = QATConfig) -> QATConfig:
     """Read a YAML run file (optional) and apply ``overrides`` (flags; None values are ignored).
 
     Relative ``weights`` and ``data`` paths in the file are relative to the file (as in sweep files); flags
@@ -150,7 +162,7 @@ def load_qat_config(path: str | Path | None = None, overrides: dict[str, Any] | 
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     if "model" not in data:
         raise ConfigError("no model given: pass --model or put 'model:' in the --config YAML")
-    return QATConfig.model_validate(data).check()
+    return cls.model_validate(data).check()
 
 
 def _relative_to(data: dict[str, Any], folder: Path) -> dict[str, Any]:

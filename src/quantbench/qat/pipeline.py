@@ -26,7 +26,7 @@ from quantbench.qat.data import TrainBatches
 from quantbench.qat.diagnostics import plot_clipping_ranges, plot_curves
 from quantbench.qat.distributed import DistContext, init_distributed
 from quantbench.qat.prepare import initialize_from_data, prepare_qat, quantizer_table, set_fused_kernels
-from quantbench.qat.train import Trainer, check_run_dir
+from quantbench.qat.train import LossFn, Trainer, check_run_dir
 from quantbench.utils.io import atomic_write_json, atomic_write_text
 
 
@@ -149,14 +149,16 @@ def prepare_run(cfg: QATConfig, ctx: DistContext, progress: bool = True) -> Prep
                        calib_seconds, init_top1)
 
 
-def make_trainer(cfg: QATConfig, run: PreparedRun, ctx: DistContext, progress: bool = True) -> Trainer:
-    """The trainer for a prepared run (test accuracy on the main process)."""
+def make_trainer(cfg: QATConfig, run: PreparedRun, ctx: DistContext, progress: bool = True,
+                 compute_loss: LossFn | None = None) -> Trainer:
+    """The trainer for a prepared run (test accuracy on the main process); ``compute_loss`` replaces cross-entropy."""
 
     def evaluate(m: nn.Module) -> float:
         return compare(run.fp_pred, predict(m, run.test_loader, ctx.device, False)[0], run.labels).quant_top1
 
     batches = TrainBatches(run.train, cfg.batch_size, ctx.world, ctx.rank, cfg.seed, cfg.augment)
-    return Trainer(run.gm, cfg, batches, ctx, cfg.run_dir(), evaluate if ctx.is_main else None, progress)
+    return Trainer(run.gm, cfg, batches, ctx, cfg.run_dir(), evaluate if ctx.is_main else None, progress,
+                   compute_loss)
 
 
 def run_qat(cfg: QATConfig, resume: bool = False, progress: bool = True, overwrite: bool = False) -> QATResult:

@@ -88,3 +88,17 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int,
         return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def multistep_schedule(optimizer: torch.optim.Optimizer, milestones: list[int], gamma: float = 0.1,
+                       warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Step decay: lr times ``gamma`` at each of ``milestones`` (iterations; stepped once per iteration), after an
+    optional linear warm-up (seed 002 Table 2's MultiSteps)."""
+    marks = sorted(milestones)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return float(gamma ** sum(step >= m for m in marks))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

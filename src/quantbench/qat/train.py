@@ -29,8 +29,11 @@ from quantbench.qat.diagnostics import (
 )
 from quantbench.qat.distributed import DistContext, wrap_ddp
 from quantbench.qat.prepare import quantizer_parameters, quantizer_table
-from quantbench.qat.recipe import build_optimizer, cosine_schedule
+from quantbench.qat.recipe import build_optimizer, cosine_schedule, multistep_schedule
 
+#: ``loss(model, x, y) -> (loss, logits)``: what one training step minimises (CoQuant sums several precisions);
+#: the logits give the logged training accuracy
+LossFn = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
 #: every file a run writes in its folder (``--overwrite`` removes them before training starts)
@@ -87,14 +90,17 @@ class Trainer:
     quantizer and RNG state). ``evaluate(model) -> top-1 %`` runs on the main process only."""
 
     def __init__(self, gm: nn.Module, cfg: QATConfig, batches: TrainBatches, ctx: DistContext, out_dir: Path,
-                 evaluate: Callable[[nn.Module], float] | None = None, progress: bool = True) -> None:
+                 evaluate: Callable[[nn.Module], float] | None = None, progress: bool = True,
+                 compute_loss: LossFn | None = None) -> None:
         self.gm, self.cfg, self.batches, self.ctx, self.out_dir = gm, cfg, batches, ctx, Path(out_dir)
         self.evaluate, self.progress = evaluate, progress and ctx.is_main
         r = cfg.resolved()
         self.opt = build_optimizer(gm, quantizer_parameters(gm), r["lr"], r["weight_decay"], r["quantizer_lr"],
                                    r["quantizer_weight_decay"], cfg.momentum, cfg.nesterov)
-        self.sched = cosine_schedule(self.opt, cfg.epochs * len(batches),
-                                     cfg.warmup_steps + round(cfg.warmup_epochs * len(batches)))
+        warmup = cfg.warmup_steps + round(cfg.warmup_epochs * len(batches))
+        self.sched = (multistep_schedule(self.opt, [m * len(batches) for m in cfg.milestones], cfg.gamma, warmup)
+                      if cfg.schedule == "multistep" else cosine_schedule(self.opt, cfg.epochs * len(batches), warmup))
+        self.compute_loss = compute_loss or self.cross_entropy
         self.model = wrap_ddp(gm, ctx)
         self.eval_every: int = r["eval_every"]
         self.ckpt_path = self.out_dir / CHECKPOINT
@@ -193,8 +199,7 @@ class Trainer:
         dev = self.ctx.device
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.cfg.amp == "bf16"):
-            logits = self.model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
+            loss, logits = self.compute_loss(self.model, x, y)
         self.num_classes = int(logits.shape[-1])
         bad = self.ctx.all_sum(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=dev))
         if float(bad) > 0:
@@ -208,6 +213,15 @@ class Trainer:
             n = y.numel()
             self.meter += torch.tensor([float((logits.argmax(1) == y).sum()), n, float(loss) * n],
                                        dtype=torch.float64)
+
+    def cross_entropy(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The default loss: cross-entropy (with the configured label smoothing) of one forward."""
+        logits = model(x)
+        return F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing), logits
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.epochs * len(self.batches)
 
     def diverged(self, x: Tensor, loss: float, epoch: int) -> None:
         """The loss is NaN or infinite: log it, name the quantizer, stop."""

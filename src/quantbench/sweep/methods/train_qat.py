@@ -52,6 +52,7 @@ class TrainQATParams(MethodParams):
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
     weight_decay: float = Field(5e-4, ge=0, le=1)
+    quantizer_lr: float | None = field_from(QATConfig, "quantizer_lr")
     warmup_epochs: float = Field(5.0, ge=0, description="linear warm-up epochs (seed 003: 5)")
     batch_size: int = Field(128, ge=1)
     max_train: int | None = field_from(QATConfig, "max_train")

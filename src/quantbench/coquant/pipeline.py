@@ -1,0 +1,128 @@
+"""One CoQuant run end to end: prepare and calibrate at B's highest precision (QAT's pipeline), make every
+quantizer and BatchNorm switchable, train with seed 002's loss in QAT's trainer, then evaluate at every bit-width
+(unseen ones zero-shot, after BN calibration)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from quantbench.coquant.config import INTERPRETATIONS, CoQuantConfig
+from quantbench.coquant.loss import CoQuantLoss
+from quantbench.coquant.switch import Switched, add_bits, make_switchable, recalibrate_bits
+from quantbench.data import calibration_subset, load_data, make_loader
+from quantbench.models import get_entry
+from quantbench.ptq import compare, predict
+from quantbench.qat.checkpoint import save_checkpoint
+from quantbench.qat.distributed import init_distributed
+from quantbench.qat.pipeline import PreparedRun, make_trainer, prepare_run
+from quantbench.qat.quantizers import ALGORITHMS
+from quantbench.qat.train import check_run_dir
+from quantbench.utils.io import atomic_write_text
+
+
+@dataclass
+class BitResult:
+    """The network evaluated at one bit-width."""
+
+    bits: int
+    quant_top1: float
+    agreement: float
+    zero_shot: bool
+    bn_calib_images: int
+
+
+@dataclass
+class CoQuantResult:
+    model: str
+    data: str
+    backend: str
+    trained_bits: list[int]
+    fp_top1: float
+    n_test: int
+    epochs: int
+    train_images: int
+    train_seconds: float
+    teacher: str
+    results: list[BitResult] = field(default_factory=list)
+    interpretations: dict[str, str] = field(default_factory=dict)
+    out_dir: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def at(self, bits: int) -> BitResult:
+        return next(r for r in self.results if r.bits == bits)
+
+
+def switch(run: PreparedRun, cfg: CoQuantConfig) -> Switched:
+    """Every quantizer of the prepared graph gets one rule per bit-width of B (the algorithm's rule)."""
+    alg = ALGORITHMS.get(cfg.algorithm)
+    opts = alg.parse_options(cfg.algorithm_options)
+    return make_switchable(run.gm, tuple(cfg.bits), lambda _rule: (lambda ctx: alg.build(ctx, opts)), opts)  # type: ignore[arg-type]
+
+
+def evaluate_bits(cfg: CoQuantConfig, run: PreparedRun, sw: Switched, device: torch.device | str,
+                  progress: bool = False) -> list[BitResult]:
+    """Top-1 and agreement at every evaluated bit-width; unseen ones after BN calibration on ``bn_calib_size``
+    training images (seed 002 Table 3)."""
+    entry = get_entry(cfg.model)
+    out = []
+    bn_loader = None
+    for b in cfg.evaluated_bits():
+        zero_shot = b not in sw.state.trained
+        n_bn = 0
+        if zero_shot or cfg.bn_recalibrate:
+            if bn_loader is None:
+                bundle = load_data(cfg.data, entry.mean, entry.std, entry.input_size, augment=False)
+                bn_loader = make_loader(calibration_subset(bundle, cfg.bn_calib_size, cfg.seed + 1),
+                                        cfg.calib_batch_size)
+            calibrate = add_bits if zero_shot else recalibrate_bits
+            n_bn = calibrate(run.gm, sw, b, bn_loader, device)  # type: ignore[arg-type]
+        run.gm.eval()
+        with sw.state.at(b):
+            pred = predict(run.gm, run.test_loader, device, progress, f"evaluating {b} bits")[0]
+        ev = compare(run.fp_pred, pred, run.labels)
+        out.append(BitResult(b, ev.quant_top1, ev.agreement, zero_shot, n_bn))
+    return out
+
+
+def run_coquant(cfg: CoQuantConfig, resume: bool = False, progress: bool = True, overwrite: bool = False
+                ) -> CoQuantResult:
+    """Train one network over B (seed 002 Algorithm 1) and evaluate it at every bit-width."""
+    cfg.check()
+    out_dir = cfg.run_dir()
+    ctx = init_distributed(cfg.device)
+    check_run_dir(out_dir, resume, overwrite, remove=ctx.is_main)
+    ctx.barrier()
+    run = prepare_run(cfg, ctx, progress)
+    sw = switch(run, cfg)
+    loss = CoQuantLoss(sw, p1=cfg.p1, lam=cfg.lam, distance=cfg.distance, temperature=cfg.temperature,
+                       kd=cfg.teacher != "none", teacher="recursive" if cfg.teacher == "recursive" else "dynamic",
+                       generator=torch.Generator().manual_seed(cfg.seed))
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
+    trainer = make_trainer(cfg, run, ctx, progress, compute_loss=loss)
+    loss.progress = lambda: trainer.step / max(1, trainer.total_steps)
+    t0 = time.perf_counter()
+    outcome = trainer.fit(resume)
+    train_s = outcome.seconds or time.perf_counter() - t0
+    results = evaluate_bits(cfg, run, sw, ctx.device, progress) if ctx.is_main else []
+    result = CoQuantResult(
+        model=cfg.model, data=cfg.data, backend=cfg.resolved_backend().name, trained_bits=list(sw.state.trained),
+        fp_top1=compare(run.fp_pred, run.fp_pred, run.labels).fp_top1 if ctx.is_main else 0.0,
+        n_test=int(run.labels.numel()), epochs=cfg.epochs, train_images=len(run.train), train_seconds=train_s,
+        teacher=cfg.teacher, results=results,
+        interpretations={k: v for k, v in INTERPRETATIONS.items() if cfg.teacher == "dynamic" or k in ("bn", "alpha")},
+        out_dir=str(out_dir))
+    if ctx.is_main:
+        save_checkpoint(out_dir / "final.pt", {"config": cfg.model_dump(mode="json"), "model": run.gm.state_dict(),
+                                               "bits": [r.bits for r in results], "metrics": {}})
+        atomic_write_text(out_dir / "result.json", json.dumps(result.to_dict(), indent=2) + "\n")
+    return result
+

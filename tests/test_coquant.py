@@ -1,0 +1,193 @@
+"""CoQuant (seed 002): one network over a bit-width set B. With B = {b} the loss is plain PACT QAT at b; teachers are
+higher precisions (lambda = 0: the most confident); Swap with keep-probability 1 / 0 is the student / the teacher
+bit for bit and p follows its schedule; switchable BN updates only the bit-width that ran; an unseen bit-width gets a
+calibrated BN without touching the trained ones; a network frozen at one bit-width computes what the switched one
+does there; the pipeline trains and evaluates every bit-width, zero-shot ones after BN calibration."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from typer.testing import CliRunner
+
+from quantbench.backends import load_backend
+from quantbench.cli.main import app
+from quantbench.coquant.config import CoQuantConfig
+from quantbench.coquant.loss import CoQuantLoss
+from quantbench.coquant.swap import block_probabilities, p1_at, swap_bits
+from quantbench.coquant.switch import MultiBitRule, SwitchableBatchNorm, add_bits, freeze_at, make_switchable
+from quantbench.coquant.teacher import select_teacher
+from quantbench.errors import ConfigError
+from quantbench.graph.quantize import prepare
+from quantbench.models import build_model
+from quantbench.ptq import calibrate
+from quantbench.qat.prepare import prepare_qat
+from quantbench.qat.quantizers import ALGORITHMS
+from quantbench.qat.recipe import multistep_schedule
+
+GEN = torch.Generator().manual_seed(0)
+X = torch.randn(48, 1, 8, 8, generator=GEN)
+Y = torch.randint(0, 10, (48,), generator=GEN)
+runner = CliRunner()
+
+
+@cache
+def _float_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = build_model("digits_cnn").train()
+    with torch.no_grad():  # running statistics that describe the network, so calibration sees real ranges
+        for _ in range(4):
+            model(torch.randn(32, 1, 8, 8, generator=GEN))
+    return model.eval()
+
+
+def _pact_graph(bits: int):
+    spec = load_backend("academic").configure(w_bits=bits, a_bits=bits)
+    gm = prepare(_float_model(), spec, X[:1], "minmax", "minmax")
+    calibrate(gm, [(X, None)], progress=False)
+    return prepare_qat(gm, "pact", 0)
+
+
+def _switched(bits: tuple[int, ...] = (8, 4, 2)):
+    alg = ALGORITHMS.get("pact")
+    opts = alg.parse_options({})
+    gm = _pact_graph(max(bits))
+    return gm, make_switchable(gm, bits, lambda _r: (lambda ctx: alg.build(ctx, opts)), opts)
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_with_one_bit_width_the_loss_and_gradients_are_plain_pact_qat(bits):
+    plain = _pact_graph(bits).train()
+    gm, sw = _switched((bits,))
+    gm.train()
+    loss, _ = CoQuantLoss(sw)(gm, X, Y)
+    ref = F.cross_entropy(plain(X), Y)
+    assert torch.equal(loss, ref)
+    loss.backward()
+    ref.backward()
+    grads = {n: p.grad for n, p in plain.named_parameters()}
+    for name, p in gm.named_parameters():  # switched parameters live one level deeper, at rules.<bits> / bns.<bits>
+        plain_name = name.replace(f".rules.{bits}", "").replace(f".bns.{bits}", "")
+        assert torch.equal(p.grad, grads[plain_name]), name
+
+
+def test_teachers_are_higher_precisions_and_lambda_zero_picks_the_most_confident():
+    conf = {8: 0.7, 6: 0.9, 4: 0.8}
+    dist = {8: 10.0, 6: 500.0, 4: 1.0}
+    assert select_teacher(2, [8, 6, 4], conf, dist, 0.0) == 6
+    assert select_teacher(2, [8, 6, 4], conf, dist, 0.001) == 4  # 0.9 - 0.5 < 0.8 - 0.001
+    assert select_teacher(4, [8, 6, 4, 2], conf | {2: 1.0}, dist | {2: 0.0}, 0.0) == 6  # only above 4
+    with pytest.raises(ValueError, match="no precision above 8"):
+        select_teacher(8, [8], conf, dist, 0.0)
+    gm, sw = _switched()
+    gm.train()
+    loss = CoQuantLoss(sw)
+    loss(gm, X, Y)
+    assert set(loss.last_teachers) == {4, 2} and all(t > b for b, t in loss.last_teachers.items())
+
+
+def test_swap_keeps_the_student_at_p_one_and_the_teacher_at_p_zero_bit_for_bit():
+    gm, sw = _switched()
+    gm.eval()
+    n = sw.state.n_blocks
+    with torch.no_grad():
+        with sw.state.at(2):
+            student = gm(X)
+        with sw.state.at(8):
+            teacher = gm(X)
+        with sw.state.at(swap_bits(2, 8, torch.ones(n)), student=2):
+            assert torch.equal(gm(X), student)
+        with sw.state.at(swap_bits(2, 8, torch.zeros(n)), student=2):
+            assert torch.equal(gm(X), teacher)
+        assert not torch.equal(student, teacher)
+    probs = block_probabilities(0.9, 5)
+    torch.testing.assert_close(probs, torch.tensor([0.9, 0.925, 0.95, 0.975, 1.0], dtype=torch.float64))
+    assert p1_at(0.9, 0.0) == 0.9 and p1_at(0.9, 0.5) == pytest.approx(0.95) and p1_at(0.9, 1.0) == 1.0
+    draws = torch.tensor([swap_bits(2, 8, probs, GEN) for _ in range(4000)])
+    torch.testing.assert_close((draws == 2).double().mean(0), probs, atol=0.02, rtol=0)
+
+
+def test_a_forward_at_b_updates_only_bs_batchnorm_and_an_unseen_bit_gets_its_own():
+    gm, sw = _switched()
+    sbn = next(iter(sw.bns.values()))
+    before = {b: sbn.at(b).running_mean.clone() for b in (8, 4, 2)}
+    gm.train()
+    with torch.no_grad(), sw.state.at(4):
+        gm(X)
+    assert not torch.equal(sbn.at(4).running_mean, before[4])
+    assert torch.equal(sbn.at(8).running_mean, before[8]) and torch.equal(sbn.at(2).running_mean, before[2])
+    trained = {b: {k: v.clone() for k, v in sbn.at(b).state_dict().items()} for b in (8, 4, 2)}
+    n = add_bits(gm, sw, 6, [(X[:32], None), (X[32:], None)])
+    assert n == 48 and sbn.bits == (2, 4, 6, 8) and all(6 in r.bits for r in sw.rules.values())
+    six = sbn.at(6)
+    assert int(six.num_batches_tracked) == 2 and not torch.equal(six.running_mean, torch.zeros_like(six.running_mean))
+    for b in (8, 4, 2):
+        assert all(torch.equal(v, trained[b][k]) for k, v in sbn.at(b).state_dict().items())
+    with pytest.raises(ConfigError, match="already runs at 6 bits"):
+        add_bits(gm, sw, 6, [(X, None)])
+
+
+def test_swapped_in_teacher_blocks_do_not_update_their_statistics():
+    gm, sw = _switched()
+    gm.train()
+    stats = {name: sbn.at(8).running_mean.clone() for name, sbn in sw.bns.items()}
+    with torch.no_grad(), sw.state.at([8] * sw.state.n_blocks, student=2):
+        gm(X)
+    assert all(torch.equal(sw.bns[n].at(8).running_mean, v) for n, v in stats.items())
+
+
+def test_a_network_frozen_at_one_bit_width_computes_what_the_switched_one_does():
+    gm, sw = _switched()
+    gm.eval()
+    for b in (8, 4, 2):
+        frozen = freeze_at(gm, b).eval()
+        assert not any(isinstance(m, (MultiBitRule, SwitchableBatchNorm)) for m in frozen.modules())
+        with torch.no_grad(), sw.state.at(b):
+            assert torch.equal(frozen(X), gm(X))
+
+
+def test_the_config_refuses_bn_folding_backends_and_bad_bits():
+    with pytest.raises(ConfigError, match="BN stays unfolded"):
+        CoQuantConfig(model="digits_cnn", backend="tensorrt").check()
+    with pytest.raises(ValueError, match=r"2\.\.8"):
+        CoQuantConfig(model="digits_cnn", bits=[8, 1])
+    with pytest.raises(ValueError, match="not w_bits"):
+        CoQuantConfig(model="digits_cnn", w_bits=4)
+    assert CoQuantConfig(model="digits_cnn", bits=[2, 8, 4]).evaluated_bits() == [8, 7, 6, 5, 4, 3, 2]
+
+
+def test_multistep_schedule_multiplies_the_rate_at_each_milestone():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = multistep_schedule(opt, [3, 5], 0.1, warmup_steps=2)
+    rates = []
+    for _ in range(7):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert rates == pytest.approx([0.05, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+
+
+def test_quantbench_coquant_trains_and_evaluates_every_bit_width(tmp_path, torch_one_thread):
+    from quantbench.sweep.weights import ensure_trained
+
+    weights = ensure_trained("digits_cnn", "digits", tmp_path / "cache", progress=False)
+    out = tmp_path / "r.json"
+    res = runner.invoke(app, ["coquant", "--model", "digits_cnn", "--weights", str(weights), "--data", "digits",
+                              "--bits", "8,4,2", "--eval-bits", "8,6,4,2", "--epochs", "1", "--max-train", "512",
+                              "--bn-calib-size", "64", "--out-dir", str(tmp_path / "run"), "--out", str(out),
+                              "--quiet"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(out.read_text())
+    assert [e["bits"] for e in r["results"]] == [8, 6, 4, 2]
+    six = r["results"][1]
+    assert six["zero_shot"] and six["bn_calib_images"] == 64
+    assert not any(e["zero_shot"] for e in r["results"] if e["bits"] != 6)
+    assert all(e["quant_top1"] > 80 for e in r["results"][:3]), r["results"]  # digits: a trained CNN stays high
+    assert r["trained_bits"] == [8, 4, 2] and "teacher_score" in r["interpretations"]
+    assert (Path(r["out_dir"]) / "final.pt").is_file()
