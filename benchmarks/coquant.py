@@ -1,0 +1,88 @@
+"""CoQuant (seed 002) at CPU scale: pretrained ResNet-20, the shared CIFAR-10 subset, B = {8, 4, 2}, a few epochs.
+
+Three rows per bit-width:
+
+* CoQuant: dynamic teacher selection and Swap.
+* Any-Precision-style recursive distillation: each bit-width learns from the next higher one, with switchable BN
+  and no swap.
+* PACT trained separately at each bit-width of B, each for the same number of epochs.
+
+Bit-widths outside B are evaluated zero-shot after BN calibration on 256 images (seed 002 Table 3). The seed trains
+ResNet-18 for 350 epochs from scratch on all of CIFAR-10; this is the scaled protocol. Torch uses one thread.
+
+    python benchmarks/coquant.py [--epochs 3] [--bits 8,4,2] [--no-baselines]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import torch
+
+from _common import CIFAR, RESNET20, print_table, write_json
+from quantbench.coquant.config import CoQuantConfig
+from quantbench.coquant.pipeline import run_coquant
+from quantbench.qat.config import QATConfig
+from quantbench.qat.pipeline import run_qat
+
+OUT = "benchmarks/qat-out/coquant"
+
+
+def _common(args: argparse.Namespace) -> dict[str, Any]:
+    return {"model": "resnet20_cifar", "weights": str(RESNET20), "data": f"cifar10:{CIFAR}", "backend": "academic",
+            "epochs": args.epochs, "batch_size": 128, "seed": 0, "log_every": 10, "max_test": args.max_test}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--bits", default="8,4,2")
+    p.add_argument("--eval-bits", default="8,7,6,5,4,3,2")
+    p.add_argument("--max-test", type=int, default=None)
+    p.add_argument("--no-baselines", action="store_true")
+    p.add_argument("--bn-recalibrate", action="store_true", help="re-estimate trained bits' BN before evaluating")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    bits = [int(b) for b in args.bits.split(",")]
+    eval_bits = [int(b) for b in args.eval_bits.split(",")]
+    rows: dict[str, dict[int, dict[str, Any]]] = {}
+    seconds: dict[str, float] = {}
+    teachers = ["dynamic"] + ([] if args.no_baselines else ["recursive"])
+    fp = 0.0
+    for teacher in teachers:
+        cfg = CoQuantConfig(**_common(args), bits=bits, eval_bits=eval_bits, teacher=teacher,
+                            bn_recalibrate=args.bn_recalibrate, out_dir=f"{OUT}/{teacher}")
+        t0 = time.perf_counter()
+        r = run_coquant(cfg, progress=False, overwrite=True)
+        seconds[teacher] = time.perf_counter() - t0
+        fp = r.fp_top1
+        rows[teacher] = {e.bits: {"top1": e.quant_top1, "agreement": e.agreement, "zero_shot": e.zero_shot}
+                         for e in r.results}
+    if not args.no_baselines:
+        rows["pact"] = {}
+        seconds["pact"] = 0.0
+        for b in bits:
+            cfg = QATConfig(**_common(args), algorithm="pact", bn_fold=0, w_bits=b, a_bits=b, out_dir=f"{OUT}/pact{b}")
+            t0 = time.perf_counter()
+            q = run_qat(cfg, progress=False, overwrite=True)
+            seconds["pact"] += time.perf_counter() - t0
+            rows["pact"][b] = {"top1": q.quant_top1, "agreement": q.agreement, "zero_shot": False}
+    names = list(rows)
+    table = []
+    for b in eval_bits:
+        line: list[Any] = [b]
+        for n in names:
+            e = rows[n].get(b)
+            line.append("-" if e is None else f"{e['top1']:.2f}" + (" (zero-shot)" if e["zero_shot"] else ""))
+        table.append(line)
+    print_table(f"ResNet-20 CIFAR-10 subset, B = {bits}, {args.epochs} epochs; FP32 {fp:.2f}",
+                ["bits", *names], table)
+    print("seconds:", {k: round(v, 1) for k, v in seconds.items()})
+    print("wrote", write_json("coquant", {"fp_top1": fp, "bits": bits, "epochs": args.epochs, "rows": rows,
+                                          "seconds": seconds}))
+
+
+if __name__ == "__main__":
+    main()
