@@ -191,3 +191,33 @@ def test_quantbench_coquant_trains_and_evaluates_every_bit_width(tmp_path, torch
     assert all(e["quant_top1"] > 80 for e in r["results"][:3]), r["results"]  # digits: a trained CNN stays high
     assert r["trained_bits"] == [8, 4, 2] and "teacher_score" in r["interpretations"]
     assert (Path(r["out_dir"]) / "final.pt").is_file()
+
+
+def test_a_coquant_run_reloads_at_any_evaluated_bit_width_and_its_export_says_why_not(tmp_path, torch_one_thread):
+    from quantbench.coquant.load import load_coquant_at
+    from quantbench.data import load_data, make_loader
+    from quantbench.models import get_entry
+    from quantbench.ptq import predict
+    from quantbench.sweep.weights import ensure_trained
+
+    weights = ensure_trained("digits_cnn", "digits", tmp_path / "cache", progress=False)
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["coquant", "--model", "digits_cnn", "--weights", str(weights), "--data", "digits",
+                              "--bits", "8,2", "--eval-bits", "8,5,2", "--epochs", "1", "--max-train", "256",
+                              "--bn-calib-size", "64", "--out-dir", str(run), "--quiet"])
+    assert res.exit_code == 0, res.output
+    result = json.loads((run / "result.json").read_text())
+    entry = get_entry("digits_cnn")
+    bundle = load_data("digits", entry.mean, entry.std, entry.input_size)
+    loader = make_loader(bundle.test, 512)
+    labels = torch.cat([y for _, y in loader])
+    for e in result["results"]:  # the reloaded network at 8, 5 (zero-shot) and 2 bits: the same accuracy
+        gm, config = load_coquant_at(run, e["bits"])
+        top1 = 100.0 * float((predict(gm, loader, "cpu", False)[0] == labels).float().mean())
+        assert top1 == pytest.approx(e["quant_top1"], abs=1e-6), e
+        assert config["coquant"]["bits"] == e["bits"]
+    with pytest.raises(ConfigError, match=r"give --bits, one of \[8, 5, 2\]"):
+        load_coquant_at(run, 4)
+    exp = runner.invoke(app, ["export", "--from", str(run), "--bits", "8", "--out", str(tmp_path / "m.onnx")])
+    assert exp.exit_code == 2 and "CoQuant run trained in the 'academic' setting" in " ".join(exp.output.split())
+    assert not (tmp_path / "m.onnx").exists()

@@ -109,6 +109,8 @@ def export(
     from_: Annotated[Path | None, typer.Option(
         "--from", help="export a `quantbench qat` run (its folder or final.pt) or a saved simulation "
                        "(*.qb.safetensors) instead of calibrating")] = None,
+    bits: Annotated[int | None, typer.Option(help="with --from a `quantbench coquant` run: the bit-width to export")]
+    = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Export a PTQ- or QAT-quantized model to ONNX (QuantizeLinear/DequantizeLinear, BN folded) with the
@@ -125,11 +127,24 @@ def export(
     if from_ is not None:
         import torch
 
-        if from_.suffix == ".pt" or (from_ / "final.pt").is_file():  # a `quantbench qat` run
-            from quantbench.deploy.lower import bake_for_export
+        if from_.suffix == ".pt" or (from_ / "final.pt").is_file():  # a `quantbench qat` or `coquant` run
+            from quantbench.coquant.load import is_coquant_checkpoint, load_coquant_at
+            from quantbench.deploy.errors import ExportError
+            from quantbench.deploy.lower import backend_of, bake_for_export
             from quantbench.qat.load import load_qat_run
 
-            gm_qat, config = load_qat_run(from_)
+            if is_coquant_checkpoint(from_):
+                gm_qat, config = load_coquant_at(from_, bits)
+                spec = backend_of(gm_qat)
+                if not spec.deployable:
+                    raise ExportError(
+                        f"{from_} is a CoQuant run trained in the {spec.name!r} setting, which no integer runtime "
+                        f"executes ({spec.not_deployable_because.strip()}); CoQuant keeps BatchNorm unfolded "
+                        "because each bit-width has its own BN, so no hardware-backend export of it exists yet")
+            elif bits is not None:
+                raise typer.BadParameter("--bits picks the bit-width of a `quantbench coquant` run; this run has one")
+            else:
+                gm_qat, config = load_qat_run(from_)
             gm = bake_for_export(gm_qat)
         else:
             gm, config = load_simulation(from_)

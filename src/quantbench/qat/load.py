@@ -22,7 +22,8 @@ def _trained_classes(state: dict[str, Any], last_layer: str) -> int | None:
     return int(w.shape[0]) if isinstance(w, torch.Tensor) else None
 
 
-def _graph(cfg: QATConfig, num_classes: int) -> fx.GraphModule:
+def rebuild_graph(cfg: QATConfig, num_classes: int) -> fx.GraphModule:
+    """The QAT graph of ``cfg`` with placeholder parameters, ready for a checkpoint's state dict."""
     entry = get_entry(cfg.model)
     model = build_model(cfg.model, None, cfg.width_mult, num_classes)
     w_obs, a_obs = cfg.observers()
@@ -32,6 +33,11 @@ def _graph(cfg: QATConfig, num_classes: int) -> fx.GraphModule:
     for q in all_quantizers(gm):  # activation placeholders, overwritten by the checkpoint as well
         q.calibrated_t = torch.tensor(True)
     return prepare_qat(gm, cfg.algorithm, cfg.bn_fold, "calibrator", cfg.algorithm_options, cfg.bn_freeze_step)
+
+
+def trained_classes(state: dict[str, Any], gm: fx.GraphModule) -> int | None:
+    """The class count a checkpoint's model was trained with (None: not found)."""
+    return _trained_classes(state, gm.meta["quantbench"]["last_layer"])
 
 
 def load_qat_run(path: str | Path) -> tuple[fx.GraphModule, dict[str, Any]]:
@@ -45,11 +51,11 @@ def load_qat_run(path: str | Path) -> tuple[fx.GraphModule, dict[str, Any]]:
     cfg = QATConfig.model_validate(ckpt["config"])
     entry = get_entry(cfg.model)
     num_classes = entry.num_classes
-    gm = _graph(cfg, num_classes)
+    gm = rebuild_graph(cfg, num_classes)
     trained = _trained_classes(ckpt["model"], gm.meta["quantbench"]["last_layer"])
     if trained is not None and trained != num_classes:
         num_classes = trained
-        gm = _graph(cfg, num_classes)
+        gm = rebuild_graph(cfg, num_classes)
     try:
         gm.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
