@@ -28,6 +28,12 @@ class OnInvalid(str, Enum):
     skip = "skip"
 
 
+WorkersOpt = Annotated[int, typer.Option(min=1, help="parallel worker processes")]
+ThreadsOpt = Annotated[int | None, typer.Option(min=1, help="torch threads per process (default: torch's; "
+                                                            "cores/workers with --workers)")]
+OnInvalidOpt = Annotated[OnInvalid, typer.Option(help="impossible combinations: refuse the sweep or skip them")]
+
+
 class ExecutorName(str, Enum):
     local = "local"
     ray = "ray"
@@ -168,11 +174,9 @@ def bench(
     sweep: Annotated[Path, typer.Argument(help="sweep YAML file (see examples/ and docs/REPORTS.md)")],
     out: OutOpt = DEFAULT_OUT,
     store: StoreOpt = None,
-    workers: Annotated[int, typer.Option(min=1, help="parallel worker processes")] = 1,
-    threads: Annotated[int | None, typer.Option(min=1, help="torch threads per process (default: torch's; "
-                                                            "cores/workers with --workers)")] = None,
-    on_invalid: Annotated[OnInvalid, typer.Option(help="impossible combinations: refuse the sweep or skip them")]
-    = OnInvalid.refuse,
+    workers: WorkersOpt = 1,
+    threads: ThreadsOpt = None,
+    on_invalid: OnInvalidOpt = OnInvalid.refuse,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list the runs and their status, run nothing")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
     executor: Annotated[ExecutorName, typer.Option(help="local: this machine (--workers processes); ray: one Ray "

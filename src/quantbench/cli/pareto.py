@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
-from quantbench.cli.bench import OnInvalid, console, run_sweep_file
+from quantbench.cli.bench import OnInvalid, OnInvalidOpt, ThreadsOpt, WorkersOpt, console, run_sweep_file
 from quantbench.cli.errors import friendly_errors
 from quantbench.cli.options import DEFAULT_OUT, OutOpt, StoreOpt, open_results
 
@@ -24,10 +24,9 @@ def pareto(
     sweep: Annotated[Path, typer.Argument(help="sweep YAML with a pareto: section (examples/pareto_digits.yaml)")],
     out: OutOpt = DEFAULT_OUT,
     store: StoreOpt = None,
-    workers: Annotated[int, typer.Option(min=1, help="parallel worker processes")] = 1,
-    threads: Annotated[int | None, typer.Option(min=1, help="torch threads per process")] = None,
-    on_invalid: Annotated[OnInvalid, typer.Option(help="impossible combinations: refuse the sweep or skip them")]
-    = OnInvalid.refuse,
+    workers: WorkersOpt = 1,
+    threads: ThreadsOpt = None,
+    on_invalid: OnInvalidOpt = OnInvalid.refuse,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
 ) -> None:
     """Fronts per precision, the DualPrecision grid, then the best pair across widths; verdicts and report."""
