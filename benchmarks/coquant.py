@@ -43,6 +43,7 @@ def main() -> None:
     p.add_argument("--max-test", type=int, default=None)
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--bn-recalibrate", action="store_true", help="re-estimate trained bits' BN before evaluating")
+    p.add_argument("--no-bn-init", action="store_true", help="no BN re-estimation before training (all rows)")
     args = p.parse_args()
     torch.set_num_threads(1)
     bits = [int(b) for b in args.bits.split(",")]
@@ -53,7 +54,8 @@ def main() -> None:
     fp = 0.0
     for teacher in teachers:
         cfg = CoQuantConfig(**_common(args), bits=bits, eval_bits=eval_bits, teacher=teacher,
-                            bn_recalibrate=args.bn_recalibrate, out_dir=f"{OUT}/{teacher}")
+                            bn_recalibrate=args.bn_recalibrate, bn_init=not args.no_bn_init,
+                            out_dir=f"{OUT}/{teacher}")
         t0 = time.perf_counter()
         r = run_coquant(cfg, progress=False, overwrite=True)
         seconds[teacher] = time.perf_counter() - t0
@@ -64,7 +66,8 @@ def main() -> None:
         rows["pact"] = {}
         seconds["pact"] = 0.0
         for b in bits:
-            cfg = QATConfig(**_common(args), algorithm="pact", bn_fold=0, w_bits=b, a_bits=b, out_dir=f"{OUT}/pact{b}")
+            cfg = QATConfig(**_common(args), algorithm="pact", bn_fold=0, w_bits=b, a_bits=b, bn_init=not args.no_bn_init,
+                            out_dir=f"{OUT}/pact{b}")
             t0 = time.perf_counter()
             q = run_qat(cfg, progress=False, overwrite=True)
             seconds["pact"] += time.perf_counter() - t0

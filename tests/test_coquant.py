@@ -221,3 +221,20 @@ def test_a_coquant_run_reloads_at_any_evaluated_bit_width_and_its_export_says_wh
     exp = runner.invoke(app, ["export", "--from", str(run), "--bits", "8", "--out", str(tmp_path / "m.onnx")])
     assert exp.exit_code == 2 and "CoQuant run trained in the 'academic' setting" in " ".join(exp.output.split())
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_bn_init_re_estimates_the_statistics_the_quantized_network_produces(tmp_path):
+    from quantbench.qat.config import QATConfig
+    from quantbench.qat.distributed import init_distributed
+    from quantbench.qat.pipeline import prepare_run
+    from quantbench.sweep.weights import ensure_trained
+
+    weights = ensure_trained("digits_cnn", "digits", tmp_path / "cache", progress=False)
+    runs = {}
+    for bn_init in (False, True):
+        cfg = QATConfig(model="digits_cnn", weights=str(weights), data="digits", algorithm="pact", bn_fold=0,
+                        bn_init=bn_init, calib_size=64, out_dir=str(tmp_path / str(bn_init)))
+        runs[bn_init] = prepare_run(cfg, init_distributed("cpu"), progress=False)
+    stale, fresh = (dict(runs[k].gm.named_modules())["bn2"] for k in (False, True))
+    assert not torch.equal(stale.running_var, fresh.running_var)
+    assert int(fresh.num_batches_tracked) == 1  # the 64 calibration images, one batch, cumulative average

@@ -45,6 +45,7 @@ class CoQuantConfig(QATConfig):
         "dynamic", description="dynamic: seed 002's selection and Swap; recursive: Any-Precision DNNs' (each bit "
                                "from the next higher, no swap); none: cross-entropy at every bit")
     bn_calib_size: int = Field(256, ge=1, description="images calibrating the BN of an unseen bit-width")
+    bn_init: bool = Field(True, description="QAT's bn_init, on by default here, and for every trained bit-width")
     bn_recalibrate: bool = Field(False, description="also re-estimate the trained bit-widths' BN statistics on "
                                                     "those images before evaluating (seed 001 C.3)")
 

@@ -101,6 +101,12 @@ def run_coquant(cfg: CoQuantConfig, resume: bool = False, progress: bool = True,
     ctx.barrier()
     run = prepare_run(cfg, ctx, progress)
     sw = switch(run, cfg)
+    if cfg.bn_init:  # every trained bit-width's BN re-estimated at that bit-width (QAT's bn_init did the top one)
+        entry = get_entry(cfg.model)
+        bundle = load_data(cfg.data, entry.mean, entry.std, entry.input_size, augment=False)
+        loader = make_loader(calibration_subset(bundle, cfg.calib_size, cfg.seed), cfg.calib_batch_size)
+        for b in sw.state.trained[1:]:
+            recalibrate_bits(run.gm, sw, b, loader, ctx.device)
     loss = CoQuantLoss(sw, p1=cfg.p1, lam=cfg.lam, distance=cfg.distance, temperature=cfg.temperature,
                        kd=cfg.teacher != "none", teacher="recursive" if cfg.teacher == "recursive" else "dynamic",
                        generator=torch.Generator().manual_seed(cfg.seed))

@@ -33,6 +33,10 @@ class QATConfig(QuantRunConfig):
     init: Literal["calibrator", "paper"] = "calibrator"
     bn_fold: int = Field(3, ge=0, le=4, description="BN folding strategy 0..4 (backends that fold BN)")
     bn_freeze_step: int | None = Field(None, ge=0, description="freeze BN statistics after this many steps")
+    bn_init: bool = Field(False, description="re-estimate BN statistics on the calibration images once the "
+                                             "quantizers are set, before training (seed 001 C.3): DoReFa's weight "
+                                             "normalisation rescales a pretrained layer's output (ResNet-20, "
+                                             "academic W8A8 PACT: 42.8 % -> 88.2 % on 500 test images)")
     # the recipe
     epochs: int = Field(3, ge=1, le=100_000)
     batch_size: int = Field(128, ge=1, description="global batch size (split over DDP processes)")

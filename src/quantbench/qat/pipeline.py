@@ -141,6 +141,8 @@ def prepare_run(cfg: QATConfig, ctx: DistContext, progress: bool = True) -> Prep
     prepare_qat(gm, cfg.algorithm, cfg.bn_fold, cfg.init, cfg.algorithm_options, cfg.bn_freeze_step)
     set_fused_kernels(gm, cfg.fused_kernels)
     initialize_from_data(gm, next(iter(calib_loader))[0].to(ctx.device))
+    if cfg.bn_init:
+        estimate_bn_statistics(gm, calib_loader, ctx.device)
     init_top1 = 0.0
     if main:
         q_pred = predict(gm, test_loader, ctx.device, progress, "evaluating PTQ init")[0]
