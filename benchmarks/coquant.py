@@ -66,8 +66,8 @@ def main() -> None:
         rows["pact"] = {}
         seconds["pact"] = 0.0
         for b in bits:
-            cfg = QATConfig(**_common(args), algorithm="pact", bn_fold=0, w_bits=b, a_bits=b, bn_init=not args.no_bn_init,
-                            out_dir=f"{OUT}/pact{b}")
+            cfg = QATConfig(**_common(args), algorithm="pact", bn_fold=0, w_bits=b, a_bits=b,
+                            bn_init=not args.no_bn_init, out_dir=f"{OUT}/pact{b}")
             t0 = time.perf_counter()
             q = run_qat(cfg, progress=False, overwrite=True)
             seconds["pact"] += time.perf_counter() - t0
