@@ -27,12 +27,13 @@ from quantbench.coquant.pipeline import run_coquant
 from quantbench.qat.config import QATConfig
 from quantbench.qat.pipeline import run_qat
 
-OUT = "benchmarks/qat-out/coquant"
+OUT = "benchmarks/qat-out/coquant"  # + the --name suffix below
 
 
 def _common(args: argparse.Namespace) -> dict[str, Any]:
     return {"model": "resnet20_cifar", "weights": str(RESNET20), "data": f"cifar10:{CIFAR}", "backend": "academic",
-            "epochs": args.epochs, "batch_size": 128, "seed": 0, "log_every": 10, "max_test": args.max_test}
+            "epochs": args.epochs, "batch_size": 128, "seed": 0, "log_every": 10, "max_test": args.max_test,
+            "lr": args.lr, "warmup_epochs": args.warmup_epochs}
 
 
 def main() -> None:
@@ -44,6 +45,9 @@ def main() -> None:
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--bn-recalibrate", action="store_true", help="re-estimate trained bits' BN before evaluating")
     p.add_argument("--no-bn-init", action="store_true", help="no BN re-estimation before training (all rows)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: QAT's ResNet rate, 0.004)")
+    p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up epochs")
+    p.add_argument("--name", default="coquant", help="JSON name under benchmarks/results/")
     args = p.parse_args()
     torch.set_num_threads(1)
     bits = [int(b) for b in args.bits.split(",")]
@@ -55,7 +59,7 @@ def main() -> None:
     for teacher in teachers:
         cfg = CoQuantConfig(**_common(args), bits=bits, eval_bits=eval_bits, teacher=teacher,
                             bn_recalibrate=args.bn_recalibrate, bn_init=not args.no_bn_init,
-                            out_dir=f"{OUT}/{teacher}")
+                            out_dir=f"{OUT}/{args.name}-{teacher}")
         t0 = time.perf_counter()
         r = run_coquant(cfg, progress=False, overwrite=True)
         seconds[teacher] = time.perf_counter() - t0
@@ -67,7 +71,7 @@ def main() -> None:
         seconds["pact"] = 0.0
         for b in bits:
             cfg = QATConfig(**_common(args), algorithm="pact", bn_fold=0, w_bits=b, a_bits=b,
-                            bn_init=not args.no_bn_init, out_dir=f"{OUT}/pact{b}")
+                            bn_init=not args.no_bn_init, out_dir=f"{OUT}/{args.name}-pact{b}")
             t0 = time.perf_counter()
             q = run_qat(cfg, progress=False, overwrite=True)
             seconds["pact"] += time.perf_counter() - t0
@@ -83,8 +87,8 @@ def main() -> None:
     print_table(f"ResNet-20 CIFAR-10 subset, B = {bits}, {args.epochs} epochs; FP32 {fp:.2f}",
                 ["bits", *names], table)
     print("seconds:", {k: round(v, 1) for k, v in seconds.items()})
-    print("wrote", write_json("coquant", {"fp_top1": fp, "bits": bits, "epochs": args.epochs, "rows": rows,
-                                          "seconds": seconds}))
+    print("wrote", write_json(args.name, {"fp_top1": fp, "bits": bits, "epochs": args.epochs, "rows": rows,
+                                           "seconds": seconds, "args": vars(args)}))
 
 
 if __name__ == "__main__":
