@@ -24,8 +24,8 @@ from quantbench.coquant.swap import block_probabilities, p1_at, swap_bits
 from quantbench.coquant.switch import MultiBitRule, SwitchableBatchNorm, add_bits, freeze_at, make_switchable
 from quantbench.coquant.teacher import select_teacher
 from quantbench.errors import ConfigError
-from quantbench.graph.quantize import prepare
-from quantbench.models import build_model
+from quantbench.graph.quantize import all_quantizers, prepare
+from quantbench.models import build_model, load_weights
 from quantbench.ptq import calibrate
 from quantbench.qat.prepare import prepare_qat
 from quantbench.qat.quantizers import ALGORITHMS
@@ -238,3 +238,35 @@ def test_bn_init_re_estimates_the_statistics_the_quantized_network_produces(tmp_
     stale, fresh = (dict(runs[k].gm.named_modules())["bn2"] for k in (False, True))
     assert not torch.equal(stale.running_var, fresh.running_var)
     assert int(fresh.num_batches_tracked) == 1  # the 64 calibration images, one batch, cumulative average
+
+
+def test_each_lower_bit_width_starts_from_a_calibration_at_that_bit_width(tmp_path):
+    from quantbench.coquant.pipeline import calibrate_lower_bits, switch
+    from quantbench.data import calibration_subset, load_data, make_loader
+    from quantbench.models import get_entry
+    from quantbench.qat.distributed import init_distributed
+    from quantbench.qat.pipeline import prepare_run
+    from quantbench.sweep.weights import ensure_trained
+
+    weights = ensure_trained("digits_cnn", "digits", tmp_path / "cache", progress=False)
+    cfg = CoQuantConfig(model="digits_cnn", weights=str(weights), data="digits", bits=[8, 2], calib_size=64,
+                        out_dir=str(tmp_path / "run"))
+    run = prepare_run(cfg, init_distributed("cpu"), progress=False)
+    sw = switch(run, cfg)
+    top = {n: r.at(8).alpha.clone() for n, r in sw.rules.items() if hasattr(r.at(8), "alpha")}
+    entry = get_entry("digits_cnn")
+    bundle = load_data("digits", entry.mean, entry.std, entry.input_size, augment=False)
+    loader = make_loader(calibration_subset(bundle, 64, cfg.seed), 64)
+    assert calibrate_lower_bits(cfg, run, sw, loader, 10) == 1
+    model = load_weights(build_model("digits_cnn"), str(weights)).eval()
+    ref = prepare(model, load_backend("academic").configure(w_bits=2, a_bits=2), X[:1], "mse", "mse")
+    calibrate(ref, loader, progress=False)
+    checked = 0
+    for name, alpha in top.items():
+        two = sw.rules[name].at(2).alpha
+        q = next(q for q in all_quantizers(ref) if q.name == name)
+        expected = (q.qmax - q.zero_point) * q.scale
+        torch.testing.assert_close(two, expected.reshape(two.shape).float())
+        assert not torch.equal(two, alpha)  # the 8-bit range is not the 2-bit one
+        checked += 1
+    assert checked == 3

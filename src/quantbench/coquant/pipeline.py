@@ -4,6 +4,7 @@ quantizer and BatchNorm switchable, train with seed 002's loss in QAT's trainer,
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -11,12 +12,14 @@ from typing import Any
 
 import torch
 
+from quantbench.backends import load_backend
 from quantbench.coquant.config import INTERPRETATIONS, CoQuantConfig
 from quantbench.coquant.loss import CoQuantLoss
 from quantbench.coquant.switch import Switched, add_bits, make_switchable, recalibrate_bits
 from quantbench.data import calibration_subset, load_data, make_loader
-from quantbench.models import get_entry
-from quantbench.ptq import compare, predict
+from quantbench.graph.quantize import all_quantizers, prepare
+from quantbench.models import build_model, get_entry
+from quantbench.ptq import calibrate, compare, predict
 from quantbench.qat.checkpoint import save_checkpoint
 from quantbench.qat.distributed import init_distributed
 from quantbench.qat.pipeline import PreparedRun, make_trainer, prepare_run
@@ -66,6 +69,34 @@ def switch(run: PreparedRun, cfg: CoQuantConfig) -> Switched:
     return make_switchable(run.gm, tuple(cfg.bits), lambda _rule: (lambda ctx: alg.build(ctx, opts)), opts)  # type: ignore[arg-type]
 
 
+@torch.no_grad()
+def calibrate_lower_bits(cfg: CoQuantConfig, run: PreparedRun, sw: Switched, loader: Any, num_classes: int) -> int:
+    """Start each lower bit-width's rules from a calibration *at that bit-width* (seed 001 C.4, as a network
+    trained at b alone starts): the graph prepared at b is calibrated on ``loader`` and every switched quantizer's
+    rule at b takes that clipping range. Starting a 2-bit PACT α from the 8-bit range quantizes most activations
+    to zero, and the near-chance 2-bit loss then drags the shared weights. Needs the pretrained weights (a network
+    trained from scratch keeps the top bit-width's range). Returns the bit-widths calibrated."""
+    entry = get_entry(cfg.model)
+    w_obs, a_obs = cfg.observers()
+    example = torch.zeros(1, *entry.input_size, device=next(run.gm.parameters()).device)
+    float_model = build_model(cfg.model, cfg.weights, cfg.width_mult, num_classes=num_classes).eval()
+    n = 0
+    for b in sw.state.trained[1:]:
+        spec = load_backend(cfg.backend).configure(w_bits=b, a_bits=b, first_last=cfg.first_last,
+                                                   residual=cfg.residual, skip=cfg.skip, overrides=cfg.overrides)
+        gm_b = prepare(copy.deepcopy(float_model).to(example.device), spec, example, w_obs, a_obs,
+                       cfg.w_observer_options, cfg.a_observer_options)
+        calibrate(gm_b, loader, example.device, False)
+        by_name = {q.name: q for q in all_quantizers(gm_b)}
+        for name, rule in sw.rules.items():
+            q = by_name.get(name)
+            if q is not None and q.calibrated:
+                inner = rule.at(b)
+                inner.init_from_qparams(q.scale, q.zero_point)
+        n += 1
+    return n
+
+
 def evaluate_bits(cfg: CoQuantConfig, run: PreparedRun, sw: Switched, device: torch.device | str,
                   progress: bool = False) -> list[BitResult]:
     """Top-1 and agreement at every evaluated bit-width; unseen ones after BN calibration on ``bn_calib_size``
@@ -101,10 +132,12 @@ def run_coquant(cfg: CoQuantConfig, resume: bool = False, progress: bool = True,
     ctx.barrier()
     run = prepare_run(cfg, ctx, progress)
     sw = switch(run, cfg)
+    entry = get_entry(cfg.model)
+    bundle = load_data(cfg.data, entry.mean, entry.std, entry.input_size, augment=False)
+    loader = make_loader(calibration_subset(bundle, cfg.calib_size, cfg.seed), cfg.calib_batch_size)
+    if cfg.init == "calibrator" and cfg.weights is not None:  # from scratch: the 8-bit range is all there is
+        calibrate_lower_bits(cfg, run, sw, loader, bundle.num_classes)
     if cfg.bn_init:  # every trained bit-width's BN re-estimated at that bit-width (QAT's bn_init did the top one)
-        entry = get_entry(cfg.model)
-        bundle = load_data(cfg.data, entry.mean, entry.std, entry.input_size, augment=False)
-        loader = make_loader(calibration_subset(bundle, cfg.calib_size, cfg.seed), cfg.calib_batch_size)
         for b in sw.state.trained[1:]:
             recalibrate_bits(run.gm, sw, b, loader, ctx.device)
     loss = CoQuantLoss(sw, p1=cfg.p1, lam=cfg.lam, distance=cfg.distance, temperature=cfg.temperature,
