@@ -48,6 +48,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: QAT's ResNet rate, 0.004)")
     p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up epochs")
     p.add_argument("--name", default="coquant", help="JSON name under benchmarks/results/")
+    p.add_argument("--ramp-epochs", type=float, default=0.0, help="ramp the lower bits' losses in (a deviation)")
     args = p.parse_args()
     torch.set_num_threads(1)
     bits = [int(b) for b in args.bits.split(",")]
@@ -59,6 +60,7 @@ def main() -> None:
     for teacher in teachers:
         cfg = CoQuantConfig(**_common(args), bits=bits, eval_bits=eval_bits, teacher=teacher,
                             bn_recalibrate=args.bn_recalibrate, bn_init=not args.no_bn_init,
+                            ramp_epochs=args.ramp_epochs,
                             out_dir=f"{OUT}/{args.name}-{teacher}")
         t0 = time.perf_counter()
         r = run_coquant(cfg, progress=False, overwrite=True)

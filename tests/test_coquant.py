@@ -270,3 +270,18 @@ def test_each_lower_bit_width_starts_from_a_calibration_at_that_bit_width(tmp_pa
         assert not torch.equal(two, alpha)  # the 8-bit range is not the 2-bit one
         checked += 1
     assert checked == 3
+
+
+def test_the_optional_ramp_scales_only_the_lower_precisions_losses():
+    gm, sw = _switched()
+    gm.train()
+    full = CoQuantLoss(sw, lam=0.0, generator=torch.Generator().manual_seed(1))
+    total_full, _ = full(gm, X, Y)
+    for progress, factor in ((0.0, 0.0), (0.25, 0.5), (0.9, 1.0)):
+        ramped = CoQuantLoss(sw, lam=0.0, ramp=0.5, progress=lambda p=progress: p,
+                             generator=torch.Generator().manual_seed(1))
+        total, _ = ramped(gm, X, Y)
+        parts = ramped.last_losses  # unscaled, per precision
+        expected = parts[8] + factor * (parts[4] + parts[2])
+        torch.testing.assert_close(float(total.detach()), expected, rtol=1e-5, atol=1e-5)
+    assert float(total_full.detach()) == pytest.approx(sum(full.last_losses.values()), rel=1e-5)

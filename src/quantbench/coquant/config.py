@@ -44,6 +44,8 @@ class CoQuantConfig(QATConfig):
     teacher: Literal["dynamic", "recursive", "none"] = Field(
         "dynamic", description="dynamic: seed 002's selection and Swap; recursive: Any-Precision DNNs' (each bit "
                                "from the next higher, no swap); none: cross-entropy at every bit")
+    ramp_epochs: float = Field(0.0, ge=0, description="deviation from Algorithm 1 (0: off): ramp the lower "
+                                                       "precisions' losses from 0 to 1 over these epochs")
     bn_calib_size: int = Field(256, ge=1, description="images calibrating the BN of an unseen bit-width")
     bn_init: bool = Field(True, description="QAT's bn_init, on by default here, and for every trained bit-width")
     bn_recalibrate: bool = Field(False, description="also re-estimate the trained bit-widths' BN statistics on "

@@ -33,6 +33,9 @@ class CoQuantLoss:
     distance: Literal["weights", "kl"] = "weights"
     temperature: float = 1.0
     kd: bool = True  # False: each precision with CE alone (no teacher, no swap)
+    #: fraction of training over which the lower precisions' losses ramp linearly from 0 to 1 (0: summed from the
+    #: start, as Algorithm 1; a deviation for short fine-tuning, where their near-chance start drags the weights)
+    ramp: float = 0.0
     #: "dynamic": seed 002's teacher selection and Swap; "recursive": Any-Precision DNNs' recursive distillation
     #: (each precision from the next higher one, no swap), the baseline
     teacher: Literal["dynamic", "recursive"] = "dynamic"
@@ -78,6 +81,8 @@ class CoQuantLoss:
                     loss = F.cross_entropy(yb.float(), y) + self._kl(yb, outs[t])
                     outs[b] = yb.detach()
                     self.last_losses[b] = float(loss.detach())
+                    if self.ramp > 0:
+                        loss = loss * min(1.0, self.progress() / self.ramp)
                     total = loss if total is None else total + loss
                     continue
                 conf = {t: confidence(outs[t], y) for t in higher}
@@ -97,6 +102,8 @@ class CoQuantLoss:
                 loss = F.cross_entropy(yb.float(), y) + self._kl(yb, outs[t])
             outs[b] = yb.detach()
             self.last_losses[b] = float(loss.detach())
+            if i > 0 and self.ramp > 0:
+                loss = loss * min(1.0, self.progress() / self.ramp)
             total = loss if total is None else total + loss
             if i == 0:
                 top_logits = yb

@@ -142,7 +142,7 @@ def run_coquant(cfg: CoQuantConfig, resume: bool = False, progress: bool = True,
             recalibrate_bits(run.gm, sw, b, loader, ctx.device)
     loss = CoQuantLoss(sw, p1=cfg.p1, lam=cfg.lam, distance=cfg.distance, temperature=cfg.temperature,
                        kd=cfg.teacher != "none", teacher="recursive" if cfg.teacher == "recursive" else "dynamic",
-                       generator=torch.Generator().manual_seed(cfg.seed))
+                       generator=torch.Generator().manual_seed(cfg.seed), ramp=cfg.ramp_epochs / cfg.epochs)
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
