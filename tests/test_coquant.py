@@ -180,6 +180,7 @@ def test_quantbench_coquant_trains_and_evaluates_every_bit_width(tmp_path, torch
     out = tmp_path / "r.json"
     res = runner.invoke(app, ["coquant", "--model", "digits_cnn", "--weights", str(weights), "--data", "digits",
                               "--bits", "8,4,2", "--eval-bits", "8,6,4,2", "--epochs", "1", "--max-train", "512",
+                              "--ramp-epochs", "0.5",
                               "--bn-calib-size", "64", "--out-dir", str(tmp_path / "run"), "--out", str(out),
                               "--quiet"])
     assert res.exit_code == 0, res.output
@@ -190,6 +191,7 @@ def test_quantbench_coquant_trains_and_evaluates_every_bit_width(tmp_path, torch
     assert not any(e["zero_shot"] for e in r["results"] if e["bits"] != 6)
     assert all(e["quant_top1"] > 80 for e in r["results"][:3]), r["results"]  # digits: a trained CNN stays high
     assert r["trained_bits"] == [8, 4, 2] and "teacher_score" in r["interpretations"]
+    assert r["config"]["ramp_epochs"] == 0.5
     assert (Path(r["out_dir"]) / "final.pt").is_file()
 
 

@@ -44,6 +44,8 @@ def coquant(
     teacher: Annotated[str | None, typer.Option(help="dynamic (seed 002, default), recursive (Any-Precision) or "
                                                      "none")] = None,
     distance: Annotated[str | None, typer.Option(help="teacher distance: weights (default) or kl")] = None,
+    ramp_epochs: Annotated[float | None, typer.Option(help="ramp the lower bit-widths' losses in over these epochs "
+                                                           "(a deviation from Algorithm 1; default 0: off)")] = None,
     bn_calib_size: Annotated[int | None, typer.Option(help="images calibrating an unseen bit's BN (256)")] = None,
     bn_recalibrate: Annotated[bool, typer.Option("--bn-recalibrate", help="re-estimate the trained bits' BN "
                                                                           "statistics too before evaluating")] = False,
@@ -71,7 +73,8 @@ def coquant(
     overrides: dict[str, Any] = {
         "model": model, "weights": weights, "data": data, "bits": _bits(bits), "eval_bits": _bits(eval_bits),
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "schedule": schedule, "milestones": _bits(milestones),
-        "p1": p1, "lam": lam, "teacher": teacher, "distance": distance, "bn_calib_size": bn_calib_size,
+        "p1": p1, "lam": lam, "teacher": teacher, "distance": distance, "ramp_epochs": ramp_epochs,
+        "bn_calib_size": bn_calib_size,
         "bn_recalibrate": True if bn_recalibrate else None,
         "max_train": max_train, "max_test": max_test, "device": device, "seed": seed, "out_dir": out_dir,
     }
