@@ -28,6 +28,7 @@ from quantbench.coquant.state import BitState
 from quantbench.errors import ConfigError
 from quantbench.graph.qmodules import QuantWeighted
 from quantbench.graph.quantize import all_quantizers, list_layers
+from quantbench.ptq.calibrate import estimate_bn_statistics
 from quantbench.quant.learning import LearningRule, QuantizerContext
 from quantbench.recon.units import partition
 
@@ -244,24 +245,8 @@ def recalibrate_bits(gm: fx.GraphModule, sw: Switched, bits: int, loader: Any,
 def _calibrate(gm: fx.GraphModule, sw: Switched, bits: int, fresh: list[nn.modules.batchnorm._BatchNorm],
                loader: Any, device: torch.device | str) -> int:
     """Cumulative BN statistics of ``fresh`` over ``loader`` with the network at ``bits`` (the rest in eval mode)."""
-    was_training = gm.training
-    gm.eval()
-    saved = [bn.momentum for bn in fresh]
-    for bn in fresh:
-        bn.momentum = None  # cumulative average over every batch
-        bn.train()
-    n = 0
-    try:
-        with sw.state.at(bits):
-            for batch in loader:
-                x = batch[0] if isinstance(batch, (list, tuple)) else batch
-                gm(x.to(device))
-                n += x.shape[0]
-    finally:
-        for bn, momentum in zip(fresh, saved, strict=True):
-            bn.momentum = momentum
-            bn.eval()
-        gm.train(was_training)
+    with sw.state.at(bits):
+        n = estimate_bn_statistics(gm, loader, device, fresh)
     if n == 0:
         raise ConfigError("the BN calibration set is empty: give at least one image")
     return n

@@ -50,6 +50,34 @@ def calibrate(gm: nn.Module, loader: Iterable, device: torch.device | str = "cpu
 
 
 @torch.no_grad()
+def estimate_bn_statistics(model: nn.Module, loader: Iterable, device: torch.device | str = "cpu",
+                           bns: list[nn.modules.batchnorm._BatchNorm] | None = None, progress: bool = False,
+                           what: str = "BN re-calibration") -> int:
+    """Replace the running statistics of ``bns`` (default: every BatchNorm of ``model``) by their cumulative average
+    over ``loader``'s images, the rest of the model in eval mode. Returns the number of images seen."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if bns is None else bns
+    saved = [m.momentum for m in bns]
+    was_training = model.training
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over all batches
+        m.train()
+    n = 0
+    total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+    try:
+        for x in track(_batches(loader, device), what, total, progress):
+            model(x)
+            n += x.shape[0]
+    finally:
+        for m, momentum in zip(bns, saved, strict=True):
+            m.momentum = momentum
+            m.eval()
+        model.train(was_training)
+    return n
+
+
+@torch.no_grad()
 def bn_recalibrate(gm: nn.Module, loader: Iterable, device: torch.device | str = "cpu",
                    progress: bool = True) -> int:
     """Re-estimate BatchNorm running statistics on the quantized model (seed 001 C.3).
@@ -63,24 +91,8 @@ def bn_recalibrate(gm: nn.Module, loader: Iterable, device: torch.device | str =
     bns = [m for m in gm.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return 0
-    saved = [(m.momentum, m.training) for m in bns]
-    gm.eval()
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average over all batches
-        m.train()
-    n = 0
-    total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
-    try:
-        for x in track(_batches(loader, device), "BN re-calibration", total, progress):
-            gm(x)
-            n += x.shape[0]
-    finally:
-        for m, (momentum, training) in zip(bns, saved, strict=True):
-            m.momentum = momentum
-            m.train(training)
-        gm.eval()
-    if n == 0:
+    if estimate_bn_statistics(gm, loader, device, bns, progress) == 0:
         raise EmptyCalibrationError("the BN re-calibration set is empty")
+    gm.eval()
     calibrate_weights(gm)
     return len(bns)

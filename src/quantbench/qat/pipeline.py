@@ -19,6 +19,7 @@ from quantbench.datafree.source import make_images, parse_data_source
 from quantbench.graph.quantize import list_layers, prepare
 from quantbench.models import build_model, get_entry
 from quantbench.ptq import calibrate, compare, predict
+from quantbench.ptq.calibrate import estimate_bn_statistics
 from quantbench.ptq.pipeline import PTQResult
 from quantbench.qat.checkpoint import save_checkpoint
 from quantbench.qat.config import QATConfig
@@ -88,32 +89,6 @@ def _calibration_set(cfg: QATConfig, ctx: DistContext, bundle: Any, model: nn.Mo
     return made.dataset(cfg.calib_size)
 
 
-@torch.no_grad()
-def estimate_bn_statistics(model: nn.Module, loader: Any, device: torch.device | str) -> int:
-    """Replace BatchNorm running statistics by their average over ``loader``'s images (the float model).
-
-    An untrained network's running statistics are BN's defaults (mean 0, variance 1), unrelated to what its layers
-    output; calibrating activation ranges in eval mode on them gives ranges the training-mode network far exceeds,
-    and the clipped activations pass no gradient (QAT from scratch then stays at chance). Returns the BN count.
-    """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in bns]
-    model.eval()
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-        m.train()
-    try:
-        for batch in loader:
-            x = batch[0] if isinstance(batch, (list, tuple)) else batch
-            model(x.to(device))
-    finally:
-        for m, momentum in zip(bns, saved, strict=True):
-            m.momentum = momentum
-        model.eval()
-    return len(bns)
-
-
 def prepare_run(cfg: QATConfig, ctx: DistContext, progress: bool = True) -> PreparedRun:
     """Load model and data, prepare the backend's graph, calibrate it (the PTQ init) and swap in QAT modules."""
     main = ctx.is_main
@@ -127,7 +102,10 @@ def prepare_run(cfg: QATConfig, ctx: DistContext, progress: bool = True) -> Prep
     test_loader = make_loader(test, cfg.eval_batch_size)
     calib_set = _calibration_set(cfg, ctx, bundle, model, progress and main)
     calib_loader = make_loader(calib_set, cfg.calib_batch_size)
-    if cfg.weights is None:  # from scratch: BN's default running statistics (0 / 1) describe nothing yet
+    if cfg.weights is None:
+        # from scratch: BN's default running statistics (0 / 1) describe nothing yet; activation ranges calibrated
+        # in eval mode on them are far narrower than what the training-mode network produces, and the clipped
+        # activations pass no gradient (QAT from scratch then stays at chance)
         estimate_bn_statistics(model, calib_loader, ctx.device)
     fp_pred, labels = (predict(model.eval(), test_loader, ctx.device, progress and main, "evaluating FP32")
                        if main else (torch.empty(0), torch.empty(0)))
