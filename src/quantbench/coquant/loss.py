@@ -60,6 +60,23 @@ class CoQuantLoss:
         return F.kl_div(F.log_softmax(student.float() / tau, 1), F.log_softmax(teacher.detach().float() / tau, 1),
                         log_target=True, reduction="batchmean") * tau * tau
 
+    def _teacher(self, model: nn.Module, x: Tensor, y: Tensor, b: int, higher: tuple[int, ...],
+                 outs: dict[int, Tensor]) -> int:
+        """The precision that teaches ``b``: the next higher one (recursive) or the best score (dynamic)."""
+        if self.teacher == "recursive":
+            return higher[-1]
+        conf = {t: confidence(outs[t], y) for t in higher}
+        if self.lam == 0:
+            dist = dict.fromkeys(higher, 0.0)
+        elif self.distance == "weights":
+            pairs = self._weights(model)
+            dist = {t: weight_distance(pairs, t, b) for t in higher}
+        else:
+            with torch.no_grad(), self.sw.state.at(b):
+                plain = model(x)
+            dist = {t: output_distance(outs[t], plain) for t in higher}
+        return select_teacher(b, higher, conf, dist, self.lam)
+
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         state = self.sw.state
         outs: dict[int, Tensor] = {}
@@ -72,32 +89,10 @@ class CoQuantLoss:
                     yb = model(x)
                 loss = F.cross_entropy(yb.float(), y)
             else:
-                higher = state.trained[:i]
-                if self.teacher == "recursive":
-                    t = higher[-1]
-                    self.last_teachers[b] = t
-                    with state.at(b):
-                        yb = model(x)
-                    loss = F.cross_entropy(yb.float(), y) + self._kl(yb, outs[t])
-                    outs[b] = yb.detach()
-                    self.last_losses[b] = float(loss.detach())
-                    if self.ramp > 0:
-                        loss = loss * min(1.0, self.progress() / self.ramp)
-                    total = loss if total is None else total + loss
-                    continue
-                conf = {t: confidence(outs[t], y) for t in higher}
-                if self.lam == 0:
-                    dist = dict.fromkeys(higher, 0.0)
-                elif self.distance == "weights":
-                    pairs = self._weights(model)
-                    dist = {t: weight_distance(pairs, t, b) for t in higher}
-                else:
-                    with torch.no_grad(), state.at(b):
-                        plain = model(x)
-                    dist = {t: output_distance(outs[t], plain) for t in higher}
-                t = select_teacher(b, higher, conf, dist, self.lam)
+                t = self._teacher(model, x, y, b, state.trained[:i], outs)
                 self.last_teachers[b] = t
-                with state.at(swap_bits(b, t, keep, self.generator), student=b):
+                bits = b if self.teacher == "recursive" else swap_bits(b, t, keep, self.generator)
+                with state.at(bits, student=b):
                     yb = model(x)
                 loss = F.cross_entropy(yb.float(), y) + self._kl(yb, outs[t])
             outs[b] = yb.detach()
