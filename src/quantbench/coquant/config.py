@@ -24,9 +24,22 @@ INTERPRETATIONS = {
             "p1 + (1 - p1) l / (L - 1); p1 rises linearly to 1 over training",
     "kl": "temperature 1 (option), teacher outputs detached; y_t is the teacher's own output at its turn",
     "bn": "switchable BN (one per trained bit-width); swapped-in teacher blocks use their running statistics; an "
-          "unseen bit-width gets a fresh BN (affine copied from the nearest trained one) calibrated on N images",
+          "unseen bit-width gets a fresh BN (affine copied from the nearest trained one) calibrated on N training "
+          "images under the training augmentation (option bn_calib_augment; US-Nets / AdaBits calibrate on the "
+          "training loader)",
+    "zero_shot_ranges": "an unseen bit-width's clipping values start linear in bit-width between its trained "
+                        "neighbours' (the nearest trained one's outside B; option zero_shot_ranges: nearest)",
     "alpha": "one PACT clipping value per bit-width (AdaBits' switch_alpha)",
 }
+
+
+def bit_set(bits: list[int]) -> list[int]:
+    """``bits`` checked (2..8) and sorted highest first, without repeats."""
+    bad = [b for b in bits if not 2 <= b <= 8]
+    if bad:
+        raise ValueError(f"CoQuant bit-widths must be in 2..8 (signed 1-bit grids are refused; export holds 8 "
+                         f"bits), got {bad}")
+    return sorted(set(bits), reverse=True)
 
 
 class CoQuantConfig(QATConfig):
@@ -47,6 +60,12 @@ class CoQuantConfig(QATConfig):
     ramp_epochs: float = Field(0.0, ge=0, description="deviation from Algorithm 1 (0: off): ramp the lower "
                                                        "precisions' losses from 0 to 1 over these epochs")
     bn_calib_size: int = Field(256, ge=1, description="images calibrating the BN of an unseen bit-width")
+    bn_calib_augment: bool = Field(True, description="calibrate BN on training images under the training "
+                                                     "augmentation (the distribution BN was trained on); false: "
+                                                     "un-augmented images")
+    zero_shot_ranges: Literal["linear", "nearest"] = Field(
+        "linear", description="an unseen bit-width's clipping values: linear in bit-width between the trained "
+                              "neighbours, or the nearest trained bit-width's")
     bn_init: bool = Field(True, description="QAT's bn_init, on by default here, and for every trained bit-width")
     bn_recalibrate: bool = Field(False, description="also re-estimate the trained bit-widths' BN statistics on "
                                                     "those images before evaluating (seed 001 C.3)")
@@ -54,11 +73,7 @@ class CoQuantConfig(QATConfig):
     @field_validator("bits", "eval_bits")
     @classmethod
     def _bits(cls, v: list[int]) -> list[int]:
-        bad = [b for b in v if not 2 <= b <= 8]
-        if bad:
-            raise ValueError(f"CoQuant bit-widths must be in 2..8 (signed 1-bit grids are refused; export holds 8 "
-                             f"bits), got {bad}")
-        return sorted(set(v), reverse=True)
+        return bit_set(v)
 
     @model_validator(mode="after")
     def _backend_bits(self) -> CoQuantConfig:
@@ -85,6 +100,17 @@ class CoQuantConfig(QATConfig):
                 overrides=self.overrides)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
+
+    def interpretations(self) -> dict[str, str]:
+        """The interpretations in force (:data:`INTERPRETATIONS`) with the option values this run chose."""
+        keys = list(INTERPRETATIONS) if self.teacher == "dynamic" else ["kl", "bn", "zero_shot_ranges", "alpha"]
+        if self.teacher == "none":
+            keys.remove("kl")
+        chosen = {"teacher_score": f"lambda {self.lam}, distance {self.distance}",
+                  "swap": f"p1 {self.p1}", "kl": f"temperature {self.temperature}",
+                  "bn": f"bn_calib_size {self.bn_calib_size}, bn_calib_augment {self.bn_calib_augment}",
+                  "zero_shot_ranges": f"zero_shot_ranges {self.zero_shot_ranges}", "alpha": f"{self.algorithm}"}
+        return {k: f"{INTERPRETATIONS[k]} [this run: {chosen[k]}]" for k in keys}
 
     def evaluated_bits(self) -> list[int]:
         return self.eval_bits or list(range(max(self.bits), min(self.bits) - 1, -1))

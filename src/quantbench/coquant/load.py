@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 
 from quantbench.coquant.config import CoQuantConfig
-from quantbench.coquant.switch import Switched, freeze_at, make_switchable
+from quantbench.coquant.switch import Switched, freeze_at, make_switchable, nearest_trained
 from quantbench.data import calibration_subset, load_data, make_loader
 from quantbench.errors import CheckpointError, ConfigError
 from quantbench.graph.quantize import prepare
@@ -47,8 +47,8 @@ def load_coquant_run(path: str | Path) -> tuple[fx.GraphModule, Switched, CoQuan
     for b in ckpt["bits"]:  # bit-widths evaluated zero-shot after training have their own rules and BNs
         if b in sw.state.trained:
             continue
-        like = min(sw.state.trained, key=lambda t: (abs(t - b), -t))
-        for rule in sw.rules.values():
+        like = nearest_trained(sw.state.trained, b)
+        for rule in sw.rules.values():  # the structure only: the checkpoint holds the values
             rule.add_bits(b, rule.at(like))
         for sbn in sw.bns.values():
             sbn.add_bits(b, like)

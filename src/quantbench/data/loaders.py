@@ -149,8 +149,10 @@ class TensorImageDataset(Dataset[tuple[torch.Tensor, int]]):
         )
 
 
-def calibration_subset(bundle: DataBundle, n: int, seed: int = 0) -> Dataset[tuple[torch.Tensor, int]]:
-    """``n`` un-augmented training images for calibration.
+def calibration_subset(bundle: DataBundle, n: int, seed: int = 0, augment: bool = False
+                       ) -> Dataset[tuple[torch.Tensor, int]]:
+    """``n`` training images for calibration: un-augmented, or with ``augment`` under the bundle's own training
+    augmentation (load it with ``augment=True``; BN calibration wants the distribution BN was trained on).
 
     The first ``n`` of ``bundle.calib_indices`` when the bundle has them and ``n`` fits, otherwise a
     sorted seeded ``numpy.random.default_rng(seed).choice`` of ``n`` distinct training indices (with
@@ -168,7 +170,7 @@ def calibration_subset(bundle: DataBundle, n: int, seed: int = 0) -> Dataset[tup
     else:
         indices = sorted(int(i) for i in np.random.default_rng(seed).choice(total, size=n, replace=False))
     if isinstance(bundle.train, TensorImageDataset):
-        return bundle.train.subset(indices, augment=False)
+        return bundle.train.subset(indices, augment=None if augment else False)
     return Subset(bundle.train, indices)
 
 
