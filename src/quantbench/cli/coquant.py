@@ -49,6 +49,9 @@ def coquant(
     bn_calib_size: Annotated[int | None, typer.Option(help="images calibrating an unseen bit's BN (256)")] = None,
     bn_recalibrate: Annotated[bool, typer.Option("--bn-recalibrate", help="re-estimate the trained bits' BN "
                                                                           "statistics too before evaluating")] = False,
+    centred_weights: Annotated[bool, typer.Option(
+        "--centred-weights", help="AdaBits' centred (modified) DoReFa weight levels, seed 002 Table 5's option "
+                                  "(not exportable: no level at zero)")] = False,
     max_train: Annotated[int | None, typer.Option(help="train on the first N training images")] = None,
     max_test: MaxTestOpt = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda")] = None,
@@ -79,6 +82,9 @@ def coquant(
         "max_train": max_train, "max_test": max_test, "device": device, "seed": seed, "out_dir": out_dir,
     }
     cfg = load_qat_config(config, overrides, cls=CoQuantConfig)
+    if centred_weights:  # on top of the options a --config file gives
+        cfg = CoQuantConfig.model_validate({**cfg.model_dump(), "algorithm_options": {
+            **cfg.algorithm_options, "centred_weights": True}}).check()
     result = run_coquant(cfg, resume=resume, progress=not quiet, overwrite=overwrite)  # type: ignore[arg-type]
     t = Table(title=f"CoQuant {cfg.model}: B = {{{', '.join(map(str, result.trained_bits))}}}, {result.epochs} "
                     f"epochs, teacher {result.teacher}; FP32 {result.fp_top1:.2f} %")

@@ -122,8 +122,9 @@ class QuantWeighted(nn.Module):
         w, b = self.deployed_weight_bias()
         qp = wq.rule.export_qparams()
         if qp is None:
-            raise QuantbenchError(f"{wq.name}: learning rule {wq.rule.algorithm!r} has non-uniform levels; "
-                                  "no integer runtime executes them, so it cannot be baked or exported")
+            why = wq.rule.grid_refusal() or "has non-uniform levels"
+            raise QuantbenchError(f"{wq.name}: learning rule {wq.rule.algorithm!r} {why}; no integer runtime "
+                                  "executes them, so it cannot be baked or exported")
         scale = qp[0].reshape(-1)
         candidates = [scale]
         if self.bn is not None and scale.numel() == w.shape[0]:

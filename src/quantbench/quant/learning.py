@@ -166,6 +166,11 @@ class LearningRule(nn.Module):
         """Scale and zero-point of the integer grid the output lies on (None for non-uniform levels)."""
         return None
 
+    def grid_refusal(self) -> str | None:
+        """Why the output lies on no integer grid, when :meth:`export_qparams` is None for another reason than
+        non-uniform levels (the refusal of bake and export says it)."""
+        return None
+
     def clip_range(self) -> tuple[Tensor, Tensor]:
         """The real range ``[lo, hi]`` the quantized output covers (per channel)."""
         qp = self.export_qparams()

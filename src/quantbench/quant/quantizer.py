@@ -204,8 +204,9 @@ class Quantizer(nn.Module):
             return
         qp = self.rule.export_qparams()
         if qp is None:
-            raise QuantbenchError(f"{self.name}: learning rule {self.rule.algorithm!r} has non-uniform levels "
-                                  "(e.g. APoT); no integer runtime executes them, so it has no grid to bake or export")
+            why = self.rule.grid_refusal() or "has non-uniform levels (e.g. APoT)"
+            raise QuantbenchError(f"{self.name}: learning rule {self.rule.algorithm!r} {why}; no integer runtime "
+                                  "executes them, so it has no grid to bake or export")
         s, z = qp
         s = s.reshape(-1) if scale is None else scale.reshape(-1)
         self.set_qparams(s, z.reshape(-1).expand_as(s), self.rule.qmin, self.rule.qmax)

@@ -6,6 +6,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
+from quantbench.errors import ConfigError
 from quantbench.quant.learning import Algorithm, LearningRule, QuantizerContext, register_algorithm
 from quantbench.quant.qparams import range_qparams
 from quantbench.quant.ste import per_channel_rows, quant_error_ste
@@ -17,6 +18,10 @@ class DoReFaOptions(BaseModel):
     #: multiply the normalised weight back by max|w| (a constant, no gradient), so a pretrained layer keeps
     #: its output magnitude (needed with BN folded); false gives eq. 14-15 literally (weights in [-1, 1])
     rescale: bool = True
+    #: AdaBits' "modified" (centred) weight quantizer, the option seed 002 Table 5 compares: 2^b levels at the
+    #: centres of 2^b equal bins of [-1, 1], ``q = (2 / n)(clip(floor(n (w~ + 1) / 2), 0, n - 1) + 1/2) - 1``
+    #: (n levels); no level at zero, so no integer grid with an integer zero-point holds it (not exportable)
+    centred_weights: bool = False
 
 
 class DoReFaWeight(LearningRule):
@@ -51,8 +56,31 @@ class DoReFaWeight(LearningRule):
         w_max = self.shaped(per_channel_rows(w.detach().abs(), self.axis).amax(1), w)
         return t / t_max, w_max
 
+    @property
+    def centred(self) -> bool:
+        return bool(getattr(self.options, "centred_weights", False))
+
+    def grid_refusal(self) -> str | None:
+        if self.centred:
+            return ("has centred weight levels (AdaBits' modified quantizer: half a step off zero, no zero level), "
+                    "which no integer grid with an integer zero-point holds")
+        return None
+
+    def quantize_centred(self, wn: Tensor) -> Tensor:
+        """AdaBits' centred levels ``(2 / n)(k + 1/2) - 1``, ``k = clip(floor(n (w~ + 1) / 2), 0, n - 1)``; the
+        rounding is passed straight through."""
+        n = self.qmax - self.qmin + 1
+        k = torch.floor(n * (wn.detach() + 1) / 2).clamp(0, n - 1)
+        return wn + ((2.0 / n) * (k + 0.5) - 1 - wn).detach()
+
     def quantize(self, x: Tensor) -> Tensor:
         wn, w_max = self.normalise(x)
+        if self.centred:
+            if not self.ctx.scheme.symmetric:
+                raise ConfigError(f"{self.ctx.name}: centred_weights needs symmetric weights (AdaBits' levels are "
+                                  "symmetric about 0); this backend's weights are asymmetric")
+            r = w_max if getattr(self.options, "rescale", True) else torch.ones_like(w_max)
+            return self.quantize_centred(wn) * r
         if self.ctx.scheme.symmetric:
             s = torch.full((), 2.0 / (self.qmax - self.qmin), dtype=x.dtype)
             z = torch.zeros((), dtype=x.dtype)
@@ -67,7 +95,9 @@ class DoReFaWeight(LearningRule):
             self.last_zero_point.copy_(z.reshape(-1).expand(self.ctx.channels))
         return y * r
 
-    def export_qparams(self) -> tuple[Tensor, Tensor]:
+    def export_qparams(self) -> tuple[Tensor, Tensor] | None:
+        if self.centred:
+            return None
         return self.last_scale.clone(), self.last_zero_point.clone()
 
 

@@ -18,6 +18,7 @@ class PACTOptions(BaseModel):
     alpha_init: float = Field(6.0, gt=0, description="initial upper clipping value α (paper init)")
     beta_init: float = Field(-6.0, lt=0, description="initial lower clipping value β (asymmetric, paper init)")
     rescale: bool = True  # for the DoReFa weight quantizer PACT uses
+    centred_weights: bool = False  # AdaBits' centred ("modified") DoReFa weights (see DoReFaOptions)
 
 
 class PACTActivation(LearningRule):
