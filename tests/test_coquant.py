@@ -23,7 +23,7 @@ from quantbench.coquant.loss import CoQuantLoss
 from quantbench.coquant.swap import block_probabilities, p1_at, swap_bits
 from quantbench.coquant.switch import MultiBitRule, SwitchableBatchNorm, add_bits, freeze_at, make_switchable
 from quantbench.coquant.teacher import select_teacher
-from quantbench.errors import ConfigError
+from quantbench.errors import ConfigError, QuantbenchError
 from quantbench.graph.quantize import all_quantizers, prepare
 from quantbench.models import build_model, load_weights
 from quantbench.ptq import calibrate
@@ -220,9 +220,10 @@ def test_a_coquant_run_reloads_at_any_evaluated_bit_width_and_its_export_says_wh
         assert config["coquant"]["bits"] == e["bits"]
     with pytest.raises(ConfigError, match=r"give --bits, one of \[8, 5, 2\]"):
         load_coquant_at(run, 4)
-    exp = runner.invoke(app, ["export", "--from", str(run), "--bits", "8", "--out", str(tmp_path / "m.onnx")])
-    assert exp.exit_code == 2 and "CoQuant run trained in the 'academic' setting" in " ".join(exp.output.split())
-    assert not (tmp_path / "m.onnx").exists()
+    for bits in ("8", "5", "2"):  # a trained, a zero-shot and the lowest bit-width: refused, saying why
+        exp = runner.invoke(app, ["export", "--from", str(run), "--bits", bits, "--out", str(tmp_path / "m.onnx")])
+        assert exp.exit_code == 2 and "CoQuant run trained in the 'academic' setting" in " ".join(exp.output.split())
+        assert not (tmp_path / "m.onnx").exists()
 
 
 def test_bn_init_re_estimates_the_statistics_the_quantized_network_produces(tmp_path):
@@ -287,3 +288,97 @@ def test_the_optional_ramp_scales_only_the_lower_precisions_losses():
         expected = parts[8] + factor * (parts[4] + parts[2])
         torch.testing.assert_close(float(total.detach()), expected, rtol=1e-5, atol=1e-5)
     assert float(total_full.detach()) == pytest.approx(sum(full.last_losses.values()), rel=1e-5)
+
+
+def test_an_unseen_bit_widths_clipping_values_start_between_its_trained_neighbours():
+    from quantbench.coquant.switch import start_range
+
+    gm, sw = _switched((8, 4, 2))
+    acts = {n: r for n, r in sw.rules.items() if hasattr(r.at(8), "alpha")}
+    assert acts
+    for i, r in enumerate(acts.values()):  # distinct, known clipping values per trained bit-width
+        for b, a in ((8, 6.0 + i), (4, 3.0 + i), (2, 1.0 + i)):
+            r.at(b).alpha.data.fill_(a)
+    for bits, expect in ((6, lambda i: 4.5 + i), (7, lambda i: 5.25 + i), (3, lambda i: 2.0 + i)):
+        for i, r in enumerate(acts.values()):  # linear in bit-width: α_b = α_lo + (b - lo) / (hi - lo) (α_hi - α_lo)
+            lo, hi = start_range(r, bits, sw.state.trained, "linear")
+            assert float(hi.reshape(-1)[0]) == pytest.approx(expect(i))
+            assert float(lo.reshape(-1)[0]) == 0.0  # unsigned (after ReLU)
+            assert float(start_range(r, bits, sw.state.trained, "nearest")[1].reshape(-1)[0]) == pytest.approx(
+                {6: 6.0, 7: 6.0, 3: 3.0}[bits] + i)  # the nearest trained one, the higher on a tie
+    n = add_bits(gm, sw, 6, [(X[:32], None), (X[32:], None)])
+    assert n == 48
+    for i, r in enumerate(acts.values()):
+        assert float(r.at(6).alpha.detach()) == pytest.approx(4.5 + i)
+    _, sw2 = _switched((8, 4))
+    r = next(r for r in sw2.rules.values() if hasattr(r.at(8), "alpha"))
+    r.at(8).alpha.data.fill_(6.0)
+    r.at(4).alpha.data.fill_(3.0)
+    assert float(start_range(r, 2, sw2.state.trained, "linear")[1].reshape(-1)[0]) == 3.0  # outside B: nearest
+    with pytest.raises(ConfigError, match="not one of linear, nearest"):
+        start_range(r, 2, sw2.state.trained, "cubic")
+
+
+def test_bn_calibration_images_are_augmented_like_training_and_repeat_with_the_seed(tmp_path):
+    from quantbench.coquant.pipeline import bn_calibration_loader, calibrate_bits
+    from quantbench.data import calibration_subset, load_data
+    from quantbench.models import get_entry
+
+    entry = get_entry("digits_cnn")
+    bundle = load_data("digits", entry.mean, entry.std, entry.input_size, augment=True)
+    plain = calibration_subset(bundle, 64, 1)
+    shifted = calibration_subset(bundle, 64, 1, augment=True)
+    x0 = torch.stack([plain[i][0] for i in range(64)])
+    torch.manual_seed(0)
+    x1 = torch.stack([shifted[i][0] for i in range(64)])
+    assert not torch.equal(x0, x1) and [plain[i][1] for i in range(64)] == [shifted[i][1] for i in range(64)]
+    fill = float(-torch.tensor(entry.mean)[0] / torch.tensor(entry.std)[0])
+    moved = (x1 != x0).flatten(1).any(1)
+    assert moved.any() and bool((x1 == fill).any())  # a 1-pixel shift brings in black padding
+    stats = []
+    for _ in range(2):  # the same seed: the same augmented images, the same calibrated statistics
+        cfg = CoQuantConfig(model="digits_cnn", data="digits", bits=[8, 2], bn_calib_size=64, seed=3)
+        gm, sw = _switched((8, 2))
+        calibrate_bits(cfg, gm, sw, 5, bn_calibration_loader(cfg), "cpu")
+        stats.append(torch.cat([sbn.at(5).running_mean for sbn in sw.bns.values()]))
+    torch.testing.assert_close(stats[0], stats[1], rtol=0, atol=0)
+    cfg = CoQuantConfig(model="digits_cnn", data="digits", bits=[8, 2], bn_calib_size=64, seed=3,
+                        bn_calib_augment=False)
+    gm, sw = _switched((8, 2))
+    calibrate_bits(cfg, gm, sw, 5, bn_calibration_loader(cfg), "cpu")
+    assert not torch.equal(stats[0], torch.cat([sbn.at(5).running_mean for sbn in sw.bns.values()]))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_centred_weights_are_adabits_modified_levels_against_a_float64_reference(bits):
+    from quantbench.qat.quantizers.dorefa import DoReFaOptions, DoReFaWeight
+    from quantbench.quant.learning import QuantizerContext
+
+    scheme = load_backend("academic").configure(w_bits=bits, a_bits=8).weight
+    qmin, qmax = scheme.qrange(signed=True)
+    rule = DoReFaWeight(QuantizerContext(scheme, qmin, qmax, True, "w", False, 1),
+                        DoReFaOptions(centred_weights=True))
+    w = torch.randn(6, 3, 3, 3, generator=torch.Generator().manual_seed(bits), requires_grad=True)
+    y = rule.quantize(w)
+    w64 = w.detach().double()
+    t = torch.tanh(w64)
+    wn = t / t.abs().max()
+    n = 2 ** bits  # AdaBits README: q = 2 (1/2^b)(clip(floor(2^b (w + 1) / 2), 0, 2^b - 1) + 1/2) - 1
+    ref = 2 * (1 / n) * (torch.clamp(torch.floor(n * (wn + 1) / 2), 0, n - 1) + 0.5) - 1
+    torch.testing.assert_close(y.detach().double(), ref * w64.abs().max(), rtol=1e-6, atol=1e-6)
+    levels = torch.unique(torch.round(ref * 1e6))
+    assert len(levels) <= n and not (levels == 0).any()  # no zero level
+    y.sum().backward()  # straight through the rounding: the gradient of the normalisation alone
+    w2 = w.detach().clone().requires_grad_(True)
+    (torch.tanh(w2) / torch.tanh(w2).abs().max() * w.detach().abs().max()).sum().backward()
+    torch.testing.assert_close(w.grad, w2.grad)
+    assert rule.export_qparams() is None and "centred weight levels" in rule.grid_refusal()
+
+
+def test_a_centred_weight_rule_refuses_to_bake_and_says_why():
+    alg = ALGORITHMS.get("pact")
+    gm = _pact_graph(4)
+    q = next(q for q in all_quantizers(gm) if q.is_weight and q.rule is not None)
+    q.rule = alg.build(q.rule.ctx, alg.parse_options({"centred_weights": True}))
+    with pytest.raises(QuantbenchError, match=r"centred weight levels .* no integer grid"):
+        q.bake()

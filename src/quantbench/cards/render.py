@@ -74,6 +74,7 @@ def summary_rows(card: dict[str, Any]) -> list[tuple[str, str]]:
         f"{_fmt(rc.get('quantization_seconds'))} s on {rc.get('device', '?')} "
         f"({_fmt(frac)} of one training epoch)" if isinstance(frac, (int, float)) else
         f"{_fmt(rc.get('quantization_seconds'))} s",
+        *([_coquant_line(rc["coquant"])] if rc.get("coquant") else []),
     ])
     pretrained = (f"baseline {pm['baseline_top1']:.2f} %, quantized {pm['quantized_top1']:.2f} %, relative "
                   f"degradation {_fmt(pm['relative_degradation_percent'])} % ({pm['dataset']}, {pm['n_test']} "
@@ -82,6 +83,15 @@ def summary_rows(card: dict[str, Any]) -> list[tuple[str, str]]:
             ("Resource Complexity", resources), ("Pretrained Model", pretrained)]
     faithful = card["run"].get("faithful_to")  # cards written before the field existed have none
     return [*rows, ("Faithful To", faithful)] if faithful else rows
+
+
+def _coquant_line(c: dict[str, Any]) -> str:
+    """One network trained over B, evaluated at one bit-width (seed 002)."""
+    how = ("zero-shot, BN calibrated on " f"{c['bn_calibration_images']} {c['bn_calibration_data']}"
+           if c["zero_shot"] else "a trained bit-width")
+    return (f"CoQuant: trained over B = {{{', '.join(map(str, c['trained_bits']))}}} for {c['epochs']} epochs "
+            f"(teacher {c['teacher']}), evaluated at {c['evaluated_bits']} bits ({how}); interpretations in the "
+            "card's resource complexity")
 
 
 def _layer_text(r: dict[str, Any]) -> str:

@@ -52,8 +52,8 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 @app.command()
 @friendly_errors
 def ptq(
-    model: Annotated[str, typer.Option(help="model name (see `quantbench models`)")],
-    data: Annotated[str, typer.Option(help="dataset: cifar10:PATH, imagefolder:PATH or digits")],
+    model: Annotated[str | None, typer.Option(help="model name (see `quantbench models`)")] = None,
+    data: Annotated[str | None, typer.Option(help="dataset: cifar10:PATH, imagefolder:PATH or digits")] = None,
     weights: WeightsOpt = None,
     backend: Annotated[str, typer.Option(help="backend name or a spec .yaml")] = "academic",
     w_bits: WBitsOpt = None,
@@ -89,11 +89,20 @@ def ptq(
         "--list-quantizers", help="print every layer's bits and every quantizer")] = False,
     quiet: QuietOpt = False,
     force: ForceOpt = False,
+    from_: Annotated[Path | None, typer.Option(
+        "--from", help="evaluate a `quantbench coquant` run (its folder or final.pt) at --bits instead of "
+                       "calibrating; an unseen bit-width is BN-calibrated first (zero-shot)")] = None,
+    bits: Annotated[int | None, typer.Option(help="with --from: the bit-width to evaluate (2-8)")] = None,
 ) -> None:
     """Post-training quantization of one model for one backend; prints a table, writes JSON."""
     from quantbench.ptq.pipeline import build_context, run_ptq
 
     check_out(out, force=force, ours=is_ptq_result, kind="quantbench ptq result")  # before any work
+    if from_ is not None or bits is not None:
+        _ptq_from_coquant(from_, bits, model, data, weights, device.value, max_test, out, card, quiet)
+        return
+    if model is None or data is None:
+        raise typer.BadParameter("give --model and --data (or --from a `quantbench coquant` run with --bits)")
 
     cfg = PTQConfig(
         model=model, weights=weights, data=data, backend=backend, w_bits=w_bits, a_bits=a_bits,
@@ -118,6 +127,53 @@ def ptq(
         console.print(f"wrote {out}")
     if card is not None:
         _write_card(card, cfg.model_dump(), spec, result.to_dict(), gm, context.example)
+
+
+def _ptq_from_coquant(run: Path | None, bits: int | None, model: str | None, data: str | None, weights: str | None,
+                      device: str, max_test: int | None, out: Path | None, card: Path | None, quiet: bool) -> None:
+    """``quantbench ptq --from RUN --bits b``: a CoQuant network at one bit-width (BN-calibrated when unseen)."""
+    import hashlib
+    import json
+
+    from quantbench.coquant.card import coquant_card
+    from quantbench.coquant.evaluate import evaluate_run
+    from quantbench.coquant.load import is_coquant_checkpoint
+    from quantbench.sweep.identity import code_version
+
+    if run is None or bits is None:
+        raise typer.BadParameter("--from and --bits go together: --from a `quantbench coquant` run folder and "
+                                 "--bits the bit-width to evaluate")
+    given = [name for name, v in (("--model", model), ("--data", data), ("--weights", weights)) if v is not None]
+    if given:
+        raise typer.BadParameter(f"--from takes the model, weights and data from the run: leave out "
+                                 f"{', '.join(given)}")
+    if not (run.suffix == ".pt" or (run / "final.pt").is_file()) or not is_coquant_checkpoint(run):
+        raise typer.BadParameter(f"{run} is not a finished `quantbench coquant` run (its folder holds final.pt "
+                                 "with the trained bit-widths); `ptq --from` evaluates CoQuant runs only")
+    ev = evaluate_run(run, bits, device, not quiet, max_test)
+    r = ev.result
+    t = Table(title=f"CoQuant run {run} at {bits} bits (trained B = {{{', '.join(map(str, ev.trained_bits))}}})")
+    for c in ("bits", "FP top-1", "quant top-1", "agreement", "zero-shot", "BN images"):
+        t.add_column(c, justify="right")
+    t.add_row(str(bits), f"{ev.fp_top1:.2f}", f"{r.quant_top1:.2f}", f"{100 * r.agreement:.1f} %",
+              "yes" if r.zero_shot else "", str(r.bn_calib_images or ""))
+    console.print(t)
+    payload = {"model": ev.config.model, "backend": ev.config.backend, "w_bits": bits, "a_bits": bits,
+               "from": str(run), **ev.to_dict()}
+    if out is not None:
+        atomic_write_json(out, payload)
+        console.print(f"wrote {out}")
+    if card is not None:
+        from quantbench.cards import to_markdown
+        from quantbench.utils.io import atomic_write_text
+
+        run_id = hashlib.sha256(json.dumps({"from": str(run.resolve()), "bits": bits}).encode()).hexdigest()[:16]
+        trained = json.loads(((run if run.is_dir() else run.parent) / "result.json").read_text())
+        doc = coquant_card(ev, {"run_id": run_id, "sweep": "(quantbench ptq --from)", "method_label":
+                                f"coquant at {bits} bits", "code_version": code_version()},
+                           int(trained["train_images"]), float(trained["train_seconds"]), str(run))
+        atomic_write_text(card, to_markdown(doc)) if card.suffix == ".md" else atomic_write_json(card, doc)
+        console.print(f"wrote {card}")
 
 
 def _write_card(path: Path, config: dict, spec: BackendSpec, result: dict, gm: Any, example: Any) -> None:

@@ -34,6 +34,44 @@ from quantbench.recon.units import partition
 
 RuleBuilder = Callable[[QuantizerContext], LearningRule]
 
+#: how an unseen bit-width's clipping values start (interpretation: seed 002 says nothing; AdaBits keeps one α per
+#: trained bit-width only): ``linear`` interpolates them in bit-width between the trained neighbours (the nearest
+#: outside B), ``nearest`` copies the nearest trained bit-width's (the higher one on a tie)
+ZERO_SHOT_RANGES = ("linear", "nearest")
+
+
+def _clip_range(rule: LearningRule) -> tuple[Tensor | None, Tensor | None]:
+    try:
+        lo, hi = rule.clip_range()
+    except NotImplementedError:
+        return None, None
+    return lo, hi
+
+
+def nearest_trained(trained: tuple[int, ...], bits: int) -> int:
+    """The trained bit-width closest to ``bits`` (the higher one on a tie)."""
+    return min(trained, key=lambda t: (abs(t - bits), -t))
+
+
+def start_range(rule: MultiBitRule, bits: int, trained: tuple[int, ...], mode: str = "linear"
+                ) -> tuple[Tensor, Tensor] | None:
+    """The clipping range ``rule``'s new ``bits`` rule starts from (:data:`ZERO_SHOT_RANGES`); None when the rule
+    has no range to learn (DoReFa weights)."""
+    if mode not in ZERO_SHOT_RANGES:
+        raise ConfigError(f"zero-shot ranges: {mode!r} is not one of {', '.join(ZERO_SHOT_RANGES)}")
+    below = [t for t in trained if t < bits]
+    above = [t for t in trained if t > bits]
+    if mode == "nearest" or not below or not above:
+        lo, hi = _clip_range(rule.at(nearest_trained(trained, bits)))
+        return None if lo is None or hi is None else (lo, hi)
+    b0, b1 = max(below), min(above)
+    lo0, hi0 = _clip_range(rule.at(b0))
+    lo1, hi1 = _clip_range(rule.at(b1))
+    if lo0 is None or hi0 is None or lo1 is None or hi1 is None:
+        return None
+    w = (bits - b0) / (b1 - b0)
+    return torch.lerp(lo0, lo1, w), torch.lerp(hi0, hi1, w)
+
 
 def context_at(ctx: QuantizerContext, bits: int) -> QuantizerContext:
     """``ctx`` at another bit-width, keeping the signedness calibration chose."""
@@ -56,15 +94,14 @@ class MultiBitRule(LearningRule):
             self.add_bits(b, init)
         self.mark_initialized()
 
-    def add_bits(self, bits: int, like: LearningRule | None = None) -> LearningRule:
-        """A rule for ``bits``, starting from ``like``'s clipping range (the calibration, or a trained bit-width)."""
+    def add_bits(self, bits: int, like: LearningRule | None = None,
+                 start: tuple[Tensor, Tensor] | None = None) -> LearningRule:
+        """A rule for ``bits``, starting from ``start`` (a clipping range) or else ``like``'s clipping range (the
+        calibration, or a trained bit-width)."""
         rule = self.build(context_at(self.ctx, bits))
-        if like is not None:
-            try:
-                lo, hi = like.clip_range()
-            except NotImplementedError:
-                lo = hi = None
-            if lo is not None:
+        if like is not None or start is not None:
+            lo, hi = start if start is not None else _clip_range(like)  # type: ignore[arg-type]
+            if lo is not None and hi is not None:
                 rule.init_from_range(lo.detach().reshape(-1), hi.detach().reshape(-1))
             rule.mark_initialized()
         self.rules[str(bits)] = rule
@@ -105,6 +142,9 @@ class MultiBitRule(LearningRule):
 
     def export_qparams(self) -> tuple[Tensor, Tensor] | None:
         return self.current.export_qparams()
+
+    def grid_refusal(self) -> str | None:
+        return self.current.grid_refusal()
 
     def describe(self) -> dict[str, Any]:
         out = self.current.describe()
@@ -217,16 +257,18 @@ def make_switchable(gm: fx.GraphModule, bits: tuple[int, ...], build: Callable[[
 
 
 @torch.no_grad()
-def add_bits(gm: fx.GraphModule, sw: Switched, bits: int, loader: Any, device: torch.device | str = "cpu") -> int:
-    """Make ``gm`` run at an unseen bit-width: a quantizer per switched tensor (starting from the nearest trained
-    bit-width's clipping range) and a fresh BatchNorm per layer calibrated on ``loader``'s images (seed 002
-    Table 3, zero-shot testing with BN calibration; seed 001 C.3's procedure). Returns the images used."""
+def add_bits(gm: fx.GraphModule, sw: Switched, bits: int, loader: Any, device: torch.device | str = "cpu",
+             ranges: str = "linear") -> int:
+    """Make ``gm`` run at an unseen bit-width: a quantizer per switched tensor, its clipping range started by
+    ``ranges`` (:data:`ZERO_SHOT_RANGES`), and a fresh BatchNorm per layer (affine parameters of the nearest
+    trained bit-width) calibrated on ``loader``'s images (seed 002 Table 3, zero-shot testing with BN calibration;
+    seed 001 C.3's procedure). Returns the images used."""
     if bits in sw.state.trained or any(bits in sbn.bits for sbn in sw.bns.values()):
         raise ConfigError(f"the network already runs at {bits} bits (trained: {list(sw.state.trained)})")
-    like = min(sw.state.trained, key=lambda t: (abs(t - bits), -t))
+    like = nearest_trained(sw.state.trained, bits)
     for rule in sw.rules.values():
         if str(bits) not in rule.rules:
-            rule.add_bits(bits, rule.at(like))
+            rule.add_bits(bits, rule.at(like), start_range(rule, bits, sw.state.trained, ranges))
     fresh = [sbn.add_bits(bits, like) for sbn in sw.bns.values()]
     return _calibrate(gm, sw, bits, fresh, loader, device)
 
@@ -260,8 +302,10 @@ def freeze_at(gm: fx.GraphModule, bits: int) -> fx.GraphModule:
         if isinstance(m, SwitchableBatchNorm):
             _set(out, name, m.at(bits))
     for q in all_quantizers(out):
-        if isinstance(q.rule, MultiBitRule):
-            q.rule = q.rule.at(bits)
+        if isinstance(q.rule, MultiBitRule):  # the quantizer takes the bit-width too (cards, size, export read it)
+            q.rule = rule = q.rule.at(bits)
+            q.scheme = q.scheme.with_bits(bits)
+            q.qrange_t.copy_(torch.tensor([rule.qmin, rule.qmax]))
     out.meta.setdefault("quantbench", {}).pop("coquant", None)
     out.recompile()
     return out

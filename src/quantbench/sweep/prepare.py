@@ -25,7 +25,11 @@ def materialize_weights(jobs: list[Job], cache: Path, progress: bool = True) -> 
 
 
 def assign_run_dirs(jobs: list[Job], root: Path) -> list[Job]:
-    """Jobs whose method keeps files (``needs_run_dir``: a trained checkpoint) get ``root/<run id>`` as their folder,
-    so a rerun of the same identity finds what an earlier one left."""
-    return [job.with_config(run_dir=str(root / job.run_id)) if METHODS.get(job.method).needs_run_dir else job
-            for job in jobs]
+    """Jobs whose method keeps files (``needs_run_dir``: a trained checkpoint) get ``root/<name>`` as their folder
+    (the run id, or a name runs sharing one training share: :meth:`Method.run_dir_name`), so a rerun of the same
+    identity finds what an earlier one left."""
+    out = []
+    for job in jobs:
+        method = METHODS.get(job.method)
+        out.append(job.with_config(run_dir=str(root / method.run_dir_name(job))) if method.needs_run_dir else job)
+    return out

@@ -90,6 +90,11 @@ class Method(ABC):
         """Why this resolved config cannot run (an impossible combination), or None."""
         return None
 
+    def run_dir_name(self, job: Job) -> str:
+        """The name of the folder a ``needs_run_dir`` job keeps its files in: its run id (runs that share a
+        training, one per evaluated bit-width, share a name)."""
+        return job.run_id
+
     @abstractmethod
     def run(self, job: Job, cache: ContextCache) -> MethodOutcome:
         """Run the job in this process and return its metrics and card; raise on failure."""
