@@ -10,7 +10,11 @@ Three rows per bit-width:
 Bit-widths outside B are evaluated zero-shot after BN calibration on 256 images (seed 002 Table 3). The seed trains
 ResNet-18 for 350 epochs from scratch on all of CIFAR-10; this is the scaled protocol. Torch uses one thread.
 
-    python benchmarks/coquant.py [--epochs 3] [--bits 8,4,2] [--no-baselines]
+``--ablations`` runs seed 002's ablations instead (acceptance 3), each a CoQuant run changed in one respect:
+B = {8, 4} (Table 4: without the lowest precision, its zero-shot collapses), lambda 0 and 1 (0.001 is the main
+row), and Swap off (p1 = 1: every block at the student's bit-width).
+
+    python benchmarks/coquant.py [--epochs 3] [--bits 8,4,2] [--no-baselines] [--ablations]
 """
 
 from __future__ import annotations
@@ -49,26 +53,34 @@ def main() -> None:
     p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up epochs")
     p.add_argument("--name", default="coquant", help="JSON name under benchmarks/results/")
     p.add_argument("--ramp-epochs", type=float, default=0.0, help="ramp the lower bits' losses in (a deviation)")
+    p.add_argument("--ablations", action="store_true", help="run the ablation rows instead of the main ones")
+    p.add_argument("--zero-shot-ranges", default="linear", choices=["linear", "nearest"])
+    p.add_argument("--no-bn-calib-augment", action="store_true", help="calibrate BN on un-augmented images")
     args = p.parse_args()
     torch.set_num_threads(1)
     bits = [int(b) for b in args.bits.split(",")]
     eval_bits = [int(b) for b in args.eval_bits.split(",")]
     rows: dict[str, dict[int, dict[str, Any]]] = {}
     seconds: dict[str, float] = {}
-    teachers = ["dynamic"] + ([] if args.no_baselines else ["recursive"])
+    runs: dict[str, dict[str, Any]] = {"coquant": {}} if not args.ablations else {
+        "B={8,4}": {"bits": [8, 4]}, "lambda=0": {"lam": 0.0}, "lambda=1": {"lam": 1.0}, "no swap": {"p1": 1.0}}
+    if not args.no_baselines and not args.ablations:
+        runs["recursive"] = {"teacher": "recursive"}
     fp = 0.0
-    for teacher in teachers:
-        cfg = CoQuantConfig(**_common(args), bits=bits, eval_bits=eval_bits, teacher=teacher,
-                            bn_recalibrate=args.bn_recalibrate, bn_init=not args.no_bn_init,
-                            ramp_epochs=args.ramp_epochs,
-                            out_dir=f"{OUT}/{args.name}-{teacher}")
+    for name, change in runs.items():
+        slug = "".join(c if c.isalnum() else "-" for c in name)
+        cfg = CoQuantConfig(**{**_common(args), "bits": bits, "eval_bits": eval_bits,
+                               "bn_recalibrate": args.bn_recalibrate, "bn_init": not args.no_bn_init,
+                               "ramp_epochs": args.ramp_epochs, "zero_shot_ranges": args.zero_shot_ranges,
+                               "bn_calib_augment": not args.no_bn_calib_augment,
+                               "out_dir": f"{OUT}/{args.name}-{slug}", **change})
         t0 = time.perf_counter()
         r = run_coquant(cfg, progress=False, overwrite=True)
-        seconds[teacher] = time.perf_counter() - t0
+        seconds[name] = time.perf_counter() - t0
         fp = r.fp_top1
-        rows[teacher] = {e.bits: {"top1": e.quant_top1, "agreement": e.agreement, "zero_shot": e.zero_shot}
-                         for e in r.results}
-    if not args.no_baselines:
+        rows[name] = {e.bits: {"top1": e.quant_top1, "agreement": e.agreement, "zero_shot": e.zero_shot}
+                      for e in r.results}
+    if not args.no_baselines and not args.ablations:
         rows["pact"] = {}
         seconds["pact"] = 0.0
         for b in bits:
@@ -84,9 +96,10 @@ def main() -> None:
         line: list[Any] = [b]
         for n in names:
             e = rows[n].get(b)
-            line.append("-" if e is None else f"{e['top1']:.2f}" + (" (zero-shot)" if e["zero_shot"] else ""))
+            line.append("-" if e is None else f"{e['top1']:.2f} / {100 * e['agreement']:.1f}"
+                        + (" (zero-shot)" if e["zero_shot"] else ""))
         table.append(line)
-    print_table(f"ResNet-20 CIFAR-10 subset, B = {bits}, {args.epochs} epochs; FP32 {fp:.2f}",
+    print_table(f"ResNet-20 CIFAR-10 subset, B = {bits}, {args.epochs} epochs; FP32 {fp:.2f}; top-1 / agreement %",
                 ["bits", *names], table)
     print("seconds:", {k: round(v, 1) for k, v in seconds.items()})
     print("wrote", write_json(args.name, {"fp_top1": fp, "bits": bits, "epochs": args.epochs, "rows": rows,
