@@ -287,6 +287,7 @@ def test_the_optional_ramp_scales_only_the_lower_precisions_losses():
         parts = ramped.last_losses  # unscaled, per precision
         expected = parts[8] + factor * (parts[4] + parts[2])
         torch.testing.assert_close(float(total.detach()), expected, rtol=1e-5, atol=1e-5)
+        assert ramped.terms() == 1 + 2 * factor  # what the divergence monitor divides the summed loss by
     assert float(total_full.detach()) == pytest.approx(sum(full.last_losses.values()), rel=1e-5)
 
 

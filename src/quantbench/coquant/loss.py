@@ -77,6 +77,15 @@ class CoQuantLoss:
             dist = {t: output_distance(outs[t], plain) for t in higher}
         return select_teacher(b, higher, conf, dist, self.lam)
 
+    def ramp_weight(self) -> float:
+        """The weight of the lower precisions' losses now (1 without a ramp)."""
+        return min(1.0, self.progress() / self.ramp) if self.ramp > 0 else 1.0
+
+    def terms(self) -> float:
+        """How many per-precision losses the total sums now (the ramp's weights counted): the trainer's
+        divergence monitor compares the total divided by this with chance level, as it does a single loss."""
+        return 1.0 + self.ramp_weight() * (len(self.sw.state.trained) - 1)
+
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         state = self.sw.state
         outs: dict[int, Tensor] = {}
@@ -98,7 +107,7 @@ class CoQuantLoss:
             outs[b] = yb.detach()
             self.last_losses[b] = float(loss.detach())
             if i > 0 and self.ramp > 0:
-                loss = loss * min(1.0, self.progress() / self.ramp)
+                loss = loss * self.ramp_weight()
             total = loss if total is None else total + loss
             if i == 0:
                 top_logits = yb

@@ -176,7 +176,9 @@ class Trainer:
                "seconds": self.t_train}
         self.record(rec)
         self.meter.zero_()
-        message = self.monitor.on_train(rec["loss"], self.num_classes)
+        # a loss summing several per-sample losses (CoQuant: one per precision) says how many, via ``terms()``
+        terms = getattr(self.compute_loss, "terms", None)
+        message = self.monitor.on_train(rec["loss"] / (terms() if callable(terms) else 1.0), self.num_classes)
         if message:
             self.warn(message, epoch, stoppable=True)
         return rec
