@@ -101,3 +101,22 @@ def test_ptq_from_a_run_at_an_unseen_bit_width_matches_the_runs_own_evaluation(t
     assert bad.exit_code == 2 and "--from and --bits go together" in _said(bad.output)
     bad = runner.invoke(app, ["ptq", "--from", str(tmp_path), "--bits", "6"])
     assert bad.exit_code == 2 and "not a finished `quantbench coquant` run" in _said(bad.output)
+
+
+def test_the_report_plots_each_trained_network_across_bit_widths():
+    from quantbench.report.coquant import coquant_groups, coquant_section
+    from quantbench.store import RunRow
+
+    def row(run_id: str, bits: int, top1: float, zero: bool, method: str = "coquant") -> RunRow:
+        return RunRow(run_id, "done", method=method, method_label="coquant{8,2}:1ep", model="m", backend="academic",
+                      w_bits=bits, a_bits=bits, fp_top1=90.0, quant_top1=top1, agreement=0.9,
+                      metrics={"trained_bits": [8, 2], "zero_shot": zero, "bn_calib_images": 64 if zero else 0})
+
+    rows = [row("a", 2, 60.0, False), row("b", 8, 89.0, False), row("c", 5, 85.0, True),
+            row("d", 4, 80.0, False, method="ptq")]
+    (runs,) = coquant_groups(rows).values()
+    assert [r.w_bits for r in runs] == [8, 5, 2]  # the PTQ row is not part of it
+    html = coquant_section(rows)
+    assert "data:image/png;base64," in html and html.count("<tr>") == 4  # header + 3 bit-widths
+    assert "zero-shot</td><td class=\"num\">64" in html
+    assert coquant_section([rows[-1]]) == ""

@@ -9,6 +9,7 @@ from typing import Any
 
 from quantbench.cards.render import details, summary_rows
 from quantbench.report.assets import CSS, JS
+from quantbench.report.coquant import coquant_section
 from quantbench.report.leaderboard import COLUMNS, Entry, cells, leaderboards
 from quantbench.report.mixed import mixed_section
 from quantbench.report.pareto import pareto_section
@@ -142,6 +143,7 @@ predicted class is unchanged by quantization; Δ = quantized − FP32 top-1.</p>
 {synthetic_section(done)}
 {mixed_section(done)}
 {pareto_section(done)}
+{coquant_section(done)}
 <section id="failed"><h2>Failed or unfinished runs</h2>{_failed_table(failed)}</section>
 <section id="cards"><h2>Quantization cards</h2><p class="muted">One card per run (seed 004 Table 1), generated
 from what the run did. Click to open.</p>{cards}</section>
