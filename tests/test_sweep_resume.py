@@ -84,7 +84,7 @@ def _start(sweep: Path, out: Path, *extra: str) -> subprocess.Popen[bytes]:
     """``quantbench bench`` in a subprocess that imports this checkout's code (``src`` first on the path);
     killed after the test if still running (import :func:`_reap` with it)."""
     path = os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path.rstrip(os.pathsep)}
+    env = {**os.environ, "PYTHONPATH": path.rstrip(os.pathsep), "PYTHONFAULTHANDLER": "1"}
     cmd = [sys.executable, "-m", "quantbench.cli.main", "bench", str(sweep), "--out", str(out), "--quiet",
            "--threads", "1", *extra]
     # SIGINT at its default: a test run started in the background (bash `&` without job control) inherits SIGINT
@@ -93,6 +93,19 @@ def _start(sweep: Path, out: Path, *extra: str) -> subprocess.Popen[bytes]:
                             preexec_fn=_default_sigint)
     _STARTED.append(proc)
     return proc
+
+
+def _communicate_or_dump(proc: subprocess.Popen[bytes], timeout: float) -> bytes:
+    """The output of ``proc`` once it exits; if it has not exited within ``timeout`` seconds, SIGABRT makes its
+    faulthandler (PYTHONFAULTHANDLER, set by :func:`_start`) print every thread's stack, and the test fails
+    showing where the process hung."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        stdout = proc.communicate(timeout=30)[0]
+        raise AssertionError(f"the sweep did not exit {timeout:g} s after the signal; its threads:\n"
+                             f"{stdout.decode(errors='replace')[-6000:]}") from None
 
 
 def _exit_note(proc: subprocess.Popen[bytes]) -> str:
@@ -153,7 +166,7 @@ def test_sigint_stops_the_sweep_cleanly_and_keeps_finished_runs(tmp_path):
     proc = _start(sweep, out)
     blocked = _blocked_run(gate, proc, db)  # never released: SIGINT arrives while it runs
     proc.send_signal(signal.SIGINT)
-    stdout, _ = proc.communicate(timeout=60)
+    stdout = _communicate_or_dump(proc, 120)
     assert proc.returncode == 130, stdout.decode()
     assert "rerun the same command to resume" in stdout.decode()
     rows = _rows(db)
