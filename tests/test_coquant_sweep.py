@@ -120,3 +120,44 @@ def test_the_report_plots_each_trained_network_across_bit_widths():
     assert "data:image/png;base64," in html and html.count("<tr>") == 4  # header + 3 bit-widths
     assert "zero-shot</td><td class=\"num\">64" in html
     assert coquant_section([rows[-1]]) == ""
+
+
+def _ddp_worker(rank: int, world: int, port: int, cfg_json: str) -> None:
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        run_coquant(CoQuantConfig.model_validate_json(cfg_json), progress=False)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_coquant_trains_under_ddp_with_several_forwards_per_step(tmp_path, weights):
+    """DDP wraps the whole multi-precision loss (one DDP forward per step, unused parameters allowed: Swap leaves
+    a block's BN of the student unused); wrapping the network alone failed on the second forward."""
+    import os
+    import time
+
+    import torch.multiprocessing as mp
+
+    from tests.test_qat_train import _free_port
+
+    cfg = CoQuantConfig(model="digits_cnn", weights=str(weights), data="digits", bits=[8, 2], eval_bits=[8, 2],
+                        epochs=1, max_train=256, calib_size=64, bn_calib_size=64, out_dir=str(tmp_path / "ddp"))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    procs = mp.start_processes(_ddp_worker, args=(2, _free_port(), cfg.model_dump_json()), nprocs=2, join=False,
+                               start_method="spawn")
+    deadline = time.monotonic() + 150
+    while not procs.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in procs.processes:
+                p.terminate()
+            pytest.fail("the 2-process CoQuant run did not finish in 150 s (deadlock?)")
+    result = json.loads((tmp_path / "ddp" / "result.json").read_text())
+    assert [e["bits"] for e in result["results"]] == [8, 2]
+    assert result["results"][0]["quant_top1"] > 80  # a pretrained digits CNN fine-tuned at 8 bits stays high

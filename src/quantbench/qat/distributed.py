@@ -47,10 +47,11 @@ def init_distributed(device: str) -> DistContext:
     return DistContext(rank, world, dev)
 
 
-def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
+def wrap_ddp(model: nn.Module, ctx: DistContext, find_unused: bool = False) -> nn.Module:
     """``DistributedDataParallel`` around ``model`` when several processes train it (parameters and buffers
-    start from rank 0's; buffers such as BN statistics are broadcast from rank 0 at each forward)."""
+    start from rank 0's; buffers such as BN statistics are broadcast from rank 0 at each forward).
+    ``find_unused``: some parameters may get no gradient in a step (CoQuant's Swap leaves a block's BN unused)."""
     if ctx.world == 1:
         return model
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused)

@@ -83,6 +83,18 @@ class TrainOutcome:
         return [r["message"] for r in self.history if r.get("event") == "warning"]
 
 
+class LossStep(nn.Module):
+    """One training step's loss as a module, ``forward(x, y) = loss_fn(gm, x, y)``: what DDP wraps."""
+
+    def __init__(self, gm: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.gm = gm
+        self.loss_fn = loss_fn
+
+    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        return self.loss_fn(self.gm, x, y)
+
+
 class Trainer:
     """Trains a QAT graph with SGD (momentum 0.9), per-iteration cosine decay and a separate parameter group
     for the quantizers; logs train accuracy every ``log_every`` iterations (EMA, momentum 0.3) and test
@@ -101,7 +113,9 @@ class Trainer:
         self.sched = (multistep_schedule(self.opt, [m * len(batches) for m in cfg.milestones], cfg.gamma, warmup)
                       if cfg.schedule == "multistep" else cosine_schedule(self.opt, cfg.epochs * len(batches), warmup))
         self.compute_loss = compute_loss or self.cross_entropy
-        self.model = wrap_ddp(gm, ctx)
+        # DDP wraps the whole loss: a loss with several forwards per step (CoQuant: one per precision) is then one
+        # DDP forward, so gradients are reduced once per step
+        self.model = wrap_ddp(LossStep(gm, self.compute_loss), ctx, find_unused=compute_loss is not None)
         self.eval_every: int = r["eval_every"]
         self.ckpt_path = self.out_dir / CHECKPOINT
         self.log = JsonLog(self.out_dir / LOG, ctx.is_main)
@@ -201,7 +215,7 @@ class Trainer:
         dev = self.ctx.device
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.cfg.amp == "bf16"):
-            loss, logits = self.compute_loss(self.model, x, y)
+            loss, logits = self.model(x, y)
         self.num_classes = int(logits.shape[-1])
         bad = self.ctx.all_sum(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=dev))
         if float(bad) > 0:
