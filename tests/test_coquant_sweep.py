@@ -140,24 +140,11 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_json: str) -> None:
 def test_coquant_trains_under_ddp_with_several_forwards_per_step(tmp_path, weights):
     """DDP wraps the whole multi-precision loss (one DDP forward per step, unused parameters allowed: Swap leaves
     a block's BN of the student unused); wrapping the network alone failed on the second forward."""
-    import os
-    import time
-
-    import torch.multiprocessing as mp
-
-    from tests.test_qat_train import _free_port
+    from tests.test_qat_train import spawn_two
 
     cfg = CoQuantConfig(model="digits_cnn", weights=str(weights), data="digits", bits=[8, 2], eval_bits=[8, 2],
                         epochs=1, max_train=256, calib_size=64, bn_calib_size=64, out_dir=str(tmp_path / "ddp"))
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    procs = mp.start_processes(_ddp_worker, args=(2, _free_port(), cfg.model_dump_json()), nprocs=2, join=False,
-                               start_method="spawn")
-    deadline = time.monotonic() + 150
-    while not procs.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in procs.processes:
-                p.terminate()
-            pytest.fail("the 2-process CoQuant run did not finish in 150 s (deadlock?)")
+    spawn_two(_ddp_worker, cfg.model_dump_json())
     result = json.loads((tmp_path / "ddp" / "result.json").read_text())
     assert [e["bits"] for e in result["results"]] == [8, 2]
     assert result["results"][0]["quant_top1"] > 80  # a pretrained digits CNN fine-tuned at 8 bits stays high

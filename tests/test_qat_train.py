@@ -8,6 +8,7 @@ import os
 import socket
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +218,19 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, cfg_json: str) -> No
         dist.destroy_process_group()
 
 
+def spawn_two(worker: Callable[..., None], *args: Any, timeout: float = 150) -> None:
+    """``worker(rank, 2, port, *args)`` in two spawned processes (one torch thread each); fails the test when
+    they do not finish within ``timeout`` seconds (a deadlock)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    procs = mp.start_processes(worker, args=(2, _free_port(), *args), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not procs.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in procs.processes:
+                p.terminate()
+            pytest.fail(f"the 2-process DDP run did not finish in {timeout:g} s (deadlock?)")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -228,15 +242,7 @@ def test_two_gloo_processes_train_the_same_weights_as_one(tmp_path: Path) -> Non
     cfg = config(tmp_path / "ddp", algorithm="lsq", bn_fold=0, epochs=1, bn_freeze_step=None)
     single = train(cfg.model_copy(update={"out_dir": str(tmp_path / "one")}))
     out = tmp_path / "ddp.pt"
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    procs = mp.start_processes(_ddp_worker, args=(2, _free_port(), str(out), cfg.model_dump_json()), nprocs=2,
-                               join=False, start_method="spawn")
-    deadline = time.monotonic() + 150
-    while not procs.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in procs.processes:
-                p.terminate()
-            pytest.fail("the 2-process DDP run did not finish in 150 s (deadlock?)")
+    spawn_two(_ddp_worker, str(out), cfg.model_dump_json())
     ddp = torch.load(out, weights_only=True)
     for k, v in single.items():
         if v.is_floating_point():

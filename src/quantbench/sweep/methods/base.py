@@ -19,6 +19,7 @@ from quantbench.sweep.job import Job
 from quantbench.utils.registry import Registry
 
 T = TypeVar("T")
+C = TypeVar("C", bound=BaseModel)
 #: keys a job's config may carry for the sweep rather than the method: where a run keeps its files (``run_dir``, for
 #: methods with ``needs_run_dir``) and its place in a Pareto analysis (``pareto``, :mod:`quantbench.sweep.pareto`)
 SWEEP_KEYS = frozenset({"run_dir", "pareto"})
@@ -98,6 +99,37 @@ class Method(ABC):
     @abstractmethod
     def run(self, job: Job, cache: ContextCache) -> MethodOutcome:
         """Run the job in this process and return its metrics and card; raise on failure."""
+
+
+def training_config(method: str, cls: type[C], data: dict[str, Any], out_dir: str | None) -> C:
+    """A training method's run configuration (``cls``: QATConfig or a subclass) from a job's config ``data``
+    (without the sweep's keys), validated and checked; every problem is a SweepError naming the method."""
+    from pydantic import ValidationError
+
+    from quantbench.errors import ConfigError, SweepError
+
+    unknown = sorted(set(data) - set(cls.model_fields))
+    if unknown:
+        raise SweepError(f"method {method!r} gives keys that {cls.__name__} does not have: {', '.join(unknown)}")
+    try:
+        return cls.model_validate({**data, "out_dir": out_dir}).check()  # type: ignore[attr-defined,no-any-return]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise SweepError(f"method {method!r}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    except ConfigError as exc:
+        raise SweepError(f"method {method!r}: {exc}") from None
+
+
+def same_training(path: Any, cfg: Any) -> bool:
+    """Whether the checkpoint at ``path`` was written by a training of ``cfg``'s identity (an unreadable one is
+    trained again, never trusted)."""
+    from quantbench.qat.checkpoint import load_checkpoint
+
+    try:
+        saved = load_checkpoint(path)["config"]
+    except Exception:
+        return False
+    return bool(type(cfg).model_validate(saved).identity() == cfg.identity())
 
 
 METHODS: Registry[Method] = Registry[Method]("method kind")

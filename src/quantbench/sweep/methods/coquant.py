@@ -20,16 +20,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
 from quantbench.config import field_from
 from quantbench.coquant.config import CoQuantConfig, bit_set
-from quantbench.errors import ConfigError, SweepError
-from quantbench.qat.checkpoint import load_checkpoint
 from quantbench.qat.train import CHECKPOINT
 from quantbench.size import prepared_size
 from quantbench.sweep.job import Job
-from quantbench.sweep.methods.base import SWEEP_KEYS, ContextCache, Method, MethodOutcome, MethodParams, register_method
+from quantbench.sweep.methods.base import (
+    SWEEP_KEYS,
+    ContextCache,
+    Method,
+    MethodOutcome,
+    MethodParams,
+    register_method,
+    same_training,
+    training_config,
+)
 
 FINAL = "final.pt"
 #: job-config keys that pick the evaluated bit-width, not the training
@@ -67,14 +74,6 @@ class CoQuantParams(MethodParams):
         return f"coquant{{{','.join(map(str, self.trained_bits))}}}:{self.epochs}ep"
 
 
-def _same_run(path: Path, cfg: CoQuantConfig) -> bool:
-    try:
-        saved = load_checkpoint(path)["config"]
-    except Exception:  # an unreadable checkpoint is trained again, never trusted
-        return False
-    return CoQuantConfig.model_validate(saved).identity() == cfg.identity()
-
-
 @contextlib.contextmanager
 def _locked(run_dir: Path) -> Iterator[None]:
     """One process trains a shared run at a time (the others then find its ``final.pt``)."""
@@ -102,16 +101,7 @@ class CoQuantMethod(Method):
     def coquant_config(self, config: dict[str, Any], out_dir: str | None = None) -> CoQuantConfig:
         data = {k: v for k, v in config.items() if k not in SWEEP_KEYS | EVALUATION_KEYS}
         data["bits"] = data.pop("trained_bits")
-        unknown = sorted(set(data) - set(CoQuantConfig.model_fields))
-        if unknown:
-            raise SweepError(f"method 'coquant' gives keys that CoQuantConfig does not have: {', '.join(unknown)}")
-        try:
-            return CoQuantConfig.model_validate({**data, "out_dir": out_dir}).check()
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            raise SweepError(f"method 'coquant': {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-        except ConfigError as exc:
-            raise SweepError(f"method 'coquant': {exc}") from None
+        return training_config(self.name, CoQuantConfig, data, out_dir)
 
     def check(self, config: dict[str, Any]) -> str | None:
         w, a = config.get("w_bits"), config.get("a_bits")
@@ -146,9 +136,9 @@ class CoQuantMethod(Method):
 
         cfg = self.coquant_config(job.config, str(run_dir))
         with _locked(run_dir):
-            cached = (run_dir / FINAL).is_file() and _same_run(run_dir / FINAL, cfg)
+            cached = (run_dir / FINAL).is_file() and same_training(run_dir / FINAL, cfg)
             if not cached:
-                resume = (run_dir / CHECKPOINT).is_file() and _same_run(run_dir / CHECKPOINT, cfg)
+                resume = (run_dir / CHECKPOINT).is_file() and same_training(run_dir / CHECKPOINT, cfg)
                 run_coquant(cfg, resume=resume, overwrite=not resume, progress=False)
         trained = json.loads((run_dir / "result.json").read_text())
         ev = evaluate_run(run_dir, int(job.config["w_bits"]), cfg.device)

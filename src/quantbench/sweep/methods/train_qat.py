@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from quantbench.cards import validate_card
 from quantbench.cards.build import CardInputs, build_card
 from quantbench.cards.facts import NA, collect_structure
 from quantbench.config import field_from
-from quantbench.errors import ConfigError, SweepError
 from quantbench.models import get_entry
 from quantbench.qat.checkpoint import load_checkpoint
 from quantbench.qat.config import QATConfig
@@ -35,7 +34,16 @@ from quantbench.qat.quantizers import ALGORITHMS
 from quantbench.qat.train import CHECKPOINT
 from quantbench.size import prepared_size
 from quantbench.sweep.job import Job
-from quantbench.sweep.methods.base import SWEEP_KEYS, ContextCache, Method, MethodOutcome, MethodParams, register_method
+from quantbench.sweep.methods.base import (
+    SWEEP_KEYS,
+    ContextCache,
+    Method,
+    MethodOutcome,
+    MethodParams,
+    register_method,
+    same_training,
+    training_config,
+)
 from quantbench.sweep.schema import known
 
 FINAL = "final.pt"
@@ -78,15 +86,6 @@ class TrainQATParams(MethodParams):
         return self
 
 
-def _same_run(path: Path, cfg: QATConfig) -> bool:
-    """Whether the checkpoint at ``path`` was written by a run of this configuration."""
-    try:
-        saved = load_checkpoint(path)["config"]
-    except Exception:  # an unreadable checkpoint is trained again, never trusted
-        return False
-    return QATConfig.model_validate(saved).identity() == cfg.identity()
-
-
 @register_method
 class TrainQATMethod(Method):
     """Quantization-aware training (from scratch with ``weights: null``) with seed 003's recipe by default."""
@@ -97,17 +96,8 @@ class TrainQATMethod(Method):
     needs_run_dir = True
 
     def qat_config(self, config: dict[str, Any], out_dir: str | None = None) -> QATConfig:
-        data = {k: v for k, v in config.items() if k not in SWEEP_KEYS}
-        unknown = sorted(set(data) - set(QATConfig.model_fields))
-        if unknown:
-            raise SweepError(f"method 'train_qat' gives keys that QATConfig does not have: {', '.join(unknown)}")
-        try:
-            return QATConfig.model_validate({**data, "out_dir": out_dir}).check()
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            raise SweepError(f"method 'train_qat': {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-        except ConfigError as exc:
-            raise SweepError(f"method 'train_qat': {exc}") from None
+        return training_config(self.name, QATConfig, {k: v for k, v in config.items() if k not in SWEEP_KEYS},
+                               out_dir)
 
     def binary_weights(self, params: MethodParams) -> bool:
         assert isinstance(params, TrainQATParams)
@@ -126,9 +116,9 @@ class TrainQATMethod(Method):
 
     def _run_in(self, job: Job, run_dir: Path) -> MethodOutcome:
         cfg = self.qat_config(job.config, str(run_dir))
-        cached = (run_dir / FINAL).is_file() and _same_run(run_dir / FINAL, cfg)
+        cached = (run_dir / FINAL).is_file() and same_training(run_dir / FINAL, cfg)
         if not cached:
-            resume = (run_dir / CHECKPOINT).is_file() and _same_run(run_dir / CHECKPOINT, cfg)
+            resume = (run_dir / CHECKPOINT).is_file() and same_training(run_dir / CHECKPOINT, cfg)
             run_qat(cfg, resume=resume, overwrite=not resume, progress=False)
         saved = load_checkpoint(run_dir / FINAL)["metrics"]
         gm, _ = load_qat_run(run_dir)
