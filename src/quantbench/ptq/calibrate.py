@@ -54,14 +54,23 @@ def estimate_bn_statistics(model: nn.Module, loader: Iterable, device: torch.dev
                            bns: list[nn.modules.batchnorm._BatchNorm] | None = None, progress: bool = False,
                            what: str = "BN re-calibration") -> int:
     """Replace the running statistics of ``bns`` (default: every BatchNorm of ``model``) by their cumulative average
-    over ``loader``'s images, the rest of the model in eval mode. Returns the number of images seen."""
+    over ``loader``'s images, the rest of the model in eval mode. Returns the number of images seen.
+
+    The old statistics are not reset to (0, 1) first: with ``num_batches_tracked`` at 0 the first batch replaces
+    them outright (cumulative average, factor 1), and until then a layer with BN folded into its weights still
+    folds, and quantizes, with statistics that describe it. Reset ones folded ``γ / sqrt(1 + eps)`` into the first
+    batch's weights, which the weight quantizer calibrated for the old fold clipped or rounded away: on ResNet-20,
+    tensorrt W8A8 with BN re-calibration fell from 91.74 to 42.17 %."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if bns is None else bns
     saved = [m.momentum for m in bns]
     was_training = model.training
     model.eval()
     for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average over all batches
+        if m.num_batches_tracked is not None:
+            m.num_batches_tracked.zero_()
+        else:
+            m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over all batches, the first one replacing the old values
         m.train()
     n = 0
     total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
