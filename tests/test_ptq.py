@@ -169,3 +169,58 @@ def test_prepared_model_can_be_moved_and_cast():
     gm = gm.to(torch.float64)
     assert gm.get_submodule("layer1.0.conv1").module.weight.dtype == torch.float64
     torch.testing.assert_close(gm(x.double()).float(), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_bn_recalibration_of_folded_layers_quantizes_with_statistics_that_describe_them():
+    """Folded layers (TensorRT W8A8) quantize W * gamma / sqrt(running_var) with the weight scale calibrated for
+    that fold. Re-calibration must not fold the reset statistics (var = 1) into its first batch: on statistics far
+    from 1 the weight quantizer then clips (or rounds away) the folded weight, and that batch's statistics, a
+    quarter to a half of the average, are those of a broken network. The re-calibrated statistics of the
+    quantized network must match the float model's on the same batches (8-bit quantization error only)."""
+    model = build_model("resnet20_cifar")
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(32, 3, 32, 32, generator=g) * 4.0 for _ in range(2)]
+    for m in model.modules():  # running statistics that describe these inputs (variances far from 1)
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    model.eval()
+    ref = _reference_bn_stats(model, batches)
+    gm = prepare(model, load_backend("tensorrt").configure(w_bits=8, a_bits=8), batches[0][:1], "minmax", "minmax")
+    calibrate(gm, [(b, None) for b in batches], progress=False)
+    assert bn_recalibrate(gm, [(b, None) for b in batches], progress=False) == 19
+    far = 0
+    for name, m in gm.named_modules():
+        if getattr(m, "bn", None) is not None:
+            mean, var = ref[name.replace("conv", "bn").replace("downsample.0", "downsample.1")]
+            far += int(float(var.max()) > 4.0 or float(var.min()) < 0.25)
+            torch.testing.assert_close(m.bn.running_var.double(), var, rtol=0.05, atol=1e-3)
+            torch.testing.assert_close(m.bn.running_mean.double(), mean, rtol=0.05, atol=0.05)
+    assert far >= 3  # the statistics really are far from the reset ones
+
+
+def test_bn_recalibration_images_are_the_calibration_images_under_the_training_augmentation():
+    from quantbench.config import PTQConfig
+    from quantbench.data import calibration_subset, load_data
+    from quantbench.models import get_entry
+    from quantbench.ptq.pipeline import bn_calibration_set
+
+    entry = get_entry("digits_cnn")
+    bundle = load_data("digits", entry.mean, entry.std, entry.input_size)
+    cfg = PTQConfig(model="digits_cnn", data="digits", calib_size=64, bn_calib=True)
+    calib = calibration_subset(bundle, 64, cfg.seed)
+    torch.manual_seed(0)
+    bn_set = bn_calibration_set(cfg, bundle, calib, (1, 8, 8))
+    x = torch.stack([calib[i][0] for i in range(64)])
+    xb = torch.stack([bn_set[i][0] for i in range(64)])
+    assert [calib[i][1] for i in range(64)] == [bn_set[i][1] for i in range(64)]  # the same images ...
+    assert not torch.equal(x, xb)  # ... shifted by the training augmentation (digits: 1 pixel, no flip)
+    shifted = (x != xb).flatten(1).any(1)
+    assert 0 < int(shifted.sum()) < 64  # some draws are the identity crop
+    plain = cfg.model_copy(update={"bn_calib_augment": False})
+    assert bn_calibration_set(plain, bundle, calib, (1, 8, 8)) is calib
+    more = cfg.model_copy(update={"bn_calib_size": 96})
+    assert len(bn_calibration_set(more, bundle, calib, (1, 8, 8))) == 96

@@ -140,6 +140,10 @@ class PTQConfig(QuantRunConfig):
     a_observer: str = "mse"
     bn_calib: bool = False
     bn_calib_size: int | None = Field(None, ge=1, description="images for BN re-calibration (default: calib_size)")
+    bn_calib_augment: bool = Field(True, description=(
+        "BN re-calibration on real training images under the training augmentation (random crop / flip), the "
+        "distribution the BN statistics were trained on; false: the un-augmented images (noise and synthetic sets "
+        "are used as they are)"))
     method: str = Field("nearest", description="'nearest' (calibration only) or a reconstruction method: "
                                                "adaround, brecq, qdrop (quantbench.recon)")
     recon: ReconOptions = Field(default_factory=ReconOptions, description="reconstruction options")

@@ -35,6 +35,17 @@ def calibration_data(result: dict[str, Any]) -> tuple[str, dict[str, Any] | None
             f"generation {src['generation_seconds']} s{' (cached)' if src.get('cached') else ''}"), src
 
 
+def bn_calibration_data(config: dict[str, Any]) -> str:
+    """What BN re-calibration ran on (seed 004 Table 1: kind of data), from a PTQ run's config."""
+    if not config.get("bn_calib"):
+        return NA
+    if str(config.get("calib_data", "real")) != "real":
+        return "the generated calibration set (noise / synthetic), as generated"
+    if config.get("bn_calib_augment", True):
+        return "real training images under the training augmentation (random crop / flip), no labels"
+    return REAL_UNLABELED
+
+
 def add_method_facts(result: dict[str, Any], resources: dict[str, Any]) -> str:
     """Put a run's reconstruction and generated-data facts into its card resources; return the rounding policy."""
     extra = result.get("extra", {})
@@ -73,6 +84,7 @@ def ptq_run_card(config: dict[str, Any], spec: BackendSpec, result: dict[str, An
         f"{result['w_observer']}/{result['a_observer']}"
     data_text, _ = calibration_data(result)
     resources = {"method": "ptq", "calibration_examples": result["n_calib"], "calibration_data": data_text,
+                 "bn_calibration_data": bn_calibration_data(config),
                  "training_examples": NA, "labels_used": False,
                  "quantization_seconds": round(result["calib_seconds"] + (result.get("recon_seconds") or 0.0), 4),
                  "epoch_seconds_estimate": NA, "fraction_of_epoch": NA, "device": result["device"]}

@@ -62,6 +62,10 @@ def ptq(
     a_observer: AObserverOpt = PTQConfig.model_fields["a_observer"].default,
     calib_size: CalibSizeOpt = default_of(PTQConfig, "calib_size"),
     bn_calib: BnCalibOpt = False,
+    bn_calib_augment: Annotated[bool, typer.Option(
+        "--bn-calib-augment/--no-bn-calib-augment",
+        help="BN re-calibration on training images under the training augmentation (the distribution BN was "
+             "trained on)")] = True,
     first_last: FirstLastOpt = None,
     residual: ResidualOpt = None,
     skip: SkipOpt = None,
@@ -107,6 +111,7 @@ def ptq(
     cfg = PTQConfig(
         model=model, weights=weights, data=data, backend=backend, w_bits=w_bits, a_bits=a_bits,
         w_observer=w_observer, a_observer=a_observer, calib_size=calib_size, bn_calib=bn_calib,
+        bn_calib_augment=bn_calib_augment,
         first_last=parse_first_last(first_last), residual=policy(residual), skip=policy(skip),
         width_mult=width_mult, device=device.value, seed=seed,
         max_test=max_test, overrides=layer_overrides(overrides, layer_bits), method=method,

@@ -151,8 +151,9 @@ class TensorImageDataset(Dataset[tuple[torch.Tensor, int]]):
 
 def calibration_subset(bundle: DataBundle, n: int, seed: int = 0, augment: bool = False
                        ) -> Dataset[tuple[torch.Tensor, int]]:
-    """``n`` training images for calibration: un-augmented, or with ``augment`` under the bundle's own training
-    augmentation (load it with ``augment=True``; BN calibration wants the distribution BN was trained on).
+    """``n`` training images for calibration: un-augmented, or with ``augment`` under the training augmentation
+    (BN calibration wants the distribution BN was trained on): in-memory sets get their random crop / flip;
+    image folders keep the bundle's own transform, so load that bundle with ``augment=True``.
 
     The first ``n`` of ``bundle.calib_indices`` when the bundle has them and ``n`` fits, otherwise a
     sorted seeded ``numpy.random.default_rng(seed).choice`` of ``n`` distinct training indices (with
@@ -170,7 +171,7 @@ def calibration_subset(bundle: DataBundle, n: int, seed: int = 0, augment: bool 
     else:
         indices = sorted(int(i) for i in np.random.default_rng(seed).choice(total, size=n, replace=False))
     if isinstance(bundle.train, TensorImageDataset):
-        return bundle.train.subset(indices, augment=None if augment else False)
+        return bundle.train.subset(indices, augment=augment)
     return Subset(bundle.train, indices)
 
 

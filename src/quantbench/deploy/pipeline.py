@@ -15,6 +15,7 @@ from quantbench.errors import ConfigError
 from quantbench.graph.quantize import prepare
 from quantbench.models import build_model, get_entry
 from quantbench.ptq import bn_recalibrate, calibrate
+from quantbench.ptq.pipeline import bn_calibration_set
 
 
 @dataclass
@@ -51,8 +52,7 @@ def calibrated_model(cfg: PTQConfig, reduce_range: bool = False, progress: bool 
     calib = calibration_subset(bundle, cfg.calib_size, cfg.seed)
     calibrate(gm, make_loader(calib, cfg.calib_batch_size), cfg.device, progress)
     if cfg.bn_calib:
-        n_bn = cfg.bn_calib_size or cfg.calib_size
-        bn_set = calibration_subset(bundle, n_bn, cfg.seed + 1) if n_bn != cfg.calib_size else calib
+        bn_set = bn_calibration_set(cfg, bundle, calib, tuple(example.shape[1:]))
         bn_recalibrate(gm, make_loader(bn_set, cfg.calib_batch_size), cfg.device, progress)
     config = {
         "model": cfg.model, "weights": cfg.weights, "width_mult": cfg.width_mult, "num_classes": bundle.num_classes,

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from quantbench.config import PTQConfig, QuantRunConfig
-from quantbench.data import DataBundle, calibration_subset, load_data, make_loader
+from quantbench.data import DataBundle, TensorImageDataset, calibration_subset, load_data, make_loader
 from quantbench.datafree.source import SourceImages, make_images, parse_data_source
 from quantbench.graph.quantize import list_layers, list_quantizers, prepare
 from quantbench.models import build_model, get_entry
@@ -109,16 +109,30 @@ class RunImages:
         return self.made.dataset(self.cfg.calib_size)
 
     def bn_calibration(self, calib_set: Any) -> Any:
-        n_bn = self.cfg.bn_calib_size or self.cfg.calib_size
+        """The BN re-calibration images: a noise / synthetic set's own, or real ones (:func:`bn_calibration_set`)."""
         if self.made is not None:
-            return self.made.dataset(n_bn)
-        return calibration_subset(self.context.bundle, n_bn, self.cfg.seed + 1) if n_bn != self.cfg.calib_size \
-            else calib_set
+            return self.made.dataset(self.cfg.bn_calib_size or self.cfg.calib_size)
+        return bn_calibration_set(self.cfg, self.context.bundle, calib_set, tuple(self.context.example.shape[1:]))
 
     def reconstruction(self) -> Tensor:
         if self.made is None:
             return _images(calibration_subset(self.context.bundle, self.cfg.recon.recon_size, self.cfg.seed))
         return self.made.images[:self.cfg.recon.recon_size]
+
+
+def bn_calibration_set(cfg: PTQConfig, bundle: DataBundle, calib_set: Any, input_size: tuple[int, ...]) -> Any:
+    """Real BN re-calibration images: the calibration images (or ``bn_calib_size`` others) under the training
+    augmentation unless ``bn_calib_augment`` is off. Un-augmented images describe another distribution than the
+    one BN was trained on: on ResNet-20 they cost academic W8A8 4.7 points (92.06 -> 87.34), while augmented ones
+    lift tensorrt W4A4 from 69.10 to 79.61."""
+    n_bn = cfg.bn_calib_size or cfg.calib_size
+    seed = cfg.seed if n_bn == cfg.calib_size else cfg.seed + 1  # the same size: the calibration's own indices
+    if not cfg.bn_calib_augment:
+        return calib_set if n_bn == cfg.calib_size else calibration_subset(bundle, n_bn, seed)
+    if not isinstance(bundle.train, TensorImageDataset):  # image folders: load the training transform
+        entry = get_entry(cfg.model)
+        bundle = load_data(cfg.data, entry.mean, entry.std, input_size, augment=True)
+    return calibration_subset(bundle, n_bn, seed, augment=True)
 
 
 def run_images(cfg: PTQConfig, context: PTQContext, progress: bool) -> RunImages:

@@ -9,7 +9,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from quantbench.cards.build import CardInputs, build_card
 from quantbench.cards.facts import NA, collect_structure
-from quantbench.cards.ptq import add_method_facts, calibration_data
+from quantbench.cards.ptq import add_method_facts, bn_calibration_data, calibration_data
 from quantbench.config import PTQConfig, QuantRunConfig, default_of, field_from
 from quantbench.errors import SweepError
 from quantbench.observers import OBSERVERS
@@ -39,6 +39,7 @@ class PTQParams(MethodParams):
     calib_batch_size: int = field_from(PTQConfig, "calib_batch_size")
     bn_calib: bool = field_from(PTQConfig, "bn_calib")
     bn_calib_size: int | None = field_from(PTQConfig, "bn_calib_size")
+    bn_calib_augment: bool = field_from(PTQConfig, "bn_calib_augment")
     calib_data: str = field_from(PTQConfig, "calib_data")
     synthetic_options: dict[str, Any] = field_from(PTQConfig, "synthetic_options")
 
@@ -136,6 +137,7 @@ class PTQMethod(Method):
             "calibration_examples": cfg.calib_size,
             "calibration_data": data_text,
             "bn_calibration_examples": n_bn if n_bn else NA,
+            "bn_calibration_data": bn_calibration_data(cfg.model_dump()),
             "training_examples": NA,
             "labels_used": False,
             "quantization_seconds": round(q_seconds, 4),
