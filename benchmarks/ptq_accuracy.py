@@ -5,7 +5,7 @@ default ``mse``, quantbench's default); ``--w-observer same`` uses each calibrat
 Prints top-1 and agreement tables and writes JSON.
 
     python benchmarks/ptq_accuracy.py [--observers minmax,mse,...] [--w-observer mse|same|NAME] [--bn-calib]
-        [--out FILE]
+        [--no-bn-calib-augment] [--out FILE]
 """
 
 from __future__ import annotations
@@ -30,13 +30,16 @@ def main() -> None:
     ap.add_argument("--backends", default=",".join(backend_names()))
     ap.add_argument("--w-observer", default="mse", help="weight calibrator, or 'same' as the activations'")
     ap.add_argument("--bn-calib", action="store_true")
+    ap.add_argument("--no-bn-calib-augment", action="store_true",
+                    help="BN re-calibration on the un-augmented calibration images")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     observers = args.observers.split(",")
     for name in [*observers, *([] if args.w_observer == "same" else [args.w_observer])]:
         OBSERVERS.get(name)  # an unknown name fails here, listing the valid ones
     backends = args.backends.split(",")
-    base = PTQConfig(model="resnet20_cifar", weights=str(RESNET20), data=f"cifar10:{CIFAR}", bn_calib=args.bn_calib)
+    base = PTQConfig(model="resnet20_cifar", weights=str(RESNET20), data=f"cifar10:{CIFAR}", bn_calib=args.bn_calib,
+                     bn_calib_augment=not args.no_bn_calib_augment)
     ctx = build_context(base, progress=False)
     jobs = [(b, w, a, o) for b in backends for (w, a) in BITS for o in observers]
     t0 = time.perf_counter()
