@@ -383,3 +383,23 @@ def test_a_centred_weight_rule_refuses_to_bake_and_says_why():
     q.rule = alg.build(q.rule.ctx, alg.parse_options({"centred_weights": True}))
     with pytest.raises(QuantbenchError, match=r"centred weight levels .* no integer grid"):
         q.bake()
+
+
+def test_coquant_trains_with_centred_weights_and_checkpoints_their_range(tmp_path, torch_one_thread):
+    from quantbench.coquant.pipeline import run_coquant
+    from quantbench.sweep.weights import ensure_trained
+
+    weights = ensure_trained("digits_cnn", "digits", tmp_path / "cache", progress=False)
+    cfg = CoQuantConfig(model="digits_cnn", weights=str(weights), data="digits", bits=[8, 4], eval_bits=[8, 6, 4],
+                        epochs=1, max_train=256, calib_size=64, bn_calib_size=64,
+                        algorithm_options={"centred_weights": True}, out_dir=str(tmp_path / "run"))
+    result = run_coquant(cfg, progress=False)  # the epoch checkpoint describes every quantizer
+    assert [e.bits for e in result.results] == [8, 6, 4] and result.at(8).quant_top1 > 80
+    from quantbench.coquant.load import load_coquant_at
+
+    gm, _ = load_coquant_at(tmp_path / "run", 4)
+    centred = [q.rule for q in all_quantizers(gm) if q.is_weight and q.rule is not None and q.rule.grid_refusal()]
+    levels = sorted(r.qmax - r.qmin + 1 for r in centred)
+    assert levels == [16, 16, 16, 256, 256]  # every weight centred: the switched ones at 4 bits, first / last at 8
+    d = next(r for r in centred if r.qmax - r.qmin + 1 == 16).describe()
+    assert d["clip_hi"][0] == pytest.approx(-d["clip_lo"][0]) and d["clip_hi"][0] > 0 and "scale" not in d

@@ -188,7 +188,10 @@ class LearningRule(nn.Module):
             if qp is not None:
                 out["scale"] = qp[0].reshape(-1).tolist()
                 out["zero_point"] = [int(v) for v in torch.round(qp[1]).reshape(-1).tolist()]
-            lo, hi = self.clip_range()
+            try:
+                lo, hi = self.clip_range()
+            except NotImplementedError:  # a rule with neither an integer grid nor a clipping range
+                return out
             out["clip_lo"], out["clip_hi"] = lo.reshape(-1).tolist(), hi.reshape(-1).tolist()
         return out
 

@@ -80,6 +80,8 @@ class DoReFaWeight(LearningRule):
                 raise ConfigError(f"{self.ctx.name}: centred_weights needs symmetric weights (AdaBits' levels are "
                                   "symmetric about 0); this backend's weights are asymmetric")
             r = w_max if getattr(self.options, "rescale", True) else torch.ones_like(w_max)
+            with torch.no_grad():
+                self.last_rescale.copy_(r.reshape(-1).expand(self.ctx.channels))
             return self.quantize_centred(wn) * r
         if self.ctx.scheme.symmetric:
             s = torch.full((), 2.0 / (self.qmax - self.qmin), dtype=x.dtype)
@@ -94,6 +96,12 @@ class DoReFaWeight(LearningRule):
             self.last_scale.copy_((s * r).reshape(-1).expand(self.ctx.channels))
             self.last_zero_point.copy_(z.reshape(-1).expand(self.ctx.channels))
         return y * r
+
+    def clip_range(self) -> tuple[Tensor, Tensor]:
+        if self.centred:  # the outermost centred levels, +-(1 - 1/n), times the rescale of the last forward
+            edge = 1.0 - 1.0 / (self.qmax - self.qmin + 1)
+            return -edge * self.last_rescale, edge * self.last_rescale
+        return super().clip_range()
 
     def export_qparams(self) -> tuple[Tensor, Tensor] | None:
         if self.centred:
