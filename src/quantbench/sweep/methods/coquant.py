@@ -95,9 +95,6 @@ class CoQuantMethod(Method):
     description = "CoQuant (seed 002): one network trained over a bit-width set B, a row per evaluated bit-width"
     needs_run_dir = True
 
-    def config_fields(self, params: MethodParams) -> dict[str, Any]:
-        return params.model_dump(exclude={"kind", "label"})
-
     def coquant_config(self, config: dict[str, Any], out_dir: str | None = None) -> CoQuantConfig:
         data = {k: v for k, v in config.items() if k not in SWEEP_KEYS | EVALUATION_KEYS}
         data["bits"] = data.pop("trained_bits")
