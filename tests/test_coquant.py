@@ -220,7 +220,7 @@ def test_a_coquant_run_reloads_at_any_evaluated_bit_width_and_its_export_says_wh
         assert config["coquant"]["bits"] == e["bits"]
     with pytest.raises(ConfigError, match=r"give --bits, one of \[8, 5, 2\]"):
         load_coquant_at(run, 4)
-    for bits in ("8", "5", "2"):  # a trained, a zero-shot and the lowest bit-width: refused, saying why
+    for bits in ("8", "5", "2", "6"):  # trained, zero-shot, the lowest, one never evaluated: refused, saying why
         exp = runner.invoke(app, ["export", "--from", str(run), "--bits", bits, "--out", str(tmp_path / "m.onnx")])
         assert exp.exit_code == 2 and "CoQuant run trained in the 'academic' setting" in " ".join(exp.output.split())
         assert not (tmp_path / "m.onnx").exists()

@@ -128,19 +128,19 @@ def export(
         import torch
 
         if from_.suffix == ".pt" or (from_ / "final.pt").is_file():  # a `quantbench qat` or `coquant` run
-            from quantbench.coquant.load import is_coquant_checkpoint, load_coquant_at
+            from quantbench.coquant.load import coquant_config_of, is_coquant_checkpoint, load_coquant_at
             from quantbench.deploy.errors import ExportError
-            from quantbench.deploy.lower import backend_of, bake_for_export
+            from quantbench.deploy.lower import bake_for_export
             from quantbench.qat.load import load_qat_run
 
             if is_coquant_checkpoint(from_):
-                gm_qat, config = load_coquant_at(from_, bits)
-                spec = backend_of(gm_qat)
+                spec = coquant_config_of(from_).resolved_backend()  # refused at any bit-width, seen or not
                 if not spec.deployable:
                     raise ExportError(
                         f"{from_} is a CoQuant run trained in the {spec.name!r} setting, which no integer runtime "
                         f"executes ({spec.not_deployable_because.strip()}); CoQuant keeps BatchNorm unfolded "
                         "because each bit-width has its own BN, so no hardware-backend export of it exists yet")
+                gm_qat, config = load_coquant_at(from_, bits)
             elif bits is not None:
                 raise typer.BadParameter("--bits picks the bit-width of a `quantbench coquant` run; this run has one")
             else:

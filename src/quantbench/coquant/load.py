@@ -26,6 +26,12 @@ def is_coquant_checkpoint(path: str | Path) -> bool:
     return "bits" in ckpt and "bits" in ckpt.get("config", {})
 
 
+def coquant_config_of(path: str | Path) -> CoQuantConfig:
+    """The config a CoQuant run was trained with (from its ``final.pt``), without rebuilding the network."""
+    p = Path(path)
+    return CoQuantConfig.model_validate(load_checkpoint(p / "final.pt" if p.is_dir() else p)["config"])
+
+
 def load_coquant_run(path: str | Path) -> tuple[fx.GraphModule, Switched, CoQuantConfig]:
     """The trained switchable graph, its switch and its config. The graph is prepared and calibrated on a few
     images again (that decides every quantizer's shape and signedness as in training), then the checkpoint's
