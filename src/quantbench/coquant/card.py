@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 
-from quantbench.backends import load_backend
 from quantbench.cards import validate_card
 from quantbench.cards.build import CardInputs, build_card
 from quantbench.cards.facts import NA, collect_structure
@@ -34,9 +33,7 @@ def coquant_card(ev: RunEvaluation, run: dict[str, Any], training_images: int | 
                  checkpoint: str, reused: bool | None = None) -> dict[str, Any]:
     """A validated card; ``run`` holds the run block's identifiers (run id, sweep, method, code version)."""
     cfg = ev.config
-    spec = load_backend(cfg.backend).configure(w_bits=ev.result.bits, a_bits=ev.result.bits,
-                                               first_last=cfg.first_last, residual=cfg.residual, skip=cfg.skip,
-                                               overrides=cfg.overrides)
+    spec = cfg.backend_at(ev.result.bits)
     entry = get_entry(cfg.model)
     structure = collect_structure(ev.graph, torch.zeros(1, *entry.input_size))
     w_obs, a_obs = cfg.observers()

@@ -91,12 +91,15 @@ class CoQuantConfig(QATConfig):
 
     def resolved_backend(self) -> Any:
         """The backend at B's highest precision (the graph is prepared there; the others switch on top of it)."""
-        top = max(self.bits)
+        return self.backend_at(max(self.bits))
+
+    def backend_at(self, bits: int) -> Any:
+        """The run's backend spec with weights and activations at ``bits`` (policies and overrides kept)."""
         from quantbench.backends import load_backend
 
         try:
             return load_backend(self.backend).configure(
-                w_bits=top, a_bits=top, first_last=self.first_last, residual=self.residual, skip=self.skip,
+                w_bits=bits, a_bits=bits, first_last=self.first_last, residual=self.residual, skip=self.skip,
                 overrides=self.overrides)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc

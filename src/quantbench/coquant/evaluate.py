@@ -4,6 +4,7 @@ would have made them, so ``quantbench ptq --from RUN --bits b`` and a sweep's ``
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,8 +44,6 @@ def evaluate_run(path: str | Path, bits: int, device: str = "cpu", progress: boo
                  max_test: int | None = None) -> RunEvaluation:
     """Top-1 and agreement of the run at ``path`` at ``bits`` (2-8) on its test split (``max_test``: the first N;
     default the run's own setting)."""
-    import time
-
     if not 2 <= bits <= 8:
         raise ConfigError(f"a CoQuant network runs at 2..8 bits, got {bits}")
     t0 = time.perf_counter()

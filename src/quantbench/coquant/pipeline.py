@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-from quantbench.backends import load_backend
 from quantbench.coquant.config import CoQuantConfig
 from quantbench.coquant.loss import CoQuantLoss
 from quantbench.coquant.switch import Switched, add_bits, make_switchable, recalibrate_bits
@@ -82,9 +81,7 @@ def calibrate_lower_bits(cfg: CoQuantConfig, run: PreparedRun, sw: Switched, loa
     float_model = build_model(cfg.model, cfg.weights, cfg.width_mult, num_classes=num_classes).eval()
     n = 0
     for b in sw.state.trained[1:]:
-        spec = load_backend(cfg.backend).configure(w_bits=b, a_bits=b, first_last=cfg.first_last,
-                                                   residual=cfg.residual, skip=cfg.skip, overrides=cfg.overrides)
-        gm_b = prepare(copy.deepcopy(float_model).to(example.device), spec, example, w_obs, a_obs,
+        gm_b = prepare(copy.deepcopy(float_model).to(example.device), cfg.backend_at(b), example, w_obs, a_obs,
                        cfg.w_observer_options, cfg.a_observer_options)
         calibrate(gm_b, loader, example.device, False)
         by_name = {q.name: q for q in all_quantizers(gm_b)}

@@ -278,10 +278,7 @@ def recalibrate_bits(gm: fx.GraphModule, sw: Switched, bits: int, loader: Any,
                      device: torch.device | str = "cpu") -> int:
     """Re-estimate the running statistics of ``bits``' BatchNorms on ``loader`` (seed 001 C.3): after a short
     training their momentum-averaged statistics still lag the weights. Returns the images used."""
-    bns = [sbn.at(bits) for sbn in sw.bns.values()]
-    for bn in bns:
-        bn.reset_running_stats()
-    return _calibrate(gm, sw, bits, bns, loader, device)
+    return _calibrate(gm, sw, bits, [sbn.at(bits) for sbn in sw.bns.values()], loader, device)
 
 
 def _calibrate(gm: fx.GraphModule, sw: Switched, bits: int, fresh: list[nn.modules.batchnorm._BatchNorm],
