@@ -7,10 +7,13 @@ calls :func:`register_method`; nothing else in the sweep, store or report change
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict
@@ -120,6 +123,22 @@ def training_config(method: str, cls: type[C], data: dict[str, Any], out_dir: st
         raise SweepError(f"method {method!r}: {exc}") from None
 
 
+@contextlib.contextmanager
+def run_folder(job: Job) -> Iterator[tuple[Path, bool]]:
+    """``(folder, kept)``: where a training job keeps its files, the sweep's ``config["run_dir"]`` (kept), or with
+    none a temporary folder removed afterwards."""
+    run_dir = job.config.get("run_dir")
+    if run_dir is not None:
+        yield Path(run_dir), True
+        return
+    with tempfile.TemporaryDirectory(prefix=f"quantbench-{job.method}-") as tmp:  # no checkpoint to keep
+        yield Path(tmp) / "run", False
+
+
+#: the finished training's checkpoint in a run folder
+FINAL = "final.pt"
+
+
 def same_training(path: Any, cfg: Any) -> bool:
     """Whether the checkpoint at ``path`` was written by a training of ``cfg``'s identity (an unreadable one is
     trained again, never trusted)."""
@@ -130,6 +149,19 @@ def same_training(path: Any, cfg: Any) -> bool:
     except Exception:
         return False
     return bool(type(cfg).model_validate(saved).identity() == cfg.identity())
+
+
+def train_once(run_dir: Path, cfg: Any, train: Callable[..., Any]) -> bool:
+    """Make ``run_dir`` hold ``cfg``'s finished training: reuse its ``final.pt`` when that is of the same identity
+    (returns True), else ``train(cfg, resume=..., overwrite=..., progress=False)``, resuming an interrupted
+    training of the same identity from its epoch checkpoint (returns False)."""
+    from quantbench.qat.train import CHECKPOINT
+
+    if (run_dir / FINAL).is_file() and same_training(run_dir / FINAL, cfg):
+        return True
+    resume = (run_dir / CHECKPOINT).is_file() and same_training(run_dir / CHECKPOINT, cfg)
+    train(cfg, resume=resume, overwrite=not resume, progress=False)
+    return False
 
 
 METHODS: Registry[Method] = Registry[Method]("method kind")

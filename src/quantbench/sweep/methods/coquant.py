@@ -15,7 +15,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -24,21 +23,21 @@ from pydantic import Field, field_validator
 
 from quantbench.config import field_from
 from quantbench.coquant.config import CoQuantConfig, bit_set
-from quantbench.qat.train import CHECKPOINT
 from quantbench.size import prepared_size
 from quantbench.sweep.job import Job
 from quantbench.sweep.methods.base import (
+    FINAL,
     SWEEP_KEYS,
     ContextCache,
     Method,
     MethodOutcome,
     MethodParams,
     register_method,
-    same_training,
+    run_folder,
+    train_once,
     training_config,
 )
 
-FINAL = "final.pt"
 #: job-config keys that pick the evaluated bit-width, not the training
 EVALUATION_KEYS = frozenset({"w_bits", "a_bits"})
 
@@ -120,11 +119,8 @@ class CoQuantMethod(Method):
         return f"coquant-{digest}"
 
     def run(self, job: Job, cache: ContextCache) -> MethodOutcome:
-        run_dir = job.config.get("run_dir")
-        if run_dir is not None:
-            return self._run_in(job, Path(run_dir), kept=True)
-        with tempfile.TemporaryDirectory(prefix="quantbench-coquant-") as tmp:  # no checkpoint to keep
-            return self._run_in(job, Path(tmp) / "run", kept=False)
+        with run_folder(job) as (run_dir, kept):
+            return self._run_in(job, run_dir, kept)
 
     def _run_in(self, job: Job, run_dir: Path, kept: bool) -> MethodOutcome:
         from quantbench.coquant.card import coquant_card
@@ -133,10 +129,7 @@ class CoQuantMethod(Method):
 
         cfg = self.coquant_config(job.config, str(run_dir))
         with _locked(run_dir):
-            cached = (run_dir / FINAL).is_file() and same_training(run_dir / FINAL, cfg)
-            if not cached:
-                resume = (run_dir / CHECKPOINT).is_file() and same_training(run_dir / CHECKPOINT, cfg)
-                run_coquant(cfg, resume=resume, overwrite=not resume, progress=False)
+            cached = train_once(run_dir, cfg, run_coquant)
         trained = json.loads((run_dir / "result.json").read_text())
         ev = evaluate_run(run_dir, int(job.config["w_bits"]), cfg.device)
         card = coquant_card(

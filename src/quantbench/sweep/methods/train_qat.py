@@ -14,7 +14,6 @@ anew; an interrupted training resumes from its last epoch checkpoint.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,22 +30,21 @@ from quantbench.qat.config import QATConfig
 from quantbench.qat.load import load_qat_run
 from quantbench.qat.pipeline import run_qat
 from quantbench.qat.quantizers import ALGORITHMS
-from quantbench.qat.train import CHECKPOINT
 from quantbench.size import prepared_size
 from quantbench.sweep.job import Job
 from quantbench.sweep.methods.base import (
+    FINAL,
     SWEEP_KEYS,
     ContextCache,
     Method,
     MethodOutcome,
     MethodParams,
     register_method,
-    same_training,
+    run_folder,
+    train_once,
     training_config,
 )
 from quantbench.sweep.schema import known
-
-FINAL = "final.pt"
 
 
 class TrainQATParams(MethodParams):
@@ -108,18 +106,12 @@ class TrainQATMethod(Method):
         return None
 
     def run(self, job: Job, cache: ContextCache) -> MethodOutcome:
-        run_dir = job.config.get("run_dir")
-        if run_dir is not None:
-            return self._run_in(job, Path(run_dir))
-        with tempfile.TemporaryDirectory(prefix="quantbench-train-qat-") as tmp:  # no checkpoint to keep
-            return self._run_in(job, Path(tmp))
+        with run_folder(job) as (run_dir, kept):
+            return self._run_in(job, run_dir, kept)
 
-    def _run_in(self, job: Job, run_dir: Path) -> MethodOutcome:
+    def _run_in(self, job: Job, run_dir: Path, kept: bool) -> MethodOutcome:
         cfg = self.qat_config(job.config, str(run_dir))
-        cached = (run_dir / FINAL).is_file() and same_training(run_dir / FINAL, cfg)
-        if not cached:
-            resume = (run_dir / CHECKPOINT).is_file() and same_training(run_dir / CHECKPOINT, cfg)
-            run_qat(cfg, resume=resume, overwrite=not resume, progress=False)
+        cached = train_once(run_dir, cfg, run_qat)
         saved = load_checkpoint(run_dir / FINAL)["metrics"]
         gm, _ = load_qat_run(run_dir)
         entry = get_entry(cfg.model)
@@ -132,7 +124,7 @@ class TrainQATMethod(Method):
         recipe = {"algorithm": cfg.algorithm, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
                   "momentum": cfg.momentum, "nesterov": cfg.nesterov, "weight_decay": cfg.weight_decay,
                   "warmup_epochs": cfg.warmup_epochs, "schedule": "cosine", "from_scratch": cfg.weights is None,
-                  "checkpoint": str(run_dir / FINAL) if job.config.get("run_dir") else "not kept (no run folder)",
+                  "checkpoint": str(run_dir / FINAL) if kept else "not kept (no run folder)",
                   "checkpoint_reused": cached}
         train_s = float(saved.get("train_seconds", 0.0))
         resources = {
