@@ -13,8 +13,11 @@ from typer.testing import CliRunner
 
 from quantbench.cli.main import app
 from quantbench.config import PTQConfig
+from quantbench.data.loaders import augment_batch
 from quantbench.datafree import make_images, parse_data_source
 from quantbench.datafree.bns import BNSHooks, NoBatchNormError, channel_stats
+from quantbench.datafree.generators.base import Target, augmenter
+from quantbench.datafree.generators.bns_ce import BNSCEOptions
 from quantbench.errors import ConfigError
 from quantbench.models import build_model, get_entry
 from quantbench.ptq.pipeline import run_ptq
@@ -166,13 +169,48 @@ def test_noise_is_standard_gaussian_in_the_normalised_space():
     assert abs(float(out.images.mean())) < 0.02 and abs(float(out.images.std()) - 1) < 0.02
 
 
-def test_same_seed_gives_bit_identical_images(tmp_path, monkeypatch):
-    a = _make("synthetic:zeroq", iterations=20)
+@pytest.mark.parametrize("gen", ["zeroq", "bns-ce"])
+def test_same_seed_gives_bit_identical_images(gen, tmp_path, monkeypatch):
+    a = _make(f"synthetic:{gen}", iterations=20)
     monkeypatch.setenv("QUANTBENCH_CACHE_DIR", str(tmp_path / "other"))  # no cache hit: generated again
-    b = _make("synthetic:zeroq", iterations=20)
+    b = _make(f"synthetic:{gen}", iterations=20)
     assert not b.cached and torch.equal(a.images, b.images)
-    c = _make("synthetic:zeroq", seed=1, iterations=20)
+    c = _make(f"synthetic:{gen}", seed=1, iterations=20)
     assert not torch.equal(a.images, c.images)
+
+
+def test_the_loss_sees_the_training_augmentation_of_the_batch():
+    """bns-ce's augmenter is the data pipeline's pad-crop + flip with black padding (same draws for the same
+    seed), and the gradient reaches every pixel as often as the crops use it."""
+    e = get_entry("resnet20_cifar")
+    target = Target(nn.Identity(), (3, 8, 8), 10, torch.device("cpu"), e.mean, e.std)
+    black = (0 - torch.tensor(e.mean)) / torch.tensor(e.std)  # a black pixel, normalised (float32)
+    aug = augmenter(target, BNSCEOptions(pad=2), seed=3)
+    ref = torch.Generator().manual_seed(3 + 7919)
+    x = torch.randn(6, 3, 8, 8, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    for _ in range(3):  # successive batches keep drawing from the one seeded stream
+        got, want = aug(x), augment_batch(x_ref, 2, True, black, ref)
+        assert torch.equal(got, want)
+        got.pow(2).sum().backward()
+        want.pow(2).sum().backward()
+        assert torch.allclose(x.grad, x_ref.grad)
+    assert (got == black.view(1, 3, 1, 1)).any()  # some padding came in
+    plain = augmenter(target, BNSCEOptions(augment=False), seed=3)
+    assert plain(x) is x
+
+
+def test_the_card_says_what_the_loss_saw():
+    on = _make("synthetic:bns-ce", n=4, iterations=2, clamp=True)
+    off = _make("synthetic:bns-ce", n=4, iterations=2, clamp=True, augment=False)
+    assert on.card()["loss_on"] == "augmented copies: random 4-pixel pad-crop (black padding) + horizontal flip"
+    assert off.card()["loss_on"] == "the images as they are" and off.identity != on.identity
+
+
+def test_augmenting_without_the_input_normalisation_names_the_fix():
+    with pytest.raises(ConfigError, match=r"augment.*normalisation.*augment: false"):
+        make_images(parse_data_source("synthetic:bns-ce"), _trained_like(), SIZE, 10, 4, 0, "cpu", False,
+                    {"iterations": 1, "clamp": False})
 
 
 def test_cache_returns_the_same_images_and_regenerates_when_the_weights_change():

@@ -1,9 +1,13 @@
 """``bns-ce``: DeepInversion-style images (Yin et al. 2020): BN statistics plus class targets and an image prior.
 
-Loss per batch: ``CE(model(x), t) + bn_weight * sum_l (||mu_l - mu_BN|| + ||var_l - var_BN||)`` (batch
+Loss per batch: ``CE(model(a(x)), t) + bn_weight * sum_l (||mu_l - mu_BN|| + ||var_l - var_BN||)`` (batch
 statistics, as DeepInversion) ``+ tv_weight * TV(x) + l2_weight * mean(x^2)``, with class targets ``t``
 balanced over the classes (each class ``n / classes`` times), so the float model's predictions on the
-output are balanced by construction of the objective. Adam with betas (0.5, 0.9) as DeepInversion's code.
+output are balanced by construction of the objective. ``a`` is the training augmentation (random 4-pixel
+pad-crop with black padding, horizontal flip; option ``augment``): the running statistics describe augmented
+training images, so the BNS term compares augmented copies, and the images themselves come out like
+un-augmented ones, the distribution a calibrated model is tested on (DeepInversion jitters and flips too).
+Adam with betas (0.5, 0.9) as DeepInversion's code.
 """
 
 from __future__ import annotations
@@ -14,17 +18,19 @@ from torch import Tensor
 
 from quantbench.datafree.bns import BNSHooks
 from quantbench.datafree.generators.base import (
+    AugmentOptions,
     Generated,
     Generator,
-    GeneratorOptions,
     Target,
+    augment_note,
+    augmenter,
     balanced_labels,
     optimise_images,
     register_generator,
 )
 
 
-class BNSCEOptions(GeneratorOptions):
+class BNSCEOptions(AugmentOptions):
     lr: float = Field(0.1, gt=0)
     bn_weight: float = Field(1.0, ge=0, description="weight of the BN-statistics term")
     tv_weight: float = Field(1e-3, ge=0, description="total-variation prior (mean squared neighbour differences)")
@@ -49,16 +55,19 @@ class BNSCEGenerator(Generator):
         assert isinstance(opts, BNSCEOptions)
         hooks = BNSHooks(target.model, "batch")
         labels = balanced_labels(n, target.num_classes, seed) if labels is None else labels
+        aug = augmenter(target, opts, seed)
 
         def labels_of(b: int, size: int) -> Tensor:
             return labels[b * opts.batch_size:b * opts.batch_size + size]
 
         def loss(x: Tensor, b: int) -> Tensor:
             hooks.reset()
-            logits = target.model(x)
+            logits = target.model(aug(x))
             t = labels_of(b, x.shape[0]).to(x.device)
             return (F.cross_entropy(logits, t) + opts.bn_weight * hooks.loss()
                     + opts.tv_weight * total_variation(x) + opts.l2_weight * (x ** 2).mean())
 
         with hooks.active():
-            return optimise_images(target, n, opts, seed, progress, "bns-ce", loss, labels_of, betas=(0.5, 0.9))
+            out = optimise_images(target, n, opts, seed, progress, "bns-ce", loss, labels_of, betas=(0.5, 0.9))
+        out.info["loss_on"] = augment_note(opts)
+        return out

@@ -9,6 +9,9 @@ is data-free:
 2. **images**: batches of one class each, minimising ``CE(t) + bn_weight * BNS(global) + class_weight *
    BNS(centre of t)``.
 
+Like ``bns-ce``, the loss sees randomly pad-cropped and flipped copies (option ``augment``), and the centres are
+the statistics of such copies.
+
 ``real_centres: DATA_SPEC`` (e.g. ``cifar10:../shared/data/cifar10``) takes the centres from the first
 training image of each class instead, as the public code does: that run reads real images, and the card says
 so (not data-free). The generator network and the KD training of the full method are not reproduced (this
@@ -18,6 +21,7 @@ is the data-synthesis half; fine-tuning is quantbench's QAT / reconstruction).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +30,12 @@ from torch import Tensor
 
 from quantbench.datafree.bns import BNSHooks
 from quantbench.datafree.generators.base import (
+    AugmentOptions,
     Generated,
     Generator,
-    GeneratorOptions,
     Target,
+    augment_note,
+    augmenter,
     balanced_labels,
     optimise_images,
     register_generator,
@@ -37,7 +43,7 @@ from quantbench.datafree.generators.base import (
 from quantbench.datafree.generators.bns_ce import BNSCEGenerator, BNSCEOptions, total_variation
 
 
-class FDDAOptions(GeneratorOptions):
+class FDDAOptions(AugmentOptions):
     lr: float = Field(0.1, gt=0)
     bn_weight: float = Field(1.0, ge=0)
     class_weight: float = Field(1.0, ge=0, description="weight of the class-wise BNS term (C_BNS)")
@@ -59,8 +65,9 @@ class FDDAGenerator(Generator):
         assert isinstance(opts, FDDAOptions)
         t0 = time.perf_counter()
         hooks = BNSHooks(target.model, "batch")
-        centres, n_real = (self._real_centres(target, hooks) if opts.real_centres
-                           else self._synthetic_centres(target, hooks, seed, progress))
+        aug = augmenter(target, opts, seed)
+        centres, n_real = (self._real_centres(target, hooks, aug) if opts.real_centres
+                           else self._synthetic_centres(target, hooks, seed, aug))
         labels = balanced_labels(n, target.num_classes, seed)
         order = torch.argsort(labels, stable=True)  # batches of one class each (class-wise statistics)
         labels = labels[order]
@@ -72,7 +79,7 @@ class FDDAGenerator(Generator):
 
         def loss(x: Tensor, b: int) -> Tensor:
             hooks.reset()
-            logits = target.model(x)
+            logits = target.model(aug(x))
             t = labels_of(b, x.shape[0]).to(x.device)
             cls = int(t[0])
             return (F.cross_entropy(logits, t) + opts.bn_weight * hooks.loss()
@@ -83,26 +90,28 @@ class FDDAGenerator(Generator):
             out = optimise_images(target, sizes, opts, seed, progress, "fdda", loss, labels_of, betas=(0.5, 0.9))
         out.seconds = time.perf_counter() - t0
         out.real_images = n_real
+        out.info["loss_on"] = augment_note(opts)
         out.info["centres"] = "real (one training image per class)" if n_real else (
             f"synthetic ({opts.centre_images} images per class, {opts.centre_iterations} iterations)")
         return out
 
     def _synthetic_centres(self, target: Target, hooks: BNSHooks, seed: int,
-                           progress: bool) -> tuple[list[list[tuple[Tensor, Tensor]]], int]:
+                           aug: Callable[[Tensor], Tensor]) -> tuple[list[list[tuple[Tensor, Tensor]]], int]:
         opts = self.options
         assert isinstance(opts, FDDAOptions)
         k = opts.centre_images
         base = BNSCEGenerator(BNSCEOptions(iterations=opts.centre_iterations, batch_size=k, lr=opts.lr,
                                            clamp=opts.clamp, bn_weight=opts.bn_weight, tv_weight=opts.tv_weight,
-                                           l2_weight=0.0))
+                                           l2_weight=0.0, augment=opts.augment, pad=opts.pad, flip=opts.flip))
         centres = []
         for c in range(target.num_classes):  # bns-ce's objective with every target set to class c
             one_class = torch.full((k,), c, dtype=torch.long)
             images = base.generate(target, k, seed + 1000 + c, progress=False, labels=one_class).images
-            centres.append(_stats(target, hooks, images))
+            centres.append(_stats(target, hooks, aug(images.to(target.device))))
         return centres, 0
 
-    def _real_centres(self, target: Target, hooks: BNSHooks) -> tuple[list[list[tuple[Tensor, Tensor]]], int]:
+    def _real_centres(self, target: Target, hooks: BNSHooks,
+                      aug: Callable[[Tensor], Tensor]) -> tuple[list[list[tuple[Tensor, Tensor]]], int]:
         opts = self.options
         assert isinstance(opts, FDDAOptions) and opts.real_centres is not None
         from quantbench.data import load_data
@@ -122,7 +131,8 @@ class FDDAGenerator(Generator):
         if missing:
             raise ValueError(f"fdda real_centres: the training split of {opts.real_centres} has no image of "
                              f"classes {missing}")
-        return [_stats(target, hooks, first[k].unsqueeze(0)) for k in range(target.num_classes)], len(first)
+        return [_stats(target, hooks, aug(first[k].unsqueeze(0).to(target.device)))
+                for k in range(target.num_classes)], len(first)
 
 
 @torch.no_grad()
