@@ -10,6 +10,10 @@ Sections (each prints a table; all go into one JSON):
    seeded draws of real training images; the four 256-image quarters of each 1 024-image synthetic set), so
    the real-vs-synthetic gap of section 1 can be read against how much one calibration set differs from
    another of the same source.
+6. ``stats``: how each 256-image set looks to the network next to real images: DeepInversion's BNS loss (batches of
+   32) on the plain images, the first BN's input variance over its running variance, how far the MSE calibrator's
+   continuous activation scales (academic spec) are from those real images give (geometric mean and largest
+   factor), and which of tvm's power-of-two activation scales land elsewhere than with real images.
 
 Synthetic sets are generated once (1 024 images per generator, cached by identity); runs needing fewer take
 the first images of the same set.
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import statistics
 import time
 from collections.abc import Iterator
@@ -35,10 +40,14 @@ import torch
 from _common import print_table, write_json
 from quantbench.backends import backend_names
 from quantbench.config import PTQConfig
+from quantbench.data import make_loader
 from quantbench.data.loaders import TensorImageDataset
 from quantbench.datafree import make_images, parse_data_source
+from quantbench.datafree.bns import BNSHooks
+from quantbench.graph.quantize import activation_quantizers, prepare
 from quantbench.models import get_entry
 from quantbench.ptq import pipeline
+from quantbench.ptq.calibrate import calibrate
 from quantbench.ptq.pipeline import build_context, run_ptq
 from quantbench.recon.config import ReconOptions
 
@@ -111,6 +120,52 @@ def spread_rows(ctx: Any, model: str, gens: list[str], k_real: int, n: int) -> l
                          "min": round(min(tops), 2), "max": round(max(tops), 2),
                          "top1": [round(t, 2) for t in tops]})
             print(rows[-1], flush=True)
+    return rows
+
+
+def _calibrated_scales(ctx: Any, model: str, backend: str, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every activation quantizer's scale after calibrating W8A8 ``backend`` on ``images``."""
+    cfg = PTQConfig(model=model, weights=str(MODELS[model]), data=DATA, backend=backend, w_bits=8, a_bits=8)
+    gm = prepare(ctx.model, cfg.resolved_backend(), ctx.example, cfg.w_observer, cfg.a_observer,
+                 cfg.w_observer_options, cfg.a_observer_options)
+    calibrate(gm, make_loader(TensorImageDataset(images, torch.zeros(len(images), dtype=torch.long)),
+                              cfg.calib_batch_size), "cpu", False)
+    return {k: q.scale.detach().flatten().clone() for k, q in activation_quantizers(gm)}
+
+
+def stats_rows(ctx: Any, model: str, gens: list[str], n: int) -> list[dict[str, Any]]:
+    """Section 6: BN statistics and calibrated scales of 256 images of each source, against 256 real ones."""
+    entry = get_entry(model)
+    cfg = PTQConfig(model=model, weights=str(MODELS[model]), data=DATA)
+    real_set = pipeline.run_images(cfg, ctx, False).calibration()
+    real = torch.cat([x for x, _ in make_loader(real_set, 256)])
+    aug_set = pipeline.bn_calibration_set(cfg, ctx.bundle, real_set, tuple(entry.input_size))
+    sets = {"real": real, "real, training augmentation": torch.cat([x for x, _ in make_loader(aug_set, 256)])}
+    for src in [f"noise:{n}", *(f"synthetic:{g}:{n}" for g in gens)]:
+        sets[src] = make_images(parse_data_source(src), ctx.model, entry.input_size, 10, n, 0, "cpu", False, None,
+                                entry.mean, entry.std).images[:256]
+    ref = {b: _calibrated_scales(ctx, model, b, real) for b in ("academic", "tvm")}
+    net = ctx.model.eval()
+    hooks = BNSHooks(net, "batch")
+    rows = []
+    for name, x in sets.items():
+        losses, first_var = [], []
+        with torch.no_grad(), hooks.active():
+            for i in range(0, len(x), 32):
+                hooks.reset()
+                net(x[i:i + 32])
+                losses.append(float(hooks.loss()))
+                first_var.append(float((hooks.stats[0][1] / hooks.bns[0].running_var).mean()))
+        acad = _calibrated_scales(ctx, model, "academic", x)
+        logs = [abs(math.log(float(acad[k][0] / ref["academic"][k][0]))) for k in acad]
+        tvm = _calibrated_scales(ctx, model, "tvm", x)
+        flips = {k.removeprefix("qb_act."): round(float(tvm[k][0] / ref["tvm"][k][0]), 3) for k in tvm
+                 if not torch.equal(tvm[k], ref["tvm"][k])}
+        rows.append({"source": name, "bns_loss": round(statistics.fmean(losses), 2),
+                     "first_bn_var_ratio": round(statistics.fmean(first_var), 3),
+                     "scale_factor_geomean": round(math.exp(statistics.fmean(logs)), 3),
+                     "scale_factor_max": round(math.exp(max(logs)), 3), "tvm_scales_moved": flips})
+        print(rows[-1], flush=True)
     return rows
 
 
@@ -187,6 +242,12 @@ def main() -> None:
                 print(rows[-1], flush=True)
         out["recon"] = rows
         print_table("Reconstruction on 1 024 images per source", list(rows[0]), [list(r.values()) for r in rows])
+
+    if "stats" in sections:
+        rows = stats_rows(ctx, model, gens, n)
+        out["stats"] = rows
+        print_table("256 images of each source against 256 real ones", list(rows[0]),
+                    [[str(v) for v in r.values()] for r in rows])
 
     if "spread" in sections:
         rows = spread_rows(ctx, model, gens, args.spread, n)
