@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import math
 import statistics
 import time
@@ -57,6 +58,11 @@ MODELS = {"resnet20_cifar": SHARED / "models/resnet20_cifar10.safetensors",
 DATA = f"cifar10:{SHARED / 'data/cifar10'}"
 BACKENDS = backend_names()  # every registered backend spec
 N = 1024
+SYNTHETIC_OPTIONS: dict[str, Any] = {}  # --synthetic-options: the generators' options (synthetic sources only)
+
+
+def options_for(source: str) -> dict[str, Any]:
+    return dict(SYNTHETIC_OPTIONS) if source.startswith("synthetic") else {}
 
 
 def sources(generators: list[str], n: int = N) -> list[str]:
@@ -66,7 +72,8 @@ def sources(generators: list[str], n: int = N) -> list[str]:
 def run(ctx: Any, model: str, backend: str, w: int, a: int, source: str, method: str = "nearest",
         iters: int | None = None) -> dict[str, Any]:
     cfg = PTQConfig(model=model, weights=str(MODELS[model]), data=DATA, backend=backend, w_bits=w, a_bits=a,
-                    calib_data=source, method=method, recon=ReconOptions(iters=iters))
+                    calib_data=source, method=method, recon=ReconOptions(iters=iters),
+                    synthetic_options=options_for(source))
     t0 = time.perf_counter()
     r = run_ptq(cfg, progress=False, context=ctx)
     src = r.extra.get("data_source", {})
@@ -142,8 +149,8 @@ def stats_rows(ctx: Any, model: str, gens: list[str], n: int) -> list[dict[str, 
     aug_set = pipeline.bn_calibration_set(cfg, ctx.bundle, real_set, tuple(entry.input_size))
     sets = {"real": real, "real, training augmentation": torch.cat([x for x, _ in make_loader(aug_set, 256)])}
     for src in [f"noise:{n}", *(f"synthetic:{g}:{n}" for g in gens)]:
-        sets[src] = make_images(parse_data_source(src), ctx.model, entry.input_size, 10, n, 0, "cpu", False, None,
-                                entry.mean, entry.std).images[:256]
+        sets[src] = make_images(parse_data_source(src), ctx.model, entry.input_size, 10, n, 0, "cpu", False,
+                                options_for(src) or None, entry.mean, entry.std).images[:256]
     ref = {b: _calibrated_scales(ctx, model, b, real) for b in ("academic", "tvm")}
     net = ctx.model.eval()
     hooks = BNSHooks(net, "batch")
@@ -183,8 +190,11 @@ def main() -> None:
     ap.add_argument("--recon-real", action="store_true",
                     help="also the real-data reconstruction rows (the same runs as reconstruction.py --rows headline)")
     ap.add_argument("--spread", type=int, default=8, help="real 256-image calibration sets in the spread section")
+    ap.add_argument("--synthetic-options", type=json.loads, default={},
+                    help='the generators\' options as JSON, e.g. \'{"augment": false}\' (the earlier bns-ce objective)')
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    SYNTHETIC_OPTIONS.update(args.synthetic_options)
     torch.set_num_threads(args.threads)
     sections = args.sections.split(",")
     n = args.n
@@ -199,7 +209,7 @@ def main() -> None:
         rows = []
         for g in gens:  # one 1 024-image run; its first 256 images are the 256-image set (same seeded stream)
             s = make_images(parse_data_source(f"synthetic:{g}:{n}"), ctx.model, entry.input_size, 10, n, 0,
-                            "cpu", False, None, entry.mean, entry.std)
+                            "cpu", False, SYNTHETIC_OPTIONS or None, entry.mean, entry.std)
             per_batch = s.info.get("batch_seconds", [])
             before = s.generation_seconds - sum(per_batch)  # fdda's class centres, made before the batches
             first = before + sum(per_batch[:256 // 32])
@@ -215,7 +225,7 @@ def main() -> None:
         rows = []
         for g in gens:
             s = make_images(parse_data_source(f"synthetic:{g}:{n}"), ctx.model, entry.input_size, 10, n, 0, "cpu",
-                            False, None, entry.mean, entry.std)
+                            False, SYNTHETIC_OPTIONS or None, entry.mean, entry.std)
             with torch.no_grad():
                 pred = torch.cat([ctx.model(s.images[i:i + 256]).argmax(1) for i in range(0, n, 256)])
             counts = torch.bincount(pred, minlength=10).tolist()
