@@ -147,6 +147,7 @@ def stats_rows(ctx: Any, model: str, gens: list[str], n: int) -> list[dict[str, 
     real_set = pipeline.run_images(cfg, ctx, False).calibration()
     real = torch.cat([x for x, _ in make_loader(real_set, 256)])
     aug_set = pipeline.bn_calibration_set(cfg, ctx.bundle, real_set, tuple(entry.input_size))
+    torch.manual_seed(0)  # the augmentation's draws (the loader's global generator)
     sets = {"real": real, "real, training augmentation": torch.cat([x for x, _ in make_loader(aug_set, 256)])}
     for src in [f"noise:{n}", *(f"synthetic:{g}:{n}" for g in gens)]:
         sets[src] = make_images(parse_data_source(src), ctx.model, entry.input_size, 10, n, 0, "cpu", False,
@@ -207,7 +208,8 @@ def main() -> None:
 
     if "cost" in sections:  # generation first: the later sections read the cached 1 024-image sets
         rows = []
-        for g in gens:  # one 1 024-image run; its first 256 images are the 256-image set (same seeded stream)
+        for g in gens:  # one 1 024-image run; its first 8 batches cost what a 256-image set costs (for zeroq they
+            # are that set; class-targeted generators draw their n targets at once, so their first 256 differ)
             s = make_images(parse_data_source(f"synthetic:{g}:{n}"), ctx.model, entry.input_size, 10, n, 0,
                             "cpu", False, SYNTHETIC_OPTIONS or None, entry.mean, entry.std)
             per_batch = s.info.get("batch_seconds", [])
