@@ -108,24 +108,30 @@ def spread_rows(ctx: Any, model: str, gens: list[str], k_real: int, n: int) -> l
     rows = []
     for b in BACKENDS:
         runs: dict[str, list[float]] = {}
+        agree: dict[str, list[float]] = {}
         # seed s draws its own 256 training images (seed 0 is the shared fixed list)
         ctx.bundle = dataclasses.replace(fixed, calib_indices=None)
         try:
             for seed in range(k_real):
                 cfg = PTQConfig(model=model, weights=str(MODELS[model]), data=DATA, backend=b, w_bits=8, a_bits=8,
                                 seed=seed)
-                runs.setdefault("real", []).append(run_ptq(cfg, progress=False, context=ctx).quant_top1)
+                r = run_ptq(cfg, progress=False, context=ctx)
+                runs.setdefault("real", []).append(r.quant_top1)
+                agree.setdefault("real", []).append(100 * r.agreement)
         finally:
             ctx.bundle = fixed
         for g in gens:
             for offset in range(0, n, 256):
                 with calibration_slice(offset):
-                    runs.setdefault(g, []).append(run(ctx, model, b, 8, 8, f"synthetic:{g}:{n}")["top1"])
+                    r2 = run(ctx, model, b, 8, 8, f"synthetic:{g}:{n}")
+                    runs.setdefault(g, []).append(r2["top1"])
+                    agree.setdefault(g, []).append(r2["agreement"])
         for src, tops in runs.items():
             rows.append({"backend": b, "source": src, "sets": len(tops), "mean": round(statistics.fmean(tops), 2),
                          "std": round(statistics.stdev(tops), 2) if len(tops) > 1 else 0.0,
                          "min": round(min(tops), 2), "max": round(max(tops), 2),
-                         "top1": [round(t, 2) for t in tops]})
+                         "min_agreement": round(min(agree[src]), 2), "top1": [round(t, 2) for t in tops],
+                         "agreement": [round(a, 2) for a in agree[src]]})
             print(rows[-1], flush=True)
     return rows
 
@@ -264,8 +270,8 @@ def main() -> None:
     if "spread" in sections:
         rows = spread_rows(ctx, model, gens, args.spread, n)
         out["spread"] = rows
-        print_table("W8A8 top-1 over disjoint 256-image calibration sets per source", list(rows[0])[:-1],
-                    [list(r.values())[:-1] for r in rows])
+        print_table("W8A8 top-1 over disjoint 256-image calibration sets per source", list(rows[0])[:-2],
+                    [list(r.values())[:-2] for r in rows])
 
     write_json("data_free", out, args.out)
 
