@@ -40,6 +40,11 @@ class AugmentOptions(GeneratorOptions):
     pad: int = Field(4, ge=0, description="crop padding in pixels (the CIFAR recipe's 4)")
     flip: bool = Field(True, description="random horizontal flips")
 
+    @property
+    def augments(self) -> bool:
+        """Whether the loss sees anything but the images themselves."""
+        return self.augment and (self.pad > 0 or self.flip)
+
 
 @dataclass
 class Generated:
@@ -152,46 +157,28 @@ def optimise_images(target: Target, n: int | list[int], opts: GeneratorOptions, 
 
 def augmenter(target: Target, opts: GeneratorOptions, seed: int) -> Callable[[Tensor], Tensor]:
     """What the loss sees of a batch: the batch itself, or (``AugmentOptions.augment``) a seeded random pad-crop
-    and flip of it with black padding, as the training pipeline made the images the BN statistics come from.
-    Differentiable in the pixels."""
-    if not isinstance(opts, AugmentOptions) or not opts.augment or (opts.pad == 0 and not opts.flip):
+    and flip of it with black padding (the data pipeline's :func:`augment_batch`), as the training pipeline made
+    the images the BN statistics come from. Differentiable in the pixels; the draws come from a CPU generator, so
+    every device makes the same images."""
+    if not isinstance(opts, AugmentOptions) or not opts.augments:
         return lambda x: x
     from quantbench.data.loaders import augment_batch
 
     if not target.mean or not target.std:
         raise ConfigError("the generator's augment option pads with black pixels, which needs the model's input "
                           "normalisation (mean / std); pass it, or set the synthetic option augment: false")
-    black = pixel_bounds(target)[0].flatten().cpu()
+    black = pixel_bounds(target)[0].flatten().expand(target.input_size[0])  # one value per input channel
     gen = torch.Generator().manual_seed(seed + 7919)
-    pad, flip = opts.pad, opts.flip
-
-    def apply(x: Tensor) -> Tensor:
-        n, _, h, w = x.shape
-        # the offsets and flips are drawn on the CPU (the same images on every device), applied as a gather
-        positions = torch.arange(1, h * w + 1, dtype=torch.float32).view(1, 1, h, w).expand(n, 1, h, w)
-        idx = augment_batch(positions.contiguous(), pad, flip, torch.zeros(1), gen)
-        return _gather(x, idx, black.to(x.device, x.dtype))
-
-    return apply
+    return lambda x: augment_batch(x, opts.pad, opts.flip, black.to(x.device), gen)
 
 
 def augment_note(opts: GeneratorOptions) -> str:
     """What the loss saw of the images, for the card."""
-    if not isinstance(opts, AugmentOptions) or not opts.augment or (opts.pad == 0 and not opts.flip):
+    if not isinstance(opts, AugmentOptions) or not opts.augments:
         return "the images as they are"
     parts = ([f"random {opts.pad}-pixel pad-crop (black padding)"] if opts.pad else []) + (
         ["horizontal flip"] if opts.flip else [])
     return "augmented copies: " + " + ".join(parts)
-
-
-def _gather(x: Tensor, idx: Tensor, fill: Tensor) -> Tensor:
-    """``x`` re-indexed by ``idx`` (N, 1, H', W'): 1-based flat positions in each image, 0 for padding (``fill``
-    per channel)."""
-    n, c, h, w = x.shape
-    fill = fill.expand(c) if fill.numel() == 1 else fill
-    flat = torch.cat([fill.view(1, c, 1).expand(n, c, 1), x.reshape(n, c, h * w)], dim=2)
-    pos = idx.to(x.device).long().reshape(n, 1, -1).expand(n, c, -1)
-    return flat.gather(2, pos).view(n, c, idx.shape[2], idx.shape[3])
 
 
 def pixel_bounds(target: Target) -> tuple[Tensor, Tensor]:
