@@ -13,7 +13,9 @@ Sections (each prints a table; all go into one JSON):
 6. ``stats``: how each 256-image set looks to the network next to real images: DeepInversion's BNS loss (batches of
    32) on the plain images, the first BN's input variance over its running variance, how far the MSE calibrator's
    continuous activation scales (academic spec) are from those real images give (geometric mean and largest
-   factor), and which of tvm's power-of-two activation scales land elsewhere than with real images.
+   factor), the first layer's scale factor alone, how heavy-tailed the first BN's input is (kurtosis, 3 for a
+   Gaussian), the pixels' standard deviation, and which of tvm's power-of-two activation scales land elsewhere
+   than with real images.
 
 Synthetic sets are generated once (1 024 images per generator, cached by identity); runs needing fewer take
 the first images of the same set.
@@ -146,6 +148,13 @@ def _calibrated_scales(ctx: Any, model: str, backend: str, images: torch.Tensor)
     return {k: q.scale.detach().flatten().clone() for k, q in activation_quantizers(gm)}
 
 
+def _kurtosis(x: torch.Tensor) -> float:
+    """Mean over channels of the kurtosis of an (N, C, H, W) activation (3 for a Gaussian; heavier tails more)."""
+    c = x.transpose(0, 1).reshape(x.shape[1], -1).double()
+    z = (c - c.mean(1, keepdim=True)) / c.std(1, keepdim=True)
+    return float((z ** 4).mean(1).mean())
+
+
 def stats_rows(ctx: Any, model: str, gens: list[str], n: int) -> list[dict[str, Any]]:
     """Section 6: BN statistics and calibrated scales of 256 images of each source, against 256 real ones."""
     entry = get_entry(model)
@@ -161,15 +170,18 @@ def stats_rows(ctx: Any, model: str, gens: list[str], n: int) -> list[dict[str, 
     ref = {b: _calibrated_scales(ctx, model, b, real) for b in ("academic", "tvm")}
     net = ctx.model.eval()
     hooks = BNSHooks(net, "batch")
+    first = next(k for k in ref["academic"] if not k.endswith("x_in"))  # the first layer's output quantizer
     rows = []
     for name, x in sets.items():
-        losses, first_var = [], []
+        losses, first_var, first_in = [], [], []
+        grab = hooks.bns[0].register_forward_pre_hook(lambda _m, a, seen=first_in: seen.append(a[0].detach()))
         with torch.no_grad(), hooks.active():
             for i in range(0, len(x), 32):
                 hooks.reset()
                 net(x[i:i + 32])
                 losses.append(float(hooks.loss()))
                 first_var.append(float((hooks.stats[0][1] / hooks.bns[0].running_var).mean()))
+        grab.remove()
         acad = _calibrated_scales(ctx, model, "academic", x)
         logs = [abs(math.log(float(acad[k][0] / ref["academic"][k][0]))) for k in acad]
         tvm = _calibrated_scales(ctx, model, "tvm", x)
@@ -178,7 +190,10 @@ def stats_rows(ctx: Any, model: str, gens: list[str], n: int) -> list[dict[str, 
         rows.append({"source": name, "bns_loss": round(statistics.fmean(losses), 2),
                      "first_bn_var_ratio": round(statistics.fmean(first_var), 3),
                      "scale_factor_geomean": round(math.exp(statistics.fmean(logs)), 3),
-                     "scale_factor_max": round(math.exp(max(logs)), 3), "tvm_scales_moved": flips})
+                     "scale_factor_max": round(math.exp(max(logs)), 3),
+                     "first_conv_scale_factor": round(float(acad[first][0] / ref["academic"][first][0]), 3),
+                     "first_bn_input_kurtosis": round(_kurtosis(torch.cat(first_in)), 2),
+                     "pixel_std": round(float(x.std(dim=(0, 2, 3)).mean()), 3), "tvm_scales_moved": flips})
         print(rows[-1], flush=True)
     return rows
 

@@ -95,3 +95,9 @@ def input_loss(x: Tensor) -> Tensor:
     mean, var = channel_stats(x, per_image=True)
     n = x.shape[0]
     return (mean ** 2).sum() / n + ((torch.sqrt(var + 1e-5) - 1) ** 2).sum() / n
+
+
+def input_batch_loss(x: Tensor) -> Tensor:
+    """The input normalisation as a zeroth BN, DeepInversion-style: ``||mu_c|| + ||var_c - 1||`` over the batch."""
+    mean, var = channel_stats(x, per_image=False)
+    return torch.linalg.vector_norm(mean) + torch.linalg.vector_norm(var - 1)

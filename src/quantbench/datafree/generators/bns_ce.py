@@ -1,7 +1,9 @@
 """``bns-ce``: DeepInversion-style images (Yin et al. 2020): BN statistics plus class targets and an image prior.
 
 Loss per batch: ``CE(model(a(x)), t) + bn_weight * sum_l (||mu_l - mu_BN|| + ||var_l - var_BN||)`` (batch
-statistics, as DeepInversion) ``+ tv_weight * TV(x) + l2_weight * mean(x^2)``, with class targets ``t``
+statistics, as DeepInversion) ``+ tv_weight * TV(x) + l2_weight * mean(x^2)`` (optionally ``+ tv_l1_weight *
+TV_l1(x) + input_weight * (||mu_x|| + ||var_x - 1||)``: a sparse-edge prior and the input normalisation as a
+zeroth BN), with class targets ``t``
 balanced over the classes (each class ``n / classes`` times), so the float model's predictions on the
 output are balanced by construction of the objective. ``a`` is the training augmentation (random 4-pixel
 pad-crop with black padding, horizontal flip; option ``augment``): the running statistics describe augmented
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from quantbench.datafree.bns import BNSHooks
+from quantbench.datafree.bns import BNSHooks, input_batch_loss
 from quantbench.datafree.generators.base import (
     AugmentOptions,
     Generated,
@@ -35,11 +37,22 @@ class BNSCEOptions(AugmentOptions):
     bn_weight: float = Field(1.0, ge=0, description="weight of the BN-statistics term")
     tv_weight: float = Field(1e-3, ge=0, description="total-variation prior (mean squared neighbour differences)")
     l2_weight: float = Field(1e-5, ge=0)
+    tv_l1_weight: float = Field(0.0, ge=0, description=(
+        "sparse-edge prior: mean absolute neighbour difference (TV-l1, DeepInversion's loss_var_l1); it lets the "
+        "first layer's responses have a photograph's heavy tails instead of Gaussian ones"))
+    input_weight: float = Field(0.0, ge=0, description=(
+        "batch channel mean 0 and variance 1 of the images: the input normalisation as the statistics of a "
+        "zeroth BN (ZeroQ matches it per image)"))
 
 
 def total_variation(x: Tensor) -> Tensor:
     """Mean squared difference of horizontally and vertically neighbouring pixels."""
     return ((x[..., 1:, :] - x[..., :-1, :]) ** 2).mean() + ((x[..., :, 1:] - x[..., :, :-1]) ** 2).mean()
+
+
+def total_variation_l1(x: Tensor) -> Tensor:
+    """Mean absolute difference of horizontally and vertically neighbouring pixels."""
+    return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
 
 
 @register_generator
@@ -64,8 +77,13 @@ class BNSCEGenerator(Generator):
             hooks.reset()
             logits = target.model(aug(x))
             t = labels_of(b, x.shape[0]).to(x.device)
-            return (F.cross_entropy(logits, t) + opts.bn_weight * hooks.loss()
+            loss = (F.cross_entropy(logits, t) + opts.bn_weight * hooks.loss()
                     + opts.tv_weight * total_variation(x) + opts.l2_weight * (x ** 2).mean())
+            if opts.tv_l1_weight:
+                loss = loss + opts.tv_l1_weight * total_variation_l1(x)
+            if opts.input_weight:
+                loss = loss + opts.input_weight * input_batch_loss(x)
+            return loss
 
         with hooks.active():
             out = optimise_images(target, n, opts, seed, progress, "bns-ce", loss, labels_of, betas=(0.5, 0.9))
