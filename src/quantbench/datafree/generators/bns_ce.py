@@ -1,9 +1,10 @@
 """``bns-ce``: DeepInversion-style images (Yin et al. 2020): BN statistics plus class targets and an image prior.
 
 Loss per batch: ``CE(model(a(x)), t) + bn_weight * sum_l (||mu_l - mu_BN|| + ||var_l - var_BN||)`` (batch
-statistics, as DeepInversion) ``+ tv_weight * TV(x) + l2_weight * mean(x^2)`` (optionally ``+ tv_l1_weight *
-TV_l1(x) + input_weight * (||mu_x|| + ||var_x - 1||)``: a sparse-edge prior and the input normalisation as a
-zeroth BN), with class targets ``t``
+statistics, as DeepInversion) ``+ tv_l1_weight * TV_l1(x) + input_weight * (||mu_x|| + ||var_x - 1||) +
+tv_weight * TV(x) + l2_weight * mean(x^2)``: a sparse-edge prior strong enough to shape the images (mean/variance
+matching alone leaves the first layer's responses Gaussian, where a photograph's are heavy-tailed) and the input
+normalisation as a zeroth BN that keeps the contrast the prior would take away; with class targets ``t``
 balanced over the classes (each class ``n / classes`` times), so the float model's predictions on the
 output are balanced by construction of the objective. ``a`` is the training augmentation (random 4-pixel
 pad-crop with black padding, horizontal flip; option ``augment``): the running statistics describe augmented
@@ -35,12 +36,14 @@ from quantbench.datafree.generators.base import (
 class BNSCEOptions(AugmentOptions):
     lr: float = Field(0.1, gt=0)
     bn_weight: float = Field(1.0, ge=0, description="weight of the BN-statistics term")
-    tv_weight: float = Field(1e-3, ge=0, description="total-variation prior (mean squared neighbour differences)")
+    tv_weight: float = Field(0.0, ge=0, description=(
+        "smoothness prior: mean squared neighbour differences (TV-l2; the earlier objective used 1e-3)"))
     l2_weight: float = Field(1e-5, ge=0)
-    tv_l1_weight: float = Field(0.0, ge=0, description=(
-        "sparse-edge prior: mean absolute neighbour difference (TV-l1, DeepInversion's loss_var_l1); it lets the "
-        "first layer's responses have a photograph's heavy tails instead of Gaussian ones"))
-    input_weight: float = Field(0.0, ge=0, description=(
+    tv_l1_weight: float = Field(300.0, ge=0, description=(
+        "sparse-edge prior: mean absolute neighbour difference (TV-l1, DeepInversion's loss_var_l1) at a weight "
+        "that competes with the BNS term; it gives the first layer's responses a photograph's heavy tails "
+        "instead of Gaussian ones (0 with input_weight 0 and tv_weight 1e-3: the earlier objective)"))
+    input_weight: float = Field(30.0, ge=0, description=(
         "batch channel mean 0 and variance 1 of the images: the input normalisation as the statistics of a "
         "zeroth BN (ZeroQ matches it per image)"))
 

@@ -102,7 +102,8 @@ class FDDAGenerator(Generator):
         k = opts.centre_images
         base = BNSCEGenerator(BNSCEOptions(iterations=opts.centre_iterations, batch_size=k, lr=opts.lr,
                                            clamp=opts.clamp, bn_weight=opts.bn_weight, tv_weight=opts.tv_weight,
-                                           l2_weight=0.0, augment=opts.augment, pad=opts.pad, flip=opts.flip))
+                                           l2_weight=0.0, tv_l1_weight=0.0, input_weight=0.0,
+                                           augment=opts.augment, pad=opts.pad, flip=opts.flip))
         centres = []
         for c in range(target.num_classes):  # bns-ce's objective with every target set to class c
             one_class = torch.full((k,), c, dtype=torch.long)
