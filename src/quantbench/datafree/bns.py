@@ -86,7 +86,7 @@ class BNSHooks:
                 total = total + ((mean - ref_mean) ** 2).sum() / n
                 total = total + ((torch.sqrt(var + bn.eps) - torch.sqrt(ref_var + bn.eps)) ** 2).sum() / n
             else:
-                total = total + torch.linalg.vector_norm(mean - ref_mean) + torch.linalg.vector_norm(var - ref_var)
+                total = total + batch_distance(mean, var, ref_mean, ref_var)
         return total
 
 
@@ -97,7 +97,13 @@ def input_loss(x: Tensor) -> Tensor:
     return (mean ** 2).sum() / n + ((torch.sqrt(var + 1e-5) - 1) ** 2).sum() / n
 
 
+def batch_distance(mean: Tensor, var: Tensor, ref_mean: Tensor | float, ref_var: Tensor | float) -> Tensor:
+    """DeepInversion's distance of a batch's channel statistics from reference ones: ``||mu - mu_ref||_2 +
+    ||var - var_ref||_2``."""
+    return torch.linalg.vector_norm(mean - ref_mean) + torch.linalg.vector_norm(var - ref_var)
+
+
 def input_batch_loss(x: Tensor) -> Tensor:
-    """The input normalisation as a zeroth BN, DeepInversion-style: ``||mu_c|| + ||var_c - 1||`` over the batch."""
+    """The input normalisation as a zeroth BN: the batch's channel statistics against mean 0, variance 1."""
     mean, var = channel_stats(x, per_image=False)
-    return torch.linalg.vector_norm(mean) + torch.linalg.vector_norm(var - 1)
+    return batch_distance(mean, var, 0.0, 1.0)
