@@ -48,14 +48,21 @@ class BNSCEOptions(AugmentOptions):
         "zeroth BN (ZeroQ matches it per image)"))
 
 
+def _neighbour_differences(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Differences of vertically and horizontally neighbouring pixels."""
+    return x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
+
+
 def total_variation(x: Tensor) -> Tensor:
     """Mean squared difference of horizontally and vertically neighbouring pixels."""
-    return ((x[..., 1:, :] - x[..., :-1, :]) ** 2).mean() + ((x[..., :, 1:] - x[..., :, :-1]) ** 2).mean()
+    dv, dh = _neighbour_differences(x)
+    return (dv ** 2).mean() + (dh ** 2).mean()
 
 
 def total_variation_l1(x: Tensor) -> Tensor:
     """Mean absolute difference of horizontally and vertically neighbouring pixels."""
-    return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+    dv, dh = _neighbour_differences(x)
+    return dv.abs().mean() + dh.abs().mean()
 
 
 @register_generator
